@@ -1,0 +1,128 @@
+//! The command line: clap definitions only. `--help` is the reference; every flag
+//! has an environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wgmesh",
+    version,
+    about = "Encrypts pod traffic between Kubernetes nodes with a full WireGuard mesh",
+    long_about = "Encrypts pod traffic between Kubernetes nodes with a full WireGuard mesh.\n\n\
+        Each node keeps its own x25519 key in a local store, publishes the public key on its \
+        Node object and keeps one WireGuard peer per other node. This build manages the key \
+        store and its audit log; the agent and the userspace data plane are not built yet.",
+    after_help = "Exit status: 0 on success, 1 on any error (including an audit log that does \
+        not verify), 2 on a usage error."
+)]
+pub struct Cli {
+    /// Log filter (tracing-subscriber syntax, e.g. `info` or `wgmesh=debug`).
+    #[arg(long, env = "WGMESH_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage this node's WireGuard keys: store, rotation and audit log.
+    Keys(KeysArgs),
+    /// Print the version.
+    Version {
+        #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Directory of the key store (created 0700 by `init`).
+    #[arg(long, env = "WGMESH_STORE", default_value = wgmesh::keys::store::DEFAULT_DIR, global = true)]
+    pub store: PathBuf,
+
+    /// Who is acting, as written to the audit log. Defaults to `cli:<user>`, taken
+    /// from SUDO_USER, then USER, then the numeric uid.
+    #[arg(long, env = "WGMESH_ACTOR", global = true)]
+    pub actor: Option<String>,
+
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create the store with a fresh key (generation 1).
+    Init {
+        /// The Kubernetes node name recorded in the store and every audit record.
+        /// Defaults to the host name.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Succeed without changes if the store already exists.
+        #[arg(long, env = "WGMESH_INIT_IF_MISSING")]
+        if_missing: bool,
+        /// Why, for the audit log.
+        #[arg(long, env = "WGMESH_REASON", default_value = "initial key")]
+        reason: String,
+    },
+    /// Print the public key, fingerprint, generation and age of each key held.
+    Show {
+        #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Rotate the static key. Without a step flag, runs all three steps at once,
+    /// which cuts traffic until peers learn the new key: in a running cluster use
+    /// the steps, waiting for peers between them.
+    #[command(group(clap::ArgGroup::new("step").args(["stage", "activate", "destroy_old"])))]
+    Rotate {
+        /// Step 1: generate the next key; peers are asked to pre-accept it.
+        #[arg(long, env = "WGMESH_ROTATE_STAGE")]
+        stage: bool,
+        /// Step 2: make the staged key the active one; the old key is kept.
+        #[arg(long, env = "WGMESH_ROTATE_ACTIVATE")]
+        activate: bool,
+        /// Step 3: destroy the previous key (file overwritten and removed).
+        #[arg(long, env = "WGMESH_ROTATE_DESTROY_OLD")]
+        destroy_old: bool,
+        /// Why, for the audit log.
+        #[arg(long, env = "WGMESH_REASON", default_value = "scheduled rotation")]
+        reason: String,
+    },
+    /// Emergency: destroy every key now and activate a fresh one. Peers drop this
+    /// node until they see the new public key.
+    Revoke {
+        /// Why, for the audit log (required: a revocation must be explained).
+        #[arg(long, env = "WGMESH_REASON")]
+        reason: String,
+    },
+    /// Read or verify the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the audit log (verifying it first; a broken log is still printed up
+    /// to the first bad line, and the command then fails).
+    Show {
+        #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Check the hash chain and the head anchor. Exits 1 and names the first bad
+    /// line on any edited, deleted, inserted, reordered or cut record.
+    Verify {
+        #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Table,
+    Json,
+}

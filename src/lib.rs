@@ -1,0 +1,16 @@
+//! wgmesh: a Kubernetes node agent that encrypts pod traffic between nodes with a
+//! full mesh of WireGuard tunnels.
+//!
+//! The pure core lives in [`keys`], [`node`] and [`mesh`]: no I/O beyond the key
+//! store's own files, everything tested in memory. See `../shared/DESIGN.md` and
+//! `docs/architecture.md` for the process model.
+
+pub mod keys;
+pub mod mesh;
+pub mod node;
+
+/// The annotation prefix wgmesh owns on Node objects.
+pub const ANNOTATION_PREFIX: &str = "wgmesh.dev/";
+
+/// The version string printed by `wgmesh version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

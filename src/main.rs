@@ -1,0 +1,377 @@
+//! The `wgmesh` binary: parses the command line and runs the command. All logic
+//! lives in the library; this file formats its results.
+
+mod cli;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::Parser as _;
+use jiff::Timestamp;
+use serde_json::json;
+use wgmesh::keys::audit::{AuditRecord, VerifyError};
+use wgmesh::keys::rotation::KeyMeta;
+use wgmesh::keys::store::{Attribution, Store, StoreError};
+
+use cli::{AuditCommand, Cli, Command, KeysArgs, KeysCommand, Output};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Version { output } => {
+            if output == Output::Json {
+                println!("{}", json!({ "version": wgmesh::VERSION }));
+            } else {
+                println!("wgmesh {}", wgmesh::VERSION);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(args) => keys(args),
+    }
+}
+
+fn keys(args: KeysArgs) -> Result<ExitCode> {
+    let actor = args.actor.clone().unwrap_or_else(default_actor);
+    let who = |reason: &str| Attribution {
+        actor: actor.clone(),
+        reason: reason.to_string(),
+    };
+    let dir = args.store.as_path();
+    match args.command {
+        KeysCommand::Init {
+            node_name,
+            if_missing,
+            reason,
+        } => {
+            let node = match node_name {
+                Some(n) => n,
+                None => hostname()?,
+            };
+            match Store::init(dir, &node, &who(&reason)) {
+                Ok(store) => {
+                    let a = &store.state().active;
+                    println!(
+                        "initialized {} for node {node}: public key {} (fingerprint {}, generation {})",
+                        dir.display(),
+                        a.public_key,
+                        a.fingerprint,
+                        a.generation
+                    );
+                }
+                Err(StoreError::AlreadyInitialized { .. }) if if_missing => {
+                    let store = Store::open(dir)?;
+                    println!(
+                        "{} already holds a key store (active fingerprint {}); nothing changed",
+                        dir.display(),
+                        store.state().active.fingerprint
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        KeysCommand::Show { output } => show(&Store::open(dir)?, output)?,
+        KeysCommand::Rotate {
+            stage,
+            activate,
+            destroy_old,
+            reason,
+        } => {
+            let mut store = Store::open(dir)?;
+            let all = !(stage || activate || destroy_old);
+            let who = who(&reason);
+            if stage || all {
+                store.stage(&who)?;
+                let k = store
+                    .state()
+                    .staged
+                    .as_ref()
+                    .context("no staged key after staging")?;
+                println!("staged generation {} (fingerprint {}, public key {}); peers must pre-accept it before `--activate`", k.generation, k.fingerprint, k.public_key);
+            }
+            if activate || all {
+                store.activate(&who)?;
+                let k = &store.state().active;
+                println!("activated generation {} (fingerprint {}); the previous key is kept until `--destroy-old`", k.generation, k.fingerprint);
+            }
+            if destroy_old || all {
+                let old = store.state().previous.clone();
+                store.destroy_old(&who)?;
+                if let Some(k) = old {
+                    println!(
+                        "destroyed generation {} (fingerprint {})",
+                        k.generation, k.fingerprint
+                    );
+                }
+            }
+        }
+        KeysCommand::Revoke { reason } => {
+            let mut store = Store::open(dir)?;
+            let held: Vec<KeyMeta> = store.state().keys().cloned().collect();
+            store.revoke(&who(&reason))?;
+            for k in held {
+                println!(
+                    "revoked and destroyed generation {} (fingerprint {})",
+                    k.generation, k.fingerprint
+                );
+            }
+            let k = &store.state().active;
+            println!(
+                "active now: generation {} (fingerprint {}, public key {})",
+                k.generation, k.fingerprint, k.public_key
+            );
+        }
+        KeysCommand::Audit { command } => return audit(dir, command),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(store: &Store, output: Output) -> Result<()> {
+    let now = Timestamp::now();
+    let state = store.state();
+    let key_json = |k: &KeyMeta| {
+        json!({
+            "public_key": k.public_key,
+            "fingerprint": k.fingerprint,
+            "generation": k.generation,
+            "created": k.created,
+            "age_seconds": age_seconds(k.created, now),
+        })
+    };
+    if output == Output::Json {
+        let value = json!({
+            "node": store.node(),
+            "store": store.dir(),
+            "phase": state.phase(),
+            "active": key_json(&state.active),
+            "staged": state.staged.as_ref().map(key_json),
+            "previous": state.previous.as_ref().map(key_json),
+            "orphaned_key_files": store.orphans(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "node:        {}", store.node())?;
+    writeln!(out, "store:       {}", store.dir().display())?;
+    writeln!(out, "phase:       {}", state.phase())?;
+    let roles = [
+        ("active", Some(&state.active)),
+        ("staged", state.staged.as_ref()),
+        ("previous", state.previous.as_ref()),
+    ];
+    for (role, key) in roles {
+        match key {
+            None => writeln!(out, "{role} key:{:>pad$}(none)", "", pad = 9 - role.len())?,
+            Some(k) => {
+                writeln!(out, "{role} key:")?;
+                writeln!(out, "  public key:  {}", k.public_key)?;
+                writeln!(out, "  fingerprint: {}", k.fingerprint)?;
+                writeln!(out, "  generation:  {}", k.generation)?;
+                writeln!(
+                    out,
+                    "  created:     {} ({} ago)",
+                    k.created,
+                    human_age(age_seconds(k.created, now))
+                )?;
+            }
+        }
+    }
+    for orphan in store.orphans() {
+        writeln!(
+            out,
+            "warning: orphaned key file {} (left by an interrupted operation; the next key operation destroys it)",
+            orphan.display()
+        )?;
+    }
+    Ok(())
+}
+
+fn audit(dir: &std::path::Path, command: AuditCommand) -> Result<ExitCode> {
+    if !dir.join("state.json").exists() && !dir.join("audit.jsonl").exists() {
+        return Err(StoreError::NotInitialized {
+            dir: dir.to_path_buf(),
+        }
+        .into());
+    }
+    let result = Store::verify_audit(dir)?;
+    match command {
+        AuditCommand::Verify { output } => {
+            let ok = result.is_ok();
+            if output == Output::Json {
+                let value = match &result {
+                    Ok(v) => json!({"ok": true, "records": v.records.len(), "head": v.head}),
+                    Err(e) => json!({"ok": false, "line": e.line, "problem": e.problem}),
+                };
+                println!("{value}");
+            } else {
+                match &result {
+                    Ok(v) => println!(
+                        "audit log OK: {} records, chain intact, head seq {} hash {}\n(keep the head hash somewhere this host cannot write to prove later that history was not rewritten)",
+                        v.records.len(),
+                        v.head.seq,
+                        v.head.hash
+                    ),
+                    Err(e) => eprintln!("audit log FAILED verification: {e}"),
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        AuditCommand::Show { output } => {
+            let (records, error) = match result {
+                Ok(v) => (v.records, None),
+                Err(e) => (readable_prefix(dir, &e)?, Some(e)),
+            };
+            if output == Output::Json {
+                let mut out = std::io::stdout().lock();
+                for r in &records {
+                    writeln!(out, "{}", r.to_line())?;
+                }
+            } else {
+                print_table(&records)?;
+            }
+            match error {
+                None => Ok(ExitCode::SUCCESS),
+                Some(e) => {
+                    eprintln!("audit log FAILED verification: {e}; records from that line on are not shown");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// The records before the first bad line, for showing a broken log.
+fn readable_prefix(dir: &std::path::Path, err: &VerifyError) -> Result<Vec<AuditRecord>> {
+    let path = dir.join("audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    Ok(text
+        .lines()
+        .take(err.line.saturating_sub(1))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+fn print_table(records: &[AuditRecord]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let rows: Vec<[String; 9]> = records
+        .iter()
+        .map(|r| {
+            [
+                r.seq.to_string(),
+                r.time.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                r.event.to_string(),
+                r.generation.to_string(),
+                r.old_fingerprint.map_or("-".into(), |f| f.to_string()),
+                r.new_fingerprint.map_or("-".into(), |f| f.to_string()),
+                r.actor.clone(),
+                r.peer.clone().unwrap_or_else(|| "-".into()),
+                r.reason.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "SEQ",
+        "TIME (UTC)",
+        "EVENT",
+        "GEN",
+        "OLD",
+        "NEW",
+        "ACTOR",
+        "PEER",
+        "REASON",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s
+    };
+    writeln!(out, "{}", line(&header))?;
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+    Ok(())
+}
+
+fn age_seconds(created: Timestamp, now: Timestamp) -> i64 {
+    now.as_second().saturating_sub(created.as_second()).max(0)
+}
+
+fn human_age(seconds: i64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3_600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+fn default_actor() -> String {
+    let user = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
+    match user {
+        Some(u) => format!("cli:{u}"),
+        None => {
+            let uid = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("Uid:"))
+                        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+                })
+                .unwrap_or_else(|| "unknown".into());
+            format!("cli:uid={uid}")
+        }
+    }
+}
+
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read the host name; pass --node-name (or NODE_NAME)")?;
+    let name = name.trim();
+    anyhow::ensure!(
+        !name.is_empty(),
+        "the host name is empty; pass --node-name (or NODE_NAME)"
+    );
+    Ok(name.to_string())
+}

@@ -1,0 +1,197 @@
+//! The pure planner: validated Node records plus local configuration in, the
+//! WireGuard peers and routes this node should have out; and the minimal diff
+//! between what a device has and what the plan wants.
+//!
+//! No I/O and no clock: [`plan`], [`diff`] and [`apply`] are plain functions of
+//! their arguments, so the agent can log a plan before applying it, tests need no
+//! device, and agents looking at the same Nodes agree on every conflict they are
+//! not party to.
+//!
+//! The safety property everything here serves: pod traffic to another node either
+//! goes through that node's WireGuard peer or is dropped; it never leaves in
+//! plaintext and never reaches a node that merely *claims* someone else's pod
+//! CIDRs or key.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+
+use crate::keys::PublicKey;
+use crate::node::{NodeRecord, Rejected};
+
+mod diff;
+mod plan;
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use diff::{apply, diff, PeerChange};
+pub use plan::plan;
+
+/// What the local agent knows that the Node objects do not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// `metadata.name` of the Node this agent runs on; that Node is never a peer.
+    pub local_node: String,
+    /// The WireGuard interface the cluster routes point at (`wgmesh0`).
+    pub interface: String,
+    /// The whole cluster pod CIDR, normally one per address family. Every peer's
+    /// pod CIDRs must lie inside one of these (otherwise no route would send their
+    /// traffic into the tunnel), and each gets one route to [`Self::interface`].
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Keepalive for peers whose Node sets no `persistent-keepalive`; `None` or
+    /// `Some(0)` is off.
+    pub default_keepalive: Option<u16>,
+}
+
+/// One peer as a WireGuard device sees it: what `wg show` reports and `wg set`
+/// accepts, with nothing Kubernetes-specific in it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerConfig {
+    pub public_key: PublicKey,
+    /// `None` in a desired peer means "no opinion": the device keeps whatever
+    /// endpoint it has (possibly learnt by roaming). `None` in a device's state
+    /// means it has none yet.
+    pub endpoint: Option<SocketAddr>,
+    /// Canonical (no host bits), sorted and deduplicated in everything this module
+    /// produces; device state may come in any order, see [`PeerConfig::normalize`].
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds; `None` is off. `Some(0)` also means off on every device and is
+    /// normalised to `None`.
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl PeerConfig {
+    /// Brings a peer as a device reported it into the form this module produces:
+    /// allowed IPs truncated to their network, sorted and deduplicated, and a
+    /// keepalive of 0 spelled `None`. [`diff`] does this itself; backends may call
+    /// it to compare or display device state.
+    pub fn normalize(&mut self) {
+        normalize_ips(&mut self.allowed_ips);
+        self.persistent_keepalive = normalize_keepalive(self.persistent_keepalive);
+    }
+}
+
+/// A remote node admitted to the mesh, and the peer that represents it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPeer {
+    /// The Node's `metadata.name`, for logs, Events and `wgmesh status`.
+    pub node: String,
+    pub config: PeerConfig,
+}
+
+/// A route the host needs: `destination` via `interface`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub destination: IpNet,
+    pub interface: String,
+}
+
+/// Why a remote node gets no peer, worded for a cluster operator reading an Event
+/// or a log line of the form `node X excluded: <reason>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Exclusion {
+    /// Its `wgmesh.dev/` annotations (or `spec.podCIDRs`) failed validation.
+    #[error("its wgmesh.dev/ annotations failed validation: {}", describe_errors(.0))]
+    Invalid(Rejected),
+    /// The same Node name appears more than once in the input with different
+    /// contents. No entry can be trusted over the other, so none is used (a
+    /// reflector keyed by name never produces this; it is here so that the output
+    /// does not depend on input order).
+    #[error(
+        "it appears {entries} times in the node list with different contents, so none is trusted"
+    )]
+    AmbiguousName { entries: usize },
+    /// It announces this node's own public key: a device cannot have itself as a
+    /// peer, and the local node always keeps its own key.
+    #[error("it announces this node's own WireGuard public key")]
+    SameKeyAsLocal,
+    /// One of its pod CIDRs is outside every cluster CIDR: the cluster routes would
+    /// not send that traffic into the tunnel, so it would leave unencrypted.
+    #[error(
+        "its pod CIDR {cidr} is outside the cluster CIDRs, so its traffic would bypass the tunnel"
+    )]
+    OutsideClusterCidrs { cidr: IpNet },
+    /// One of its pod CIDRs overlaps the local node's pod CIDRs. The local node
+    /// always keeps its own CIDRs, whatever the ages.
+    #[error("its pod CIDR {cidr} overlaps this node's own pod CIDRs")]
+    OverlapsLocal { cidr: IpNet },
+    /// An older Node already holds its public key.
+    #[error("its public key is already used by older node {kept}, which keeps it")]
+    DuplicateKey {
+        /// The older node that keeps the key.
+        kept: String,
+    },
+    /// One of its pod CIDRs overlaps (contains or lies inside) a CIDR of an older
+    /// admitted Node.
+    #[error(
+        "its pod CIDR {cidr} overlaps pod CIDR {kept_cidr} of older node {kept}, which keeps it"
+    )]
+    CidrOverlap {
+        cidr: IpNet,
+        kept: String,
+        kept_cidr: IpNet,
+    },
+}
+
+/// A remote node that gets no peer, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Excluded {
+    pub node: String,
+    pub reason: Exclusion,
+}
+
+/// Everything the agent should make true on this node, from one set of Nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The local node's own record, when it is present and valid. `None` does not
+    /// stop planning; it only means the checks against the local key and CIDRs
+    /// could not run.
+    pub local: Option<NodeRecord>,
+    /// One per admitted remote node, sorted by public key.
+    pub peers: Vec<DesiredPeer>,
+    /// One per cluster CIDR, sorted by destination.
+    pub routes: Vec<Route>,
+    /// Every remote node that gets no peer, sorted by node name. The local node
+    /// never appears here, even when its own record is invalid.
+    pub excluded: Vec<Excluded>,
+}
+
+impl Plan {
+    /// The device-level view of [`Self::peers`], ready for [`diff`].
+    pub fn peer_configs(&self) -> Vec<PeerConfig> {
+        self.peers.iter().map(|p| p.config.clone()).collect()
+    }
+}
+
+fn describe_errors(rejected: &Rejected) -> String {
+    let parts: Vec<String> = rejected.errors.iter().map(ToString::to_string).collect();
+    parts.join("; ")
+}
+
+/// Truncates, sorts and deduplicates in place, without touching a list that is
+/// already canonical (the common case: every list this module builds).
+fn normalize_ips(ips: &mut Vec<IpNet>) {
+    if !is_canonical(ips) {
+        for ip in ips.iter_mut() {
+            *ip = ip.trunc();
+        }
+        ips.sort_unstable();
+        ips.dedup();
+    }
+}
+
+fn is_canonical(ips: &[IpNet]) -> bool {
+    ips.iter().all(|ip| ip.trunc() == *ip) && ips.windows(2).all(|w| w[0] < w[1])
+}
+
+fn normalize_keepalive(keepalive: Option<u16>) -> Option<u16> {
+    keepalive.filter(|&seconds| seconds != 0)
+}
+
+/// True when one CIDR contains the other (for prefixes that is the only way two
+/// can share an address). Different families never overlap.
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
