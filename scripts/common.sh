@@ -7,9 +7,11 @@ cd "$ROOT"
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 
-# Debian packages the build and tests need: a C compiler for ring, pkg-config.
-# (The network-namespace tests will add iproute2, wireguard-tools, ... here.)
-DEB_PACKAGES=(gcc libc6-dev pkg-config ca-certificates)
+# Debian packages the build and tests need: a C compiler for ring, pkg-config;
+# for the network-namespace tests and scripts/bench-dataplane: ip (iproute2),
+# ping, wg, wireguard-go (the reference peer), iperf3, jq, ps/procfs tools.
+DEB_PACKAGES=(gcc libc6-dev pkg-config ca-certificates
+    iproute2 iputils-ping wireguard-tools wireguard-go iperf3 jq procps util-linux)
 
 ensure_packages() {
     local missing=()
@@ -37,6 +39,20 @@ ensure_rust() {
         echo "cargo not found: install a stable Rust toolchain (rustup) first" >&2
         exit 1
     fi
+}
+
+# boringtun-cli, the other reference peer of the network-namespace tests, is not
+# packaged by Debian: cargo install it (a few minutes) unless it is on PATH or in
+# cargo's bin dir already.
+ensure_boringtun() {
+    command -v boringtun-cli >/dev/null && return 0
+    local bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+    if [[ ! -x $bin/boringtun-cli ]]; then
+        ensure_rust
+        log "installing boringtun-cli (cargo install boringtun-cli --locked; takes a few minutes)"
+        cargo install boringtun-cli --locked
+    fi
+    [[ ":$PATH:" == *":$bin:"* ]] || export PATH="$PATH:$bin"
 }
 
 setup() {

@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = "Encrypts pod traffic between Kubernetes nodes with a full WireGuard mesh.\n\n\
         Each node keeps its own x25519 key in a local store, publishes the public key on its \
         Node object and keeps one WireGuard peer per other node. This build manages the key \
-        store and its audit log; the agent and the userspace data plane are not built yet.",
+        store and its audit log, and runs the userspace WireGuard data plane; the agent is \
+        not built yet.",
     after_help = "Exit status: 0 on success, 1 on any error (including an audit log that does \
         not verify), 2 on a usage error."
 )]
@@ -30,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Manage this node's WireGuard keys: store, rotation and audit log.
     Keys(KeysArgs),
+    /// Run the userspace WireGuard device in the foreground (like wireguard-go -f).
+    Dataplane(DataplaneArgs),
     /// Print the version.
     Version {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
@@ -118,6 +121,37 @@ pub enum AuditCommand {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+}
+
+/// `wgmesh dataplane`.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Run the userspace WireGuard device in the foreground.\n\n\
+    Creates the TUN device INTERFACE and serves the standard WireGuard UAPI on \
+    <uapi-dir>/INTERFACE.sock (root only), so it is configured like wireguard-go:\n\n  \
+    wg set INTERFACE private-key KEYFILE listen-port 51820 peer PUBKEY endpoint IP:PORT allowed-ips CIDR\n  \
+    ip addr add 10.99.0.1/24 dev INTERFACE && ip link set INTERFACE up\n\n\
+    and read with `wg show INTERFACE`. Until a listen port is set it listens on a random one. \
+    SIGTERM or SIGINT stops it; the TUN device goes away with the process and the socket \
+    file is removed. The agent restarting does not touch this process, so traffic keeps flowing."
+)]
+pub struct DataplaneArgs {
+    /// Name of the TUN interface (and of the UAPI socket). Must be unique on the host.
+    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    pub interface: String,
+    /// Directory of the UAPI socket; `wg` only looks in /var/run/wireguard.
+    #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
+    pub uapi_dir: PathBuf,
+    /// MTU of the TUN interface: the underlay MTU minus 80 (IPv6 + UDP + WireGuard).
+    #[arg(long, env = "WGMESH_MTU", default_value_t = 1420, value_parser = clap::value_parser!(u16).range(576..=65455))]
+    pub mtu: u16,
+    /// Disable TUN offloads (TSO/GRO through IFF_VNET_HDR), e.g. to compare.
+    #[arg(long, env = "WGMESH_NO_OFFLOAD")]
+    pub no_offload: bool,
+    /// UDP socket send and receive buffer size in bytes (forced past
+    /// net.core.rmem_max when running as root).
+    #[arg(long, env = "WGMESH_UDP_BUFFER", default_value_t = 16 << 20)]
+    pub udp_buffer: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -5,9 +5,11 @@
 //! store's own files, everything tested in memory. See `../shared/DESIGN.md` and
 //! `docs/architecture.md` for the process model.
 
+pub mod dataplane;
 pub mod keys;
 pub mod mesh;
 pub mod node;
+pub mod wg;
 
 /// The annotation prefix wgmesh owns on Node objects.
 pub const ANNOTATION_PREFIX: &str = "wgmesh.dev/";

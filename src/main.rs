@@ -44,6 +44,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(args) => keys(args),
+        Command::Dataplane(args) => {
+            if args.interface.is_empty() || args.interface.len() > 15 {
+                anyhow::bail!(
+                    "--interface {:?}: an interface name is 1 to 15 characters",
+                    args.interface
+                );
+            }
+            let opts = wgmesh::dataplane::Options {
+                interface: args.interface,
+                mtu: args.mtu,
+                offload: !args.no_offload,
+                udp_buffer: args.udp_buffer,
+            };
+            wgmesh::dataplane::run(opts, args.uapi_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

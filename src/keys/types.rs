@@ -216,6 +216,16 @@ impl PrivateKey {
         Ok(Self(x25519_dalek::StaticSecret::from(*bytes)))
     }
 
+    /// From raw bytes (the UAPI carries keys in hex). The all-zero key, which
+    /// the UAPI uses to mean "no key", is refused.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Result<Self, KeyError> {
+        let bytes = Zeroizing::new(bytes);
+        if *bytes == [0u8; KEY_LEN] {
+            return Err(KeyError::AllZero);
+        }
+        Ok(Self(x25519_dalek::StaticSecret::from(*bytes)))
+    }
+
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
     }
@@ -267,6 +277,10 @@ impl PresharedKey {
 
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
         Ok(Self(*decode_32(text)?))
+    }
+
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
     }
 
     pub fn to_base64(&self) -> Zeroizing<String> {

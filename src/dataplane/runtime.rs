@@ -1,0 +1,664 @@
+//! The I/O edge of the data plane: one thread that owns the TUN device, the UDP
+//! socket and the [`Device`], driven by `poll(2)`.
+//!
+//! Why one thread: on a 2-core node the tunnel shares the CPU with the workload,
+//! and a second crypto thread per direction would need a lock around every
+//! peer's Noise state (boringtun's `Tunn` takes `&mut self` for both
+//! directions). Instead every syscall moves a batch: TUN reads come in as
+//! TSO super-packets split into up to 64 segments (IFF_VNET_HDR), encrypted
+//! datagrams leave as one `sendmsg` per destination with UDP GSO, datagrams
+//! arrive through `recvmmsg` with UDP GRO, and decrypted TCP segments are
+//! coalesced into one TUN write (GRO). No lock is ever held: the UAPI thread
+//! talks to this one through a channel.
+
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use super::device::{Device, PeerSettings, Sink, TunOutcome, UdpOutcome, DATA_OVERHEAD, TICK};
+use crate::wg::proto::{self, DeviceSnapshot, PeerSnapshot, SetRequest};
+
+/// What the UAPI thread asks of the data thread.
+pub enum Control {
+    Get(SyncSender<DeviceSnapshot>),
+    /// Answers with an errno (0 = applied).
+    Set(SetRequest, SyncSender<i32>),
+}
+
+/// Settings fixed at start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub interface: String,
+    pub mtu: u16,
+    /// Use TUN offloads (IFF_VNET_HDR, TSO/GRO) when the kernel has them.
+    pub offload: bool,
+    /// Requested UDP socket buffer size in bytes (send and receive).
+    pub udp_buffer: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot create TUN device {interface}: {source} (needs root or CAP_NET_ADMIN and /dev/net/tun)")]
+    Tun {
+        interface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open the UDP socket on port {port}: {source}")]
+    Udp {
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("data plane I/O failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Largest datagram we handle: a maximal IP packet plus WireGuard overhead.
+const MAX_DATAGRAM: usize = 65_535;
+/// UDP GRO hands us up to 64 KiB per receive slot.
+const RX_SLOTS: usize = 32;
+const GSO_MAX_SEGMENTS: usize = 64;
+/// The kernel refuses a UDP GSO send whose total exceeds one maximal UDP
+/// datagram (64 KiB less headers).
+const GSO_MAX_BYTES: usize = 65_000;
+/// Headroom in TUN write buffers for the virtio-net header.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+
+/// The data thread's state.
+pub struct Runtime {
+    opts: Options,
+    tun: SyncDevice,
+    udp: Udp,
+    device: Device,
+    wake: UnixStream,
+    control: Receiver<Control>,
+    stop: Arc<AtomicBool>,
+    fwmark: u32,
+    // Buffers, allocated once.
+    tun_in: Vec<u8>,
+    tun_segments: Vec<Vec<u8>>,
+    tun_sizes: Vec<usize>,
+    tun_out: Vec<Vec<u8>>,
+    gro: GROTable,
+    rx: Vec<Vec<u8>>,
+    rx_meta: Vec<RecvMeta>,
+    gso: Gso,
+    control_out: ControlSink,
+}
+
+struct Udp {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    port: u16,
+    /// Dual-stack IPv6 socket (IPv4 peers appear as mapped addresses).
+    v6: bool,
+}
+
+/// Datagrams the device wants sent outside the data batches (handshakes,
+/// cookies, keepalives), sent one by one after each batch.
+#[derive(Default)]
+struct ControlSink {
+    queue: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl Sink for ControlSink {
+    fn send_udp(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        self.queue.push((dst, datagram.to_vec()));
+    }
+}
+
+/// One pending UDP GSO send: equal-size segments for one destination, the last
+/// one possibly shorter.
+struct Gso {
+    buf: Vec<u8>,
+    used: usize,
+    dst: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+    max_segments: usize,
+    /// A datagram written after the batch that did not fit it.
+    pending: Option<(SocketAddr, usize)>,
+}
+
+impl Runtime {
+    /// Opens the TUN device and a UDP socket on an ephemeral port (the UAPI
+    /// sets the real one).
+    pub fn new(
+        opts: Options,
+        wake: UnixStream,
+        control: Receiver<Control>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, RuntimeError> {
+        let tun = open_tun(&opts)?;
+        let udp = Udp::bind(0, opts.udp_buffer)?;
+        let max_segments = udp.state.max_gso_segments().clamp(1, GSO_MAX_SEGMENTS);
+        let seg_cap = usize::from(opts.mtu) + DATA_OVERHEAD + 16;
+        tracing::info!(
+            interface = %opts.interface,
+            mtu = opts.mtu,
+            tun_offload = tun.tcp_gso(),
+            udp_gso_segments = max_segments,
+            udp_gro_segments = udp.state.gro_segments(),
+            "data plane ready"
+        );
+        Ok(Self {
+            tun_in: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
+            tun_segments: vec![vec![0u8; MAX_DATAGRAM]; IDEAL_BATCH_SIZE],
+            tun_sizes: vec![0; IDEAL_BATCH_SIZE],
+            tun_out: (0..IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_DATAGRAM))
+                .collect(),
+            gro: GROTable::default(),
+            rx: vec![vec![0u8; MAX_DATAGRAM]; RX_SLOTS],
+            rx_meta: vec![RecvMeta::default(); RX_SLOTS],
+            gso: Gso {
+                buf: vec![0u8; seg_cap * (max_segments + 1) + MAX_DATAGRAM],
+                used: 0,
+                dst: None,
+                segment: 0,
+                count: 0,
+                closed: false,
+                max_segments,
+                pending: None,
+            },
+            control_out: ControlSink::default(),
+            opts,
+            tun,
+            udp,
+            device: Device::new(),
+            wake,
+            control,
+            stop,
+            fwmark: 0,
+        })
+    }
+
+    /// Runs until `stop` is set.
+    pub fn run(&mut self) -> Result<(), RuntimeError> {
+        self.tun.set_nonblocking(true)?;
+        self.wake.set_nonblocking(true)?;
+        let mut next_tick = Instant::now() + TICK;
+        while !self.stop.load(Ordering::Relaxed) {
+            let timeout = next_tick
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(1000) as i32;
+            let mut fds = [
+                pollfd(self.tun.as_raw_fd()),
+                pollfd(self.udp.socket.as_raw_fd()),
+                pollfd(self.wake.as_raw_fd()),
+            ];
+            // SAFETY: `fds` is a valid array of initialised pollfd for its length.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err.into());
+            }
+            if fds[2].revents != 0 {
+                self.drain_control();
+            }
+            if fds[1].revents != 0 {
+                self.udp_batches()?;
+            }
+            if fds[0].revents != 0 {
+                self.tun_batches()?;
+            }
+            if Instant::now() >= next_tick {
+                self.device.tick(&mut self.control_out);
+                self.flush_control();
+                next_tick = Instant::now() + TICK;
+            }
+        }
+        Ok(())
+    }
+
+    /// TUN → encrypt → UDP. A few batches per wake-up, then yield to the other
+    /// direction so neither starves.
+    fn tun_batches(&mut self) -> Result<(), RuntimeError> {
+        for _ in 0..8 {
+            let n = match self.tun.recv_multiple(
+                &mut self.tun_in,
+                &mut self.tun_segments,
+                &mut self.tun_sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // A malformed offload packet must not kill the device.
+                    tracing::debug!(error = %e, "TUN read dropped");
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let packet = &self.tun_segments[i][..self.tun_sizes[i]];
+                let slot = self.gso.slot();
+                match self
+                    .device
+                    .on_tun_packet(packet, slot, &mut self.control_out)
+                {
+                    TunOutcome::Send { dst, len } => {
+                        if let Some(flush) = self.gso.push(dst, len) {
+                            send_gso(
+                                &self.udp,
+                                &self.gso.buf[..flush.len],
+                                flush.dst,
+                                flush.segment,
+                            );
+                            self.gso.finish_flush(flush.len);
+                        }
+                    }
+                    TunOutcome::Queued | TunOutcome::Dropped(_) => {}
+                }
+            }
+            if let Some(flush) = self.gso.take() {
+                send_gso(
+                    &self.udp,
+                    &self.gso.buf[..flush.len],
+                    flush.dst,
+                    flush.segment,
+                );
+                self.gso.finish_flush(flush.len);
+            }
+            self.flush_control();
+        }
+        Ok(())
+    }
+
+    /// UDP → decrypt → TUN, coalescing TCP segments into GRO writes.
+    fn udp_batches(&mut self) -> Result<(), RuntimeError> {
+        for _ in 0..8 {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                self.rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let msgs = match self.udp.state.recv(
+                UdpSockRef::from(&self.udp.socket),
+                &mut slices,
+                &mut self.rx_meta,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive error");
+                    break;
+                }
+            };
+            drop(slices);
+            let mut k = 0;
+            for m in 0..msgs {
+                let meta = self.rx_meta[m];
+                let stride = if meta.stride == 0 {
+                    meta.len
+                } else {
+                    meta.stride
+                };
+                let data = &self.rx[m][..meta.len];
+                for datagram in data.chunks(stride.max(1)) {
+                    if k == self.tun_out.len() {
+                        write_tun(&self.tun, &mut self.gro, &mut self.tun_out[..k]);
+                        k = 0;
+                    }
+                    let out = &mut self.tun_out[k];
+                    out.clear();
+                    out.resize(TUN_OFFSET + datagram.len(), 0);
+                    if let UdpOutcome::Tunnel { len } = self.device.on_datagram(
+                        meta.addr,
+                        datagram,
+                        &mut out[TUN_OFFSET..],
+                        &mut self.control_out,
+                    ) {
+                        out.truncate(TUN_OFFSET + len);
+                        k += 1;
+                    }
+                }
+            }
+            if k > 0 {
+                write_tun(&self.tun, &mut self.gro, &mut self.tun_out[..k]);
+            }
+            self.flush_control();
+        }
+        Ok(())
+    }
+
+    fn flush_control(&mut self) {
+        for (dst, datagram) in self.control_out.queue.drain(..) {
+            send_gso(&self.udp, &datagram, dst, datagram.len());
+        }
+    }
+
+    fn drain_control(&mut self) {
+        let mut byte = [0u8; 64];
+        while matches!(io::Read::read(&mut &self.wake, &mut byte), Ok(n) if n > 0) {}
+        loop {
+            match self.control.try_recv() {
+                Ok(Control::Get(reply)) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Ok(Control::Set(req, reply)) => {
+                    let _ = reply.send(self.apply(req));
+                }
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot {
+            private_key: self.device.private_key().cloned(),
+            listen_port: self.udp.port,
+            fwmark: self.fwmark,
+            peers: self
+                .device
+                .peers()
+                .into_iter()
+                .map(|p| {
+                    let mut s = PeerSnapshot::new(p.public_key);
+                    s.preshared_key = p.preshared_key;
+                    s.endpoint = p.endpoint;
+                    s.persistent_keepalive_interval = p.persistent_keepalive;
+                    s.allowed_ips = p.allowed_ips;
+                    s.last_handshake = p.last_handshake.and_then(|t| {
+                        let d = t.duration_since(UNIX_EPOCH).ok()?;
+                        Some((d.as_secs(), d.subsec_nanos()))
+                    });
+                    s.rx_bytes = p.rx_bytes;
+                    s.tx_bytes = p.tx_bytes;
+                    s
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies a parsed `set`: everything that can fail (binding the port, the
+    /// fwmark) happens first, so a failure leaves the device unchanged.
+    fn apply(&mut self, req: SetRequest) -> i32 {
+        if let Some(port) = req.listen_port {
+            if port != self.udp.port || port == 0 {
+                match Udp::bind(port, self.opts.udp_buffer) {
+                    Ok(udp) => {
+                        if self.fwmark != 0 {
+                            let _ = set_mark(&udp.socket, self.fwmark);
+                        }
+                        tracing::info!(port = udp.port, "listening");
+                        self.udp = udp;
+                    }
+                    Err(e) => {
+                        tracing::warn!(port, error = %e, "cannot change the listen port");
+                        return proto::errno::PORT_IN_USE;
+                    }
+                }
+            }
+        }
+        if let Some(mark) = req.fwmark {
+            if let Err(e) = set_mark(&self.udp.socket, mark) {
+                tracing::warn!(mark, error = %e, "cannot set fwmark");
+                return proto::errno::IO;
+            }
+            self.fwmark = mark;
+        }
+        if let Some(key) = req.private_key {
+            self.device.set_identities(key.into_iter().collect());
+        }
+        if req.replace_peers {
+            self.device.remove_all_peers();
+        }
+        for update in req.peers {
+            if update.remove {
+                self.device.remove_peer(&update.public_key);
+                continue;
+            }
+            let existing = self.device.peer_settings(&update.public_key);
+            if update.update_only && existing.is_none() {
+                continue;
+            }
+            let base = existing.unwrap_or(PeerSettings {
+                public_key: update.public_key,
+                preshared_key: None,
+                endpoint: None,
+                persistent_keepalive: 0,
+                allowed_ips: Vec::new(),
+            });
+            let settings = PeerSettings {
+                public_key: update.public_key,
+                preshared_key: match update.preshared_key {
+                    None => base.preshared_key,
+                    Some(k) => k,
+                },
+                endpoint: update.endpoint.or(base.endpoint),
+                persistent_keepalive: update
+                    .persistent_keepalive_interval
+                    .unwrap_or(base.persistent_keepalive),
+                allowed_ips: update.allowed_ips,
+            };
+            self.device
+                .upsert_peer(settings, update.replace_allowed_ips);
+            for net in update.remove_allowed_ips {
+                self.device.remove_allowed_ip(&update.public_key, net);
+            }
+        }
+        0
+    }
+}
+
+impl Gso {
+    /// Where the next datagram is to be encrypted.
+    fn slot(&mut self) -> &mut [u8] {
+        &mut self.buf[self.used..]
+    }
+
+    /// Accounts for a datagram just written at `slot()`. Returns a batch to send
+    /// first when the new datagram cannot join the current one (it is then moved
+    /// to the front once the batch is sent: see `finish_flush`).
+    fn push(&mut self, dst: SocketAddr, len: usize) -> Option<Flush> {
+        let joins = self.count > 0
+            && self.dst == Some(dst)
+            && !self.closed
+            && len <= self.segment
+            && self.count < self.max_segments
+            && self.used + len <= GSO_MAX_BYTES;
+        if self.count == 0 || joins {
+            if self.count == 0 {
+                self.dst = Some(dst);
+                self.segment = len;
+            }
+            self.closed = len < self.segment;
+            self.used += len;
+            self.count += 1;
+            return None;
+        }
+        // Send what came before; the new datagram stays pending.
+        let flush = Flush {
+            dst: self.dst.unwrap_or(dst),
+            segment: self.segment,
+            len: self.used,
+        };
+        self.pending = Some((dst, len));
+        Some(flush)
+    }
+
+    /// Takes the whole pending batch.
+    fn take(&mut self) -> Option<Flush> {
+        (self.count > 0).then(|| Flush {
+            dst: self.dst.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            segment: self.segment,
+            len: self.used,
+        })
+    }
+
+    /// After a flush of `sent` bytes: starts a new batch with the datagram that
+    /// did not fit, if any.
+    fn finish_flush(&mut self, sent: usize) {
+        match self.pending.take() {
+            Some((dst, len)) => {
+                self.buf.copy_within(sent..sent + len, 0);
+                self.used = len;
+                self.count = 1;
+                self.dst = Some(dst);
+                self.segment = len;
+                self.closed = false;
+            }
+            None => {
+                self.used = 0;
+                self.count = 0;
+                self.dst = None;
+                self.closed = false;
+            }
+        }
+    }
+}
+
+struct Flush {
+    dst: SocketAddr,
+    segment: usize,
+    len: usize,
+}
+
+impl Udp {
+    fn bind(port: u16, buffer: usize) -> Result<Self, RuntimeError> {
+        let err = |source| RuntimeError::Udp { port, source };
+        // Dual stack when the host has IPv6; plain IPv4 otherwise.
+        let (socket, v6) = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
+            Ok(s) => {
+                s.set_only_v6(false).map_err(err)?;
+                let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+                s.bind(&addr.into()).map_err(err)?;
+                (s, true)
+            }
+            Err(_) => {
+                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+                s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+                    .map_err(err)?;
+                (s, false)
+            }
+        };
+        // A receive buffer too small for a burst is where userspace tunnels
+        // lose packets; as root, force it past net.core.rmem_max.
+        if force_buffer(&socket, libc::SO_RCVBUFFORCE, buffer).is_err() {
+            let _ = socket.set_recv_buffer_size(buffer);
+        }
+        if force_buffer(&socket, libc::SO_SNDBUFFORCE, buffer).is_err() {
+            let _ = socket.set_send_buffer_size(buffer);
+        }
+        socket.set_nonblocking(true).map_err(err)?;
+        let socket: UdpSocket = socket.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket)).map_err(err)?;
+        let port = socket.local_addr().map_err(err)?.port();
+        Ok(Self {
+            socket,
+            state,
+            port,
+            v6,
+        })
+    }
+
+    fn target(&self, dst: SocketAddr) -> SocketAddr {
+        match (self.v6, dst) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            _ => dst,
+        }
+    }
+}
+
+fn send_gso(udp: &Udp, contents: &[u8], dst: SocketAddr, segment: usize) {
+    if contents.is_empty() {
+        return;
+    }
+    let transmit = Transmit {
+        destination: udp.target(dst),
+        ecn: None,
+        contents,
+        segment_size: (contents.len() > segment).then_some(segment),
+        src_ip: None,
+    };
+    // A full socket buffer drops like a full NIC queue would: WireGuard and
+    // TCP above it recover.
+    if let Err(e) = udp.state.try_send(UdpSockRef::from(&udp.socket), &transmit) {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            tracing::debug!(error = %e, %dst, "UDP send failed");
+        }
+    }
+}
+
+fn write_tun(tun: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+    if let Err(e) = tun.send_multiple(gro, bufs, TUN_OFFSET) {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            tracing::debug!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+fn open_tun(opts: &Options) -> Result<SyncDevice, RuntimeError> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(&opts.interface)
+            .mtu(opts.mtu)
+            .offload(offload)
+            .build_sync()
+    };
+    let err = |source| RuntimeError::Tun {
+        interface: opts.interface.clone(),
+        source,
+    };
+    if opts.offload {
+        match build(true) {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN offloads unavailable; using plain reads and writes")
+            }
+        }
+    }
+    build(false).map_err(err)
+}
+
+/// SO_RCVBUFFORCE / SO_SNDBUFFORCE (needs CAP_NET_ADMIN).
+fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket fd and a pointer to a c_int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn set_mark(socket: &UdpSocket, mark: u32) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_mark(mark)
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
