@@ -61,3 +61,6 @@ pub fn run(opts: Options, uapi_dir: PathBuf) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(all(test, feature = "mock-time"))]
+mod timer_tests;

@@ -223,6 +223,15 @@ impl Runtime {
                 next_tick = Instant::now() + TICK;
             }
         }
+        let c = self.device.counters();
+        let mut drops: Vec<String> = c.drops.iter().map(|(k, v)| format!("{k:?}={v}")).collect();
+        drops.sort();
+        tracing::info!(
+            handshakes = c.handshakes_completed,
+            cookies_sent = c.cookies_sent,
+            drops = %drops.join(" "),
+            "data plane counters at exit"
+        );
         Ok(())
     }
 

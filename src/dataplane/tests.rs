@@ -28,6 +28,17 @@ pub(crate) struct Node {
     pub key: PublicKey,
 }
 
+impl Node {
+    /// An address inside this node's pod CIDR (10.0.1.0/24 for A, 10.0.2.0/24 for B).
+    pub fn dev_addr(&self) -> Ipv4Addr {
+        if self.addr.is_ipv4() {
+            Ipv4Addr::new(10, 0, 1, 5)
+        } else {
+            Ipv4Addr::new(10, 0, 2, 7)
+        }
+    }
+}
+
 pub(crate) fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let total = 20 + payload.len();
     let mut p = vec![0u8; total];
@@ -372,11 +383,9 @@ fn roaming_updates_the_endpoint() {
         &ipv4_packet([10, 0, 1, 5].into(), [10, 0, 2, 7].into(), b"x"),
     );
     pump(&mut a, &mut b);
+    let (src, dst) = (a.dev_addr(), b.dev_addr());
     a.addr = "192.0.2.77:1234".parse().unwrap();
-    send(
-        &mut a,
-        &ipv4_packet([10, 0, 1, 5].into(), [10, 0, 2, 7].into(), b"y"),
-    );
+    send(&mut a, &ipv4_packet(src, dst, b"y"));
     pump(&mut a, &mut b);
     assert_eq!(b.dev.peers()[0].endpoint, Some(a.addr));
 }
