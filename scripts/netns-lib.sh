@@ -385,18 +385,22 @@ nl_reap_stale() {
     return 0
 }
 
-# nl_guard PID: blocks until PID is gone, then reaps its run. Meant to run
-# detached (setsid) so the Ctrl-C that kills PID does not kill the guardian.
+# nl_guard PID [DIR]: blocks until PID is gone, then reaps its run (and
+# removes its scratch DIR). Meant to run detached (setsid) so the Ctrl-C that
+# kills PID does not kill the guardian.
 nl_guard() {
-    local pid=$1
+    local pid=$1 dir=${2:-}
     while kill -0 "$pid" 2>/dev/null; do sleep 1; done
     nl_reap_run "$pid"
+    [[ -n $dir && $dir == /tmp/wgmesh-netns.* ]] && rm -rf "$dir"
+    return 0
 }
 
 nl_guard_start() {
     command -v setsid >/dev/null || return 0
-    setsid bash -c 'source "$1" && nl_guard "$2"' nl-guard "$NL_LIB_DIR/netns-lib.sh" "$1" \
-        </dev/null >/dev/null 2>&1 &
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    setsid bash -c 'source "$1" && nl_guard "$2" "$3"' nl-guard "$NL_LIB_DIR/netns-lib.sh" "$1" \
+        "$([[ ${NL_KEEP_DIR:-0} == 1 ]] || echo "$NL_DIR")" </dev/null >/dev/null 2>&1 &
     NL_GUARD_PID=$!
 }
 
