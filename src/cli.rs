@@ -33,6 +33,8 @@ pub enum Command {
     Keys(KeysArgs),
     /// Run the userspace WireGuard device in the foreground (like wireguard-go -f).
     Dataplane(DataplaneArgs),
+    /// Run the node agent: publish this node's key, watch every Node, program the mesh.
+    Agent(AgentArgs),
     /// Print the version.
     Version {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
@@ -121,6 +123,69 @@ pub enum AuditCommand {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+}
+
+/// `wgmesh agent`.
+#[derive(Debug, Args)]
+#[command(long_about = "Run the node agent.\n\n\
+    Opens (or creates) this node's key store, publishes its public key, endpoint and pod CIDRs \
+    as wgmesh.dev/ annotations on its Node, watches every Node, and keeps one WireGuard peer per \
+    valid remote node on the device behind the UAPI socket (wgmesh dataplane, wireguard-go or \
+    boringtun-cli). It brings the interface up with its MTU and routes each cluster CIDR into it, \
+    so traffic to a node without a valid peer is dropped, never sent in plaintext. A pass that \
+    finds everything in place writes nothing. On SIGTERM it exits and leaves annotations, device \
+    and routes in place; if the API server goes away it keeps the last mesh and retries.")]
+pub struct AgentArgs {
+    /// This node's Kubernetes name (the Downward API's spec.nodeName in a DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// kubeconfig file; without it: in-cluster config, then ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Directory of the key store (created on first start).
+    #[arg(long, env = "WGMESH_STORE", default_value = wgmesh::keys::store::DEFAULT_DIR)]
+    pub store: PathBuf,
+    /// WireGuard interface (its UAPI socket is <uapi-dir>/<interface>.sock).
+    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    pub interface: String,
+    /// Directory of the UAPI socket.
+    #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
+    pub uapi_dir: PathBuf,
+    /// UDP port the device listens on and peers send to.
+    #[arg(long, env = "WGMESH_LISTEN_PORT", default_value_t = 51820)]
+    pub listen_port: u16,
+    /// The endpoint peers send to (ip:port or [ipv6]:port). Default: the
+    /// wgmesh.dev/force-endpoint annotation, else the Node's InternalIP.
+    #[arg(long, env = "WGMESH_ENDPOINT")]
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// The cluster pod CIDRs (comma-separated, one per family): routed into the
+    /// tunnel as a whole, and the bound of pod CIDR claims when Nodes have no spec.podCIDRs.
+    #[arg(
+        long,
+        env = "WGMESH_CLUSTER_CIDRS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// Interface MTU; default: the underlay MTU minus 80.
+    #[arg(long, env = "WGMESH_MTU")]
+    pub mtu: Option<u16>,
+    /// Persistent keepalive (seconds) for every peer unless its Node sets
+    /// wgmesh.dev/persistent-keepalive. 0 = off.
+    #[arg(long, env = "WGMESH_PERSISTENT_KEEPALIVE", default_value_t = 0)]
+    pub persistent_keepalive: u16,
+    /// Do not touch the link or routes (someone else manages them).
+    #[arg(long, env = "WGMESH_NO_NETWORK")]
+    pub no_network: bool,
+    /// Milliseconds to wait for more Node events before reconciling.
+    #[arg(long, env = "WGMESH_DEBOUNCE_MS", default_value_t = 200)]
+    pub debounce_ms: u64,
+    /// Seconds between device re-checks without Node events.
+    #[arg(long, env = "WGMESH_RESYNC_SECONDS", default_value_t = 60)]
+    pub resync_seconds: u64,
+    /// Do a single reconcile pass and exit.
+    #[arg(long, env = "WGMESH_ONCE")]
+    pub once: bool,
 }
 
 /// `wgmesh dataplane`.

@@ -5,9 +5,12 @@
 //! store's own files, everything tested in memory. See `../shared/DESIGN.md` and
 //! `docs/architecture.md` for the process model.
 
+pub mod agent;
 pub mod dataplane;
+pub mod k8s;
 pub mod keys;
 pub mod mesh;
+pub mod net;
 pub mod node;
 pub mod wg;
 

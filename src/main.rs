@@ -44,6 +44,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(args) => keys(args),
+        Command::Agent(args) => {
+            let cfg = wgmesh::agent::AgentConfig {
+                node_name: args.node_name,
+                store: args.store,
+                interface: args.interface,
+                uapi_dir: args.uapi_dir,
+                listen_port: args.listen_port,
+                endpoint: args.endpoint,
+                cluster_cidrs: args.cluster_cidrs.iter().map(|c| c.trunc()).collect(),
+                mtu: args.mtu,
+                persistent_keepalive: (args.persistent_keepalive > 0)
+                    .then_some(args.persistent_keepalive),
+                manage_network: !args.no_network,
+                debounce: std::time::Duration::from_millis(args.debounce_ms),
+                resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let client = wgmesh::k8s::client(args.kubeconfig.as_deref()).await?;
+                wgmesh::agent::run(cfg, client, args.once).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dataplane(args) => {
             if args.interface.is_empty() || args.interface.len() > 15 {
                 anyhow::bail!(

@@ -9,6 +9,7 @@
 //! planner) against the device's state → the minimal [`ChangeSet`]; an empty
 //! change set means the agent writes nothing.
 
+pub mod memory;
 pub mod proto;
 pub mod uapi;
 
@@ -62,7 +63,7 @@ impl ChangeSet {
 }
 
 /// Anything that holds WireGuard peers.
-pub trait Backend {
+pub trait Backend: Send {
     /// A short name for logs ("uapi /var/run/wireguard/wgmesh0.sock").
     fn describe(&self) -> String;
     fn state(&mut self) -> Result<DeviceState>;
