@@ -55,7 +55,16 @@ ensure_boringtun() {
     [[ ":$PATH:" == *":$bin:"* ]] || export PATH="$PATH:$bin"
 }
 
+# kubectl drives the test API in testbed/tests/api_kubectl.rs; some images ship
+# it (package kubectl), Debian has it as kubernetes-client.
+ensure_kubectl() {
+    command -v kubectl >/dev/null && return
+    log "installing kubectl (Debian package kubernetes-client)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+}
+
 setup() {
     ensure_packages
+    ensure_kubectl
     ensure_rust
 }

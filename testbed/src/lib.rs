@@ -1,0 +1,6 @@
+//! The wgmesh testbed as a library: the pieces the `wgmesh-testbed` binary and the
+//! integration tests share.
+//!
+//! - [`api`]: an in-memory Kubernetes API server for Nodes and Events, for tests only.
+
+pub mod api;

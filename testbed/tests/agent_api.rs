@@ -1,0 +1,257 @@
+//! The agent against the testbed's Kubernetes API (a real HTTP server that
+//! kube-rs talks to) with an in-memory WireGuard device: what it publishes,
+//! what it programs, which Events it raises, and that a resync writes nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use serde_json::json;
+use wgmesh::agent::{Agent, AgentConfig};
+use wgmesh::keys::PrivateKey;
+use wgmesh::wg::memory::MemoryBackend;
+use wgmesh_testbed::api::{ApiServer, ApiServerConfig, ApiServerHandle};
+
+struct Cluster {
+    server: ApiServerHandle,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+    store: std::path::PathBuf,
+}
+
+async fn cluster() -> Cluster {
+    let server = ApiServer::start(ApiServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let store = dir.path().join("store");
+    Cluster {
+        server,
+        kubeconfig,
+        store,
+        _dir: dir,
+    }
+}
+
+/// A Node with an InternalIP, its pod CIDR from the server's IPAM.
+fn add_node(server: &ApiServerHandle, name: &str, ip: &str) -> Node {
+    server.create_named_node(name).unwrap();
+    server
+        .merge_patch_node_status(
+            name,
+            &json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
+        )
+        .unwrap()
+}
+
+/// Publishes a remote node's wgmesh annotations as its own agent would.
+fn annotate(server: &ApiServerHandle, name: &str, key: &str, endpoint: &str) {
+    let node = server.node(name).unwrap();
+    let cidrs = node.spec.unwrap().pod_cidrs.unwrap().join(",");
+    server
+        .merge_patch_node(
+            name,
+            &json!({"metadata": {"annotations": {
+                "wgmesh.dev/public-key": key,
+                "wgmesh.dev/endpoint": endpoint,
+                "wgmesh.dev/pod-cidrs": cidrs,
+                "wgmesh.dev/key-generation": "1",
+            }}}),
+        )
+        .unwrap();
+}
+
+fn config(c: &Cluster, node: &str) -> AgentConfig {
+    AgentConfig {
+        node_name: node.into(),
+        store: c.store.clone(),
+        interface: "wgmesh0".into(),
+        uapi_dir: "/nonexistent".into(),
+        listen_port: 51820,
+        endpoint: None,
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        mtu: None,
+        persistent_keepalive: None,
+        manage_network: false,
+        debounce: Duration::from_millis(10),
+        resync: Duration::from_secs(60),
+    }
+}
+
+async fn agent(c: &Cluster, node: &str, device: &MemoryBackend) -> Agent {
+    let client = wgmesh::k8s::client(Some(&c.kubeconfig)).await.unwrap();
+    Agent::with_backend(
+        config(c, node),
+        client,
+        Arc::new(std::sync::Mutex::new(device.clone())),
+    )
+    .await
+    .unwrap()
+}
+
+fn nodes(server: &ApiServerHandle) -> Vec<Arc<Node>> {
+    server.nodes().into_iter().map(Arc::new).collect()
+}
+
+fn annotation(server: &ApiServerHandle, node: &str, key: &str) -> Option<String> {
+    server
+        .node(node)?
+        .metadata
+        .annotations?
+        .get(&format!("wgmesh.dev/{key}"))
+        .cloned()
+}
+
+#[tokio::test]
+async fn publishes_once_and_a_resync_writes_nothing() {
+    let c = cluster().await;
+    add_node(&c.server, "node-a", "192.0.2.1");
+    let device = MemoryBackend::new();
+    let mut a = agent(&c, "node-a", &device).await;
+
+    let first = a.pass(&nodes(&c.server)).await.unwrap();
+    assert!(first.published, "{first:?}");
+    assert_eq!(first.events, 1, "one KeyPublished event: {first:?}");
+    let store = wgmesh::keys::store::Store::open(&c.store).unwrap();
+    let key = store.state().active.public_key;
+    assert_eq!(
+        annotation(&c.server, "node-a", "public-key"),
+        Some(key.to_base64())
+    );
+    assert_eq!(
+        annotation(&c.server, "node-a", "endpoint").as_deref(),
+        Some("192.0.2.1:51820")
+    );
+    assert_eq!(
+        annotation(&c.server, "node-a", "pod-cidrs").as_deref(),
+        Some("10.244.0.0/24")
+    );
+    assert_eq!(
+        annotation(&c.server, "node-a", "key-generation").as_deref(),
+        Some("1")
+    );
+    assert_eq!(device.snapshot().public_key, Some(key));
+    assert_eq!(device.snapshot().listen_port, 51820);
+    let published = c
+        .server
+        .events()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("KeyPublished"))
+        .count();
+    assert_eq!(published, 1);
+
+    // Steady state: nothing to the API, nothing to the device.
+    let writes = c.server.write_count();
+    let applies = device.applies();
+    for _ in 0..3 {
+        let again = a.pass(&nodes(&c.server)).await.unwrap();
+        assert!(!again.wrote(), "a resync wrote: {again:?}");
+    }
+    assert_eq!(c.server.write_count(), writes, "API writes in steady state");
+    assert_eq!(device.applies(), applies, "device writes in steady state");
+
+    // A restarted agent adopts the same key and the device as it is: no flap.
+    let mut restarted = agent(&c, "node-a", &device).await;
+    let report = restarted.pass(&nodes(&c.server)).await.unwrap();
+    assert!(
+        !report.published && report.device_changes == 0,
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_peer_is_rejected_with_an_event_and_the_others_are_programmed() {
+    let c = cluster().await;
+    add_node(&c.server, "node-a", "192.0.2.1");
+    add_node(&c.server, "node-b", "192.0.2.2");
+    add_node(&c.server, "node-c", "192.0.2.3");
+    let kb = PrivateKey::generate().public_key();
+    annotate(&c.server, "node-b", &kb.to_base64(), "192.0.2.2:51820");
+    annotate(
+        &c.server,
+        "node-c",
+        "not-a-wireguard-key",
+        "192.0.2.3:51820",
+    );
+    let device = MemoryBackend::new();
+    let mut a = agent(&c, "node-a", &device).await;
+
+    let report = a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(report.peers, 1, "{report:?}");
+    let peers = device.snapshot().peers;
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, kb);
+    assert_eq!(
+        peers[0].endpoint,
+        Some("192.0.2.2:51820".parse::<SocketAddr>().unwrap())
+    );
+    assert_eq!(peers[0].allowed_ips, vec!["10.244.1.0/24".parse().unwrap()]);
+
+    let rejected: Vec<_> = c
+        .server
+        .events()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("PeerRejected"))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].regarding.name.as_deref(), Some("node-c"));
+    assert_eq!(rejected[0].type_.as_deref(), Some("Warning"));
+    let note = rejected[0].message.clone().unwrap_or_default();
+    assert!(note.contains("wgmesh.dev/public-key"), "{note}");
+
+    // The same problem is not reported twice.
+    a.pass(&nodes(&c.server)).await.unwrap();
+    let again = c
+        .server
+        .events()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("PeerRejected"))
+        .count();
+    assert_eq!(again, 1);
+
+    // A fixed node joins; a deleted node's peer goes away.
+    let kc = PrivateKey::generate().public_key();
+    annotate(&c.server, "node-c", &kc.to_base64(), "192.0.2.3:51820");
+    a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(device.snapshot().peers.len(), 2);
+    c.server.delete_node("node-b").unwrap();
+    let report = a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(report.device_changes, 1, "{report:?}");
+    let peers = device.snapshot().peers;
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, kc);
+}
+
+#[tokio::test]
+async fn the_endpoint_comes_from_force_endpoint_and_never_from_virtualbox_nat() {
+    let c = cluster().await;
+    add_node(&c.server, "node-a", "10.0.2.15");
+    c.server
+        .merge_patch_node_status(
+            "node-a",
+            &json!({"status": {"addresses": [
+                {"type": "InternalIP", "address": "10.0.2.15"},
+                {"type": "InternalIP", "address": "192.168.56.11"}
+            ]}}),
+        )
+        .unwrap();
+    let device = MemoryBackend::new();
+    let mut a = agent(&c, "node-a", &device).await;
+    a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(
+        annotation(&c.server, "node-a", "endpoint").as_deref(),
+        Some("192.168.56.11:51820")
+    );
+    c.server
+        .merge_patch_node(
+            "node-a",
+            &json!({"metadata": {"annotations": {"wgmesh.dev/force-endpoint": "198.51.100.7:40000"}}}),
+        )
+        .unwrap();
+    a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(
+        annotation(&c.server, "node-a", "endpoint").as_deref(),
+        Some("198.51.100.7:40000")
+    );
+}
