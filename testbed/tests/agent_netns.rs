@@ -442,6 +442,93 @@ fn two_nodes_build_a_tunnel_from_node_objects_and_a_bad_third_is_left_out() {
         w.logs()
     );
 
+    // `--once` on a configured node: one pass that finds everything in place.
+    let before = api.write_count();
+    let n1 = w.namespaces[1].clone();
+    let once = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &n1,
+            &bin,
+            "agent",
+            "--once",
+            "--node-name",
+            "n1",
+        ])
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--store", w.dir.path().join("store-n1").to_str().unwrap()])
+        .args(["--interface", &format!("wgag{}0", w.tag)])
+        .args([
+            "--uapi-dir",
+            uapi_dir.to_str().unwrap(),
+            "--cluster-cidrs",
+            "10.244.0.0/16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        once.status.success(),
+        "agent --once failed: {}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    // A new process reports the known bad node once more (an Event); it must
+    // not patch any Node.
+    let writes = api.writes();
+    let node_writes: Vec<_> = writes[before as usize..]
+        .iter()
+        .filter(|w| !w.path.contains("/events"))
+        .collect();
+    assert!(
+        node_writes.is_empty(),
+        "--once on a configured node wrote: {node_writes:?}"
+    );
+
+    // SIGTERM: the agent exits and leaves device, routes and annotations alone.
+    let pid = w
+        .children
+        .iter()
+        .find(|(n, _)| n == "n1-agent")
+        .map(|(_, c)| c.id())
+        .unwrap();
+    sh(&["kill", "-TERM", &pid.to_string()]);
+    let idx = w
+        .children
+        .iter()
+        .position(|(n, _)| n == "n1-agent")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = w.children[idx].1.try_wait() {
+            assert!(
+                status.success(),
+                "agent exited with {status} on SIGTERM\n{}",
+                w.logs()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent ignored SIGTERM\n{}",
+            w.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let routes = Command::new("ip")
+        .args(["-n", &n1, "route", "show", "10.244.0.0/16"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).contains("wgag"),
+        "route removed on SIGTERM"
+    );
+    assert_eq!(device_peers(&socks[0]).len(), 1, "peers removed on SIGTERM");
+    assert!(api
+        .node("n1")
+        .and_then(|n| n.metadata.annotations)
+        .is_some_and(|a| a.contains_key("wgmesh.dev/public-key")));
+    w.children.retain(|(n, _)| n != "n1-agent");
+
     // The API server goes away: the agents keep running and the mesh keeps working.
     if let Some(stop) = w.stop_api.take() {
         let _ = stop.send(());
