@@ -249,13 +249,20 @@ impl Agent {
                 Some(m) => m,
                 None => self.tunnel_mtu(&net, endpoint, &plan).await,
             };
-            let link = net.ensure_link_up(&self.cfg.interface, mtu).await?;
-            if !link.is_empty() {
-                tracing::info!(interface = %self.cfg.interface, mtu, "link set up");
-                report.link_changed = true;
+            // The routes are attempted even when the link step fails (the data
+            // plane not running yet): their blackhole backstops go in first and
+            // keep cluster traffic from leaving in plaintext meanwhile.
+            let link = net.ensure_link_up(&self.cfg.interface, mtu).await;
+            if let Ok(l) = &link {
+                if !l.is_empty() {
+                    tracing::info!(interface = %self.cfg.interface, mtu, "link set up");
+                    report.link_changed = true;
+                }
             }
             let routes: Vec<IpNet> = plan.routes.iter().map(|r| r.destination).collect();
-            let changes = net.ensure_routes(&self.cfg.interface, &routes).await?;
+            let changes = net.ensure_routes(&self.cfg.interface, &routes).await;
+            link?;
+            let changes = changes?;
             if !changes.is_empty() {
                 tracing::info!(interface = %self.cfg.interface, %changes, "routes updated");
             }

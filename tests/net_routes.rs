@@ -1,5 +1,6 @@
 //! `wgmesh::net` against a real kernel: links, MTU and the fail-closed cluster
-//! routes, each case inside a private network namespace. Needs root.
+//! routes (the device route and its blackhole backstop), each case inside a
+//! private network namespace. Needs root.
 //!
 //! The async code runs on a thread that first `setns`es into the case's
 //! namespace and then builds its own current-thread tokio runtime, so the
@@ -19,7 +20,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,10 +30,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_json::Value;
-use wgmesh::net::{Net, NetError, RouteConflict, ROUTE_PROTOCOL};
+use wgmesh::net::{ClusterRoute, Net, NetError, RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL};
 
 const WG: &str = "wgm0";
 const OTHER: &str = "other0";
+/// The underlay of the fail-closed case, holding the default routes.
+const UNDERLAY: &str = "up0";
 const OUR_PROTO: &str = "87";
 
 // ---- the cases ------------------------------------------------------------
@@ -104,18 +107,23 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         let other_index = net.link_index(OTHER).await.unwrap();
 
         // The kernel refuses routes through a down device: a clear error.
-        let err = net.ensure_routes(WG, &[v4]).await.unwrap_err();
+        // The backstops went in before it, so the CIDRs are closed already.
+        let wanted = [v4, v6, contested];
+        let err = net.ensure_routes(WG, &wanted).await.unwrap_err();
         assert!(
             err.to_string().starts_with(&format!(
                 "adding route {v4} dev {WG} proto {ROUTE_PROTOCOL}"
             )),
             "{err}"
         );
+        ns.assert_ours_exactly(&[], &[v4, v6]);
         net.ensure_link_up(WG, 1420).await.unwrap();
 
-        let wanted = [v4, v6, contested];
         let changes = net.ensure_routes(WG, &wanted).await.unwrap();
-        assert_eq!(changes.added, vec![v4, v6]);
+        assert_eq!(
+            changes.added,
+            vec![ClusterRoute::device(v4), ClusterRoute::device(v6)]
+        );
         assert!(changes.replaced.is_empty() && changes.removed.is_empty());
         let conflict = RouteConflict {
             destination: contested,
@@ -147,17 +155,31 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         let monitor = Monitor::start(&ns);
         let healed = net.ensure_routes(WG, &wanted).await.unwrap();
         let written = monitor.ours_between_markers(&ns);
-        assert_eq!(healed.added, vec![v4]);
+        assert_eq!(healed.added, vec![ClusterRoute::device(v4)]);
         assert_eq!(written.len(), 1, "{written:?}");
         assert!(
             written[0].starts_with(&format!("{v4} dev {WG}")),
             "{written:?}"
         );
         ns.assert_ours(&[v4, v6]);
+        // So is a backstop, alone.
+        ns.ip(&format!(
+            "-6 route del blackhole {v6} metric {BACKSTOP_METRIC} proto {OUR_PROTO}"
+        ));
+        let monitor = Monitor::start(&ns);
+        let healed = net.ensure_routes(WG, &wanted).await.unwrap();
+        let written = monitor.ours_between_markers(&ns);
+        assert_eq!(healed.added, vec![ClusterRoute::backstop(v6)]);
+        assert_eq!(written.len(), 1, "{written:?}");
+        assert!(is_backstop_line(&written[0], v6), "{written:?}");
+        ns.assert_ours(&[v4, v6]);
 
-        // A CIDR leaves the wanted set: only our route goes.
+        // A CIDR leaves the wanted set: only our two routes go.
         let changes = net.ensure_routes(WG, &[v6, contested]).await.unwrap();
-        assert_eq!(changes.removed, vec![v4]);
+        assert_eq!(
+            changes.removed,
+            vec![ClusterRoute::device(v4), ClusterRoute::backstop(v4)]
+        );
         assert!(changes.added.is_empty() && changes.replaced.is_empty());
         assert_eq!(changes.conflicts, vec![conflict]);
         ns.assert_ours(&[v6]);
@@ -169,13 +191,23 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
             "route add {moved} dev {OTHER} proto {OUR_PROTO} scope link"
         ));
         let changes = net.ensure_routes(WG, &[v6, moved]).await.unwrap();
-        assert_eq!(changes.replaced, vec![moved]);
-        assert!(changes.added.is_empty() && changes.removed.is_empty());
+        assert_eq!(changes.replaced, vec![ClusterRoute::device(moved)]);
+        assert_eq!(changes.added, vec![ClusterRoute::backstop(moved)]);
+        assert!(changes.removed.is_empty());
         ns.assert_ours(&[moved, v6]);
 
-        // Nothing wanted: all of ours go, every foreign route stays.
+        // Nothing wanted: all of ours go, backstops last, every foreign
+        // route stays.
         let changes = net.ensure_routes(WG, &[]).await.unwrap();
-        assert_eq!(changes.removed, vec![moved, v6]);
+        assert_eq!(
+            changes.removed,
+            vec![
+                ClusterRoute::device(moved),
+                ClusterRoute::device(v6),
+                ClusterRoute::backstop(moved),
+                ClusterRoute::backstop(v6),
+            ]
+        );
         assert!(changes.conflicts.is_empty());
         ns.assert_ours(&[]);
         ns.assert_survived(&foreign_before);
@@ -188,6 +220,118 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         ));
     });
     eprintln!("ok cluster_routes_are_ours_and_foreign_routes_are_never_touched ({link} links)");
+}
+
+#[test]
+fn cluster_traffic_fails_closed_when_the_interface_goes_away() {
+    let Some(ns) = Netns::create("failclosed") else {
+        return;
+    };
+    ns.ip("link set lo up");
+    // An underlay with a default route per family: without routes of ours,
+    // cluster traffic would leave through it in plaintext.
+    ns.ip(&format!(
+        "link add {UNDERLAY} type veth peer name {UNDERLAY}p"
+    ));
+    ns.ip(&format!("link set {UNDERLAY}p up"));
+    ns.ip(&format!("link set {UNDERLAY} up"));
+    ns.ip(&format!("addr add 192.0.2.1/24 dev {UNDERLAY}"));
+    ns.ip(&format!("route add default via 192.0.2.2 dev {UNDERLAY}"));
+    ns.ip(&format!("-6 addr add 2001:db8::1/64 dev {UNDERLAY} nodad"));
+    ns.ip(&format!(
+        "-6 route add default via 2001:db8::2 dev {UNDERLAY}"
+    ));
+    let link = ns.add_link(WG);
+
+    ns.run(|ns| async move {
+        let net = Net::connect().expect("connect");
+        let v4: IpNet = "10.99.0.0/16".parse().unwrap();
+        let v6: IpNet = "fd00:99::/48".parse().unwrap();
+        let pods = ["10.99.3.4", "fd00:99::3:4"];
+        for pod in pods {
+            ns.assert_leaves_through(pod, UNDERLAY);
+        }
+
+        net.ensure_link_up(WG, 1420).await.unwrap();
+        let changes = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        assert_eq!(
+            changes.added,
+            vec![
+                ClusterRoute::backstop(v4),
+                ClusterRoute::backstop(v6),
+                ClusterRoute::device(v4),
+                ClusterRoute::device(v6),
+            ]
+        );
+        assert_eq!(
+            changes.to_string(),
+            "added 4 (2 backstops), replaced 0, removed 0, conflicts 0"
+        );
+        ns.assert_ours(&[v4, v6]);
+        for pod in pods {
+            ns.assert_leaves_through(pod, WG);
+        }
+
+        // The data plane exits and its TUN device vanishes: the kernel
+        // takes the device routes with it, the backstops stay, and cluster
+        // traffic is dropped here instead of taking the default route.
+        ns.ip(&format!("link del {WG}"));
+        ns.assert_ours_exactly(&[], &[v4, v6]);
+        for pod in pods {
+            ns.assert_dropped(pod);
+        }
+        assert!(matches!(
+            net.ensure_routes(WG, &[v4, v6]).await,
+            Err(NetError::LinkNotFound { .. })
+        ));
+        ns.assert_ours_exactly(&[], &[v4, v6]);
+
+        // A new device (a new index): the device routes come back, the
+        // backstops are neither duplicated nor rewritten.
+        ns.add_link(WG);
+        net.ensure_link_up(WG, 1420).await.unwrap();
+        let monitor = Monitor::start(&ns);
+        let changes = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        let written = monitor.ours_between_markers(&ns);
+        assert_eq!(
+            changes.added,
+            vec![ClusterRoute::device(v4), ClusterRoute::device(v6)]
+        );
+        assert!(changes.replaced.is_empty() && changes.removed.is_empty());
+        assert_eq!(written.len(), 2, "{written:?}");
+        assert!(
+            [v4, v6]
+                .iter()
+                .all(|&cidr| written.iter().all(|l| !is_backstop_line(l, cidr))),
+            "{written:?}"
+        );
+        ns.assert_ours(&[v4, v6]);
+        for pod in pods {
+            ns.assert_leaves_through(pod, WG);
+        }
+
+        // The device merely going down flushes its routes just the same.
+        ns.ip(&format!("link set {WG} down"));
+        ns.assert_ours_exactly(&[], &[v4, v6]);
+        for pod in pods {
+            ns.assert_dropped(pod);
+        }
+        net.ensure_link_up(WG, 1420).await.unwrap();
+        let changes = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        assert_eq!(
+            changes.added,
+            vec![ClusterRoute::device(v4), ClusterRoute::device(v6)]
+        );
+        ns.assert_ours(&[v4, v6]);
+
+        // Steady state again.
+        let monitor = Monitor::start(&ns);
+        let again = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        let written = monitor.ours_between_markers(&ns);
+        assert!(again.is_empty(), "{again:?}");
+        assert!(written.is_empty(), "steady state wrote: {written:?}");
+    });
+    eprintln!("ok cluster_traffic_fails_closed_when_the_interface_goes_away ({link} link)");
 }
 
 #[test]
@@ -397,26 +541,91 @@ impl Ns {
         );
     }
 
-    /// Our routes are exactly `expected`, each `dev wgm0`, unicast, scope
-    /// link on IPv4.
+    /// Our routes are exactly the device route and the backstop of each
+    /// CIDR in `expected`.
     fn assert_ours(&self, expected: &[IpNet]) {
+        self.assert_ours_exactly(expected, expected);
+    }
+
+    /// Our routes are exactly a device route per CIDR in `device` (`dev
+    /// wgm0`, unicast, scope link on IPv4, the default metric) and a backstop
+    /// per CIDR in `backstop` (blackhole, metric 4096; on IPv6 the kernel
+    /// shows it on `lo`).
+    fn assert_ours_exactly(&self, device: &[IpNet], backstop: &[IpNet]) {
         let routes = self.routes();
         let ours: Vec<&Value> = routes
             .iter()
             .filter(|r| r["protocol"] == OUR_PROTO)
             .collect();
-        let mut dsts: Vec<String> = ours.iter().map(|r| s(&r["dst"])).collect();
-        dsts.sort();
-        let mut want: Vec<String> = expected.iter().map(IpNet::to_string).collect();
-        want.sort();
-        assert_eq!(dsts, want, "our routes: {ours:?}");
-        for r in ours {
+        // With -N, iproute2 shows the type by number (RTN_BLACKHOLE = 6).
+        let (blackholes, devices): (Vec<&Value>, Vec<&Value>) = ours
+            .iter()
+            .partition(|r| r["type"] == "blackhole" || r["type"] == "6");
+        let sorted = |routes: &[&Value]| {
+            let mut dsts: Vec<String> = routes.iter().map(|r| s(&r["dst"])).collect();
+            dsts.sort();
+            dsts
+        };
+        let want = |nets: &[IpNet]| {
+            let mut want: Vec<String> = nets.iter().map(IpNet::to_string).collect();
+            want.sort();
+            want
+        };
+        assert_eq!(sorted(&devices), want(device), "our routes: {ours:?}");
+        assert_eq!(sorted(&blackholes), want(backstop), "our routes: {ours:?}");
+        for r in devices {
+            let v6 = s(&r["dst"]).contains(':');
             assert_eq!(r["dev"], WG, "{r}");
             assert!(r.get("gateway").is_none() && r.get("type").is_none(), "{r}");
-            if !s(&r["dst"]).contains(':') {
+            if v6 {
+                assert_eq!(r["metric"], 1024, "{r}");
+            } else {
                 assert_eq!(r["scope"], "253", "scope link: {r}");
+                assert!(r.get("metric").is_none(), "{r}");
             }
         }
+        for r in blackholes {
+            let v6 = s(&r["dst"]).contains(':');
+            assert_eq!(r["metric"], BACKSTOP_METRIC, "{r}");
+            assert!(r.get("gateway").is_none(), "{r}");
+            if v6 {
+                assert_eq!(r["dev"], "lo", "{r}");
+            } else {
+                assert!(r.get("dev").is_none() && r.get("scope").is_none(), "{r}");
+            }
+        }
+    }
+
+    /// `ip route get addr` answers with a route out of `dev`.
+    fn assert_leaves_through(&self, addr: &str, dev: &str) {
+        let out = self
+            .try_ip(&format!("route get {addr}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.contains(&format!(" dev {dev} ")), "{addr}: {out}");
+    }
+
+    /// Traffic to `addr` is dropped here: the lookup ends at a blackhole
+    /// (iproute2 prints it, or the kernel answers EINVAL, depending on the
+    /// version), and a datagram to it is refused at `sendto` instead of
+    /// leaving. Must run on the namespace's thread (the socket is opened
+    /// in the calling thread's namespace).
+    fn assert_dropped(&self, addr: &str) {
+        match self.try_ip(&format!("route get {addr}")) {
+            Ok(out) => assert!(out.starts_with("blackhole"), "{addr} is routed: {out}"),
+            Err(e) => assert!(e.contains("Invalid argument"), "{addr}: {e}"),
+        }
+        let ip: IpAddr = addr.parse().unwrap();
+        let any: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .unwrap();
+        let socket = UdpSocket::bind(any).expect("bind");
+        let err = socket
+            .send_to(b"plaintext?", (ip, 9))
+            .expect_err("a datagram to a cluster address was sent");
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENETUNREACH)),
+            "{addr}: {err}"
+        );
     }
 }
 
@@ -470,6 +679,19 @@ fn ip(a: &str) -> IpAddr {
 
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_owned()
+}
+
+/// Whether an `ip -N monitor route` line is about the backstop of `cidr`
+/// (with -N the type shows as a number: `6 fd00:99::/48 dev lo proto 87
+/// metric 4096`).
+fn is_backstop_line(line: &str, cidr: IpNet) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let dst = cidr.to_string();
+    words.iter().position(|w| *w == dst).is_some_and(|i| {
+        i > 0
+            && matches!(words[i - 1], "blackhole" | "6")
+            && line.contains(&format!(" metric {BACKSTOP_METRIC}"))
+    })
 }
 
 fn has_flag(link: &Value, flag: &str) -> bool {

@@ -4,13 +4,18 @@
 //! Every operation reads first and writes only the difference, so an agent
 //! that reconciles every few seconds makes no netlink writes in steady state.
 //!
-//! Fail closed: each cluster pod CIDR gets one route in the main table to the
+//! Fail closed: each cluster pod CIDR gets a route in the main table to the
 //! WireGuard interface. Traffic to a pod on a node that has no valid peer then
 //! enters WireGuard, finds no peer whose allowed IPs cover it and is dropped,
 //! instead of following the default route out of the underlay in plaintext.
 //! The kernel flushes a device's routes when the device goes down or
-//! disappears, so the agent must call [`Net::ensure_link_up`] and then
-//! [`Net::ensure_routes`] on every reconcile, not only at start.
+//! disappears (the userspace data plane exits and its TUN device with it), so
+//! each CIDR also gets a backstop, `blackhole <cidr> metric 4096`
+//! ([`BACKSTOP_METRIC`]), which belongs to no device and stays: while the
+//! interface is gone, cluster traffic is dropped locally (EINVAL to the
+//! sender) rather than leaked. The agent still calls [`Net::ensure_link_up`]
+//! and then [`Net::ensure_routes`] on every reconcile, not only at start, to
+//! put the device route back.
 //!
 //! Ownership: wgmesh marks the routes it creates with [`ROUTE_PROTOCOL`] and
 //! never deletes or modifies a route of any other protocol; see
@@ -45,6 +50,19 @@ use routes::RouteEntry;
 /// proto 87` lists exactly wgmesh's routes; operators may name it with a line
 /// `87 wgmesh` in `/etc/iproute2/rt_protos.d/wgmesh.conf`.
 pub const ROUTE_PROTOCOL: u8 = 87;
+
+/// The metric of the backstop, `blackhole <cidr> metric 4096 proto 87`, that
+/// sits under every cluster CIDR's device route.
+///
+/// Among routes to the same prefix the kernel uses the one with the lowest
+/// metric, so the backstop must be higher than the device route's (0 on
+/// IPv4, 1024 on IPv6: the kernel's defaults, which wgmesh leaves in place):
+/// lower, and it would drop all cluster traffic even with the interface up;
+/// equal, and it would be the same slot, which holds one route. 4096 is
+/// above both defaults and above the small metrics that DHCP clients and
+/// routing daemons use, and says nothing else: it only ever matters once the
+/// device route is gone.
+pub const BACKSTOP_METRIC: u32 = 4096;
 
 /// What WireGuard adds to every packet in the worst case: an outer IPv6
 /// header (40), UDP (8) and the data message header and tag (16 + 16).
@@ -85,6 +103,15 @@ pub enum NetError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error(
+        "{op} route blackhole {destination} metric {BACKSTOP_METRIC} proto {ROUTE_PROTOCOL}: {source}"
+    )]
+    Backstop {
+        op: &'static str,
+        destination: IpNet,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
     #[error("listing the {family} routes of the main table: {source}")]
     RouteDump {
         family: &'static str,
@@ -122,6 +149,7 @@ impl NetError {
         match self {
             NetError::Link { source, .. }
             | NetError::Route { source, .. }
+            | NetError::Backstop { source, .. }
             | NetError::RouteDump { source, .. }
             | NetError::RouteGet { source, .. }
             | NetError::UnderlayLink { source, .. }
@@ -154,17 +182,65 @@ impl LinkChange {
     }
 }
 
-/// What [`Net::ensure_routes`] did, for the agent's logs and metrics.
+/// Which of its two routes per cluster CIDR wgmesh means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    /// `<cidr> dev <interface> proto 87` at the kernel's default metric:
+    /// cluster traffic goes into WireGuard.
+    Device,
+    /// `blackhole <cidr> metric 4096 proto 87`: drops cluster traffic while
+    /// the device route is missing (see [`BACKSTOP_METRIC`]).
+    Backstop,
+}
+
+/// One route of ours: a cluster CIDR and which of its two routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClusterRoute {
+    pub destination: IpNet,
+    pub kind: RouteKind,
+}
+
+impl ClusterRoute {
+    pub fn device(destination: IpNet) -> ClusterRoute {
+        ClusterRoute {
+            destination,
+            kind: RouteKind::Device,
+        }
+    }
+
+    pub fn backstop(destination: IpNet) -> ClusterRoute {
+        ClusterRoute {
+            destination,
+            kind: RouteKind::Backstop,
+        }
+    }
+}
+
+impl fmt::Display for ClusterRoute {
+    /// `10.244.0.0/16` or `blackhole 10.244.0.0/16 metric 4096`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            RouteKind::Device => write!(f, "{}", self.destination),
+            RouteKind::Backstop => {
+                write!(f, "blackhole {} metric {BACKSTOP_METRIC}", self.destination)
+            }
+        }
+    }
+}
+
+/// What [`Net::ensure_routes`] did, for the agent's logs and metrics. Each
+/// list holds device routes and backstops alike, one entry per route.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteChanges {
     /// Routes created.
-    pub added: Vec<IpNet>,
-    /// Routes of ours that pointed elsewhere (another interface, scope or
-    /// type) and were replaced in place, atomically.
-    pub replaced: Vec<IpNet>,
-    /// Destinations whose route of ours was deleted: no longer wanted, or a
-    /// leftover beside the right one.
-    pub removed: Vec<IpNet>,
+    pub added: Vec<ClusterRoute>,
+    /// Routes of ours that were not what they should be (another interface,
+    /// scope or type) and were replaced in place, atomically.
+    pub replaced: Vec<ClusterRoute>,
+    /// Routes of ours deleted: no longer wanted, or a leftover beside the
+    /// right one. A route that sat in the backstop's metric slot is reported
+    /// as a backstop, anything else as a device route.
+    pub removed: Vec<ClusterRoute>,
     /// Foreign routes (another protocol) at a wanted destination. wgmesh
     /// writes nothing at such a destination; someone has to resolve it.
     /// Reported on every call for as long as the conflict lasts.
@@ -179,14 +255,26 @@ impl RouteChanges {
 }
 
 impl fmt::Display for RouteChanges {
-    /// `added 1, replaced 0, removed 0, conflicts 1`.
+    /// `added 4 (2 backstops), replaced 1, removed 0, conflicts 1`: counts
+    /// of routes, naming how many of them are backstops when any are.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn count(routes: &[ClusterRoute]) -> String {
+            let backstops = routes
+                .iter()
+                .filter(|r| r.kind == RouteKind::Backstop)
+                .count();
+            match backstops {
+                0 => routes.len().to_string(),
+                1 => format!("{} (1 backstop)", routes.len()),
+                n => format!("{} ({n} backstops)", routes.len()),
+            }
+        }
         write!(
             f,
             "added {}, replaced {}, removed {}, conflicts {}",
-            self.added.len(),
-            self.replaced.len(),
-            self.removed.len(),
+            count(&self.added),
+            count(&self.replaced),
+            count(&self.removed),
             self.conflicts.len()
         )
     }
@@ -419,23 +507,35 @@ impl Net {
             .collect())
     }
 
-    /// Makes the main table hold exactly one route of ours per CIDR in
-    /// `cidrs` (IPv4 and/or IPv6; host bits are ignored): unicast, scope
-    /// link, `dev interface`, protocol [`ROUTE_PROTOCOL`].
+    /// Makes the main table hold exactly two routes of ours per CIDR in
+    /// `cidrs` (IPv4 and/or IPv6; host bits are ignored), both protocol
+    /// [`ROUTE_PROTOCOL`]:
     ///
-    /// - a missing route is added;
-    /// - a route of ours to a wanted destination that points elsewhere is
-    ///   replaced in place (atomic, so the destination never falls through
-    ///   to the default route meanwhile);
-    /// - routes of ours to destinations no longer wanted are deleted;
+    /// - the device route: unicast, scope link, `dev interface`, the
+    ///   kernel's default metric;
+    /// - the backstop: `blackhole`, metric [`BACKSTOP_METRIC`], no device,
+    ///   so it survives the interface and drops cluster traffic while the
+    ///   device route is gone.
+    ///
+    /// The rules:
+    ///
+    /// - a missing route is added (backstops first);
+    /// - a route of ours in a wanted route's metric slot that is not that
+    ///   route (another interface, scope, type) is replaced in place
+    ///   (atomic, so the destination never falls through meanwhile);
+    /// - routes of ours to destinations no longer wanted, and leftovers
+    ///   beside the right ones, are deleted (backstops last);
     /// - a route of another protocol is never deleted or modified. If one
-    ///   exists at a wanted destination, that destination is left entirely
-    ///   alone and reported in [`RouteChanges::conflicts`].
+    ///   exists at a wanted destination, whatever its metric, that
+    ///   destination is left entirely alone and reported in
+    ///   [`RouteChanges::conflicts`].
     ///
     /// Reads both families' main table once and writes nothing when all is
     /// in place. The interface must be up (the kernel refuses routes through
-    /// a down device, and flushes them when it goes down). Stops at the
-    /// first failed write; the next call picks up from whatever was applied.
+    /// a down device, and flushes them when it goes down); the backstops are
+    /// written before the device routes, so they are in place even when the
+    /// device route then fails. Stops at the first failed write; the next
+    /// call picks up from whatever was applied.
     pub async fn ensure_routes(&self, interface: &str, cidrs: &[IpNet]) -> Result<RouteChanges> {
         let oif = self
             .link_index(interface)
@@ -445,12 +545,19 @@ impl Net {
             })?;
         let existing = self.main_table().await?;
         let plan = routes::plan(&existing, cidrs, oif);
-        let route_error = |op, destination| {
-            move |source| NetError::Route {
-                op,
-                destination,
-                interface: interface.to_owned(),
-                source: Box::new(source),
+        let route_error = |op, route: ClusterRoute| {
+            move |source| match route.kind {
+                RouteKind::Device => NetError::Route {
+                    op,
+                    destination: route.destination,
+                    interface: interface.to_owned(),
+                    source: Box::new(source),
+                },
+                RouteKind::Backstop => NetError::Backstop {
+                    op,
+                    destination: route.destination,
+                    source: Box::new(source),
+                },
             }
         };
         let mut changes = RouteChanges {
@@ -461,33 +568,36 @@ impl Net {
             return Ok(changes);
         }
 
-        for destination in plan.add {
+        for route in plan.add {
             self.handle
                 .route()
-                .add(routes::add_message(destination, oif))
+                .add(routes::add_message(route, oif))
                 .execute()
                 .await
-                .map_err(route_error("adding", destination))?;
-            tracing::debug!(%destination, interface, "added route");
-            changes.added.push(destination);
+                .map_err(route_error("adding", route))?;
+            tracing::debug!(%route, interface, "added route");
+            changes.added.push(route);
         }
-        for destination in plan.replace {
+        for route in plan.replace {
             self.handle
                 .route()
-                .add(routes::add_message(destination, oif))
+                .add(routes::add_message(route, oif))
                 .replace()
                 .execute()
                 .await
-                .map_err(route_error("replacing", destination))?;
-            tracing::debug!(%destination, interface, "replaced route");
-            changes.replaced.push(destination);
+                .map_err(route_error("replacing", route))?;
+            tracing::debug!(%route, interface, "replaced route");
+            changes.replaced.push(route);
         }
-        for route in plan.delete {
-            let destination = route.destination;
+        for entry in plan.delete {
+            let route = ClusterRoute {
+                destination: entry.destination,
+                kind: entry.role(),
+            };
             match self
                 .handle
                 .route()
-                .del(routes::delete_message(&route))
+                .del(routes::delete_message(&entry))
                 .execute()
                 .await
             {
@@ -495,10 +605,10 @@ impl Net {
                 // Gone already (its device went away, or someone removed it
                 // after our dump): the outcome we wanted.
                 Err(e) if errno(&e) == Some(libc::ESRCH) => continue,
-                Err(e) => return Err(route_error("deleting", destination)(e)),
+                Err(e) => return Err(route_error("deleting", route)(e)),
             }
-            tracing::debug!(%destination, "deleted route");
-            changes.removed.push(destination);
+            tracing::debug!(%route, "deleted route");
+            changes.removed.push(route);
         }
         Ok(changes)
     }
@@ -660,6 +770,16 @@ mod tests {
             s.starts_with("adding route 10.244.0.0/16 dev wgmesh0 proto 87"),
             "{s}"
         );
+        let e = NetError::Backstop {
+            op: "deleting",
+            destination: "fd00::/48".parse().unwrap(),
+            source: Box::new(rtnetlink::Error::RequestFailed),
+        };
+        let s = e.to_string();
+        assert!(
+            s.starts_with("deleting route blackhole fd00::/48 metric 4096 proto 87"),
+            "{s}"
+        );
         let e = NetError::Link {
             op: "setting MTU 1420 and bringing up".into(),
             name: "wgmesh0".into(),
@@ -684,8 +804,10 @@ mod tests {
             ..c
         };
         assert_eq!(c.to_string(), "10.244.0.0/16 proto 200");
+        let v4: IpNet = "10.244.0.0/16".parse().unwrap();
+        let v6: IpNet = "fd00::/48".parse().unwrap();
         let changes = RouteChanges {
-            added: vec!["10.244.0.0/16".parse().unwrap()],
+            added: vec![ClusterRoute::device(v4)],
             conflicts: vec![c],
             ..Default::default()
         };
@@ -694,6 +816,31 @@ mod tests {
             "added 1, replaced 0, removed 0, conflicts 1"
         );
         assert!(!changes.is_empty());
+        let changes = RouteChanges {
+            added: vec![
+                ClusterRoute::backstop(v4),
+                ClusterRoute::backstop(v6),
+                ClusterRoute::device(v4),
+                ClusterRoute::device(v6),
+            ],
+            replaced: vec![ClusterRoute::device(v4)],
+            removed: vec![ClusterRoute::device(v6), ClusterRoute::backstop(v6)],
+            conflicts: vec![],
+        };
+        assert_eq!(
+            changes.to_string(),
+            "added 4 (2 backstops), replaced 1, removed 2 (1 backstop), conflicts 0"
+        );
+        assert_eq!(ClusterRoute::device(v4).to_string(), "10.244.0.0/16");
+        assert_eq!(
+            ClusterRoute::backstop(v6).to_string(),
+            "blackhole fd00::/48 metric 4096"
+        );
+        let backstops_only = RouteChanges {
+            added: vec![ClusterRoute::backstop(v4)],
+            ..Default::default()
+        };
+        assert!(!backstops_only.is_empty());
     }
 
     #[test]

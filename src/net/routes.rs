@@ -3,6 +3,16 @@
 //! the ownership rules (never touch a route of another protocol) are tested
 //! in memory; [`super::Net::ensure_routes`] only reads, calls [`plan`] and
 //! executes.
+//!
+//! Every wanted CIDR gets two routes of ours, each in its own "slot" (the
+//! kernel keys routes by destination, tos and metric, so a replace or an
+//! exclusive add only ever meets the route in the same slot):
+//!
+//! - the device route, `<cidr> dev <interface>`, in the kernel's default
+//!   slot (tos 0, metric 0 on IPv4, 1024 on IPv6);
+//! - the backstop, `blackhole <cidr> metric 4096`
+//!   ([`BACKSTOP_METRIC`]), which carries no device and so outlives the
+//!   interface.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,12 +23,15 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::AddressFamily;
 
-use super::{RouteConflict, ROUTE_PROTOCOL};
+use super::{ClusterRoute, RouteConflict, RouteKind, BACKSTOP_METRIC, ROUTE_PROTOCOL};
 
 /// The metric the kernel gives an IPv6 route added without one
 /// (`IP6_RT_PRIO_USER`). IPv4 routes default to 0, which the kernel does not
 /// even report.
 const IPV6_DEFAULT_METRIC: u32 = 1024;
+
+// The backstop must lose to the device route in both families.
+const _: () = assert!(BACKSTOP_METRIC > IPV6_DEFAULT_METRIC);
 
 /// One route of the main table, reduced to what the planner needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,29 +105,56 @@ impl RouteEntry {
     }
 
     /// Whether this is exactly the route [`add_message`] creates for its
-    /// destination and `oif`, as the kernel reports it back. Anything else of
-    /// ours at a wanted destination gets replaced.
-    fn is_exactly(&self, oif: u32) -> bool {
+    /// destination, `kind` and `oif`, as the kernel reports it back. Anything
+    /// else of ours at a wanted destination gets replaced or deleted.
+    fn is_exactly(&self, kind: RouteKind, oif: u32) -> bool {
         let v4 = self.destination.addr().is_ipv4();
-        self.is_ours()
-            && self.oif == Some(oif)
-            && !self.indirect
-            && self.kind == RouteType::Unicast
-            && self.tos == 0
-            && self.in_default_slot()
-            // The kernel always reports IPv6 routes as scope universe.
-            && (!v4 || self.scope == RouteScope::Link)
+        let shape = match kind {
+            RouteKind::Device => {
+                self.oif == Some(oif)
+                    && self.kind == RouteType::Unicast
+                    // The kernel always reports IPv6 routes as scope universe.
+                    && (!v4 || self.scope == RouteScope::Link)
+            }
+            // No device to compare: IPv4 reports none, IPv6 reports the
+            // loopback it hangs every reject route on.
+            RouteKind::Backstop => {
+                self.kind == RouteType::BlackHole && self.scope == RouteScope::Universe
+            }
+        };
+        self.is_ours() && !self.indirect && self.in_slot(kind) && shape
     }
 
-    /// Whether a replace of the default route for this destination would hit
+    /// Whether a replace of `kind`'s route for this destination would hit
     /// this one: the kernel keys routes by (destination, tos, metric).
-    fn in_default_slot(&self) -> bool {
-        let default = if self.destination.addr().is_ipv4() {
-            0
+    fn in_slot(&self, kind: RouteKind) -> bool {
+        let v4 = self.destination.addr().is_ipv4();
+        // IPv4 does not report a metric of 0.
+        let metric = self
+            .priority
+            .unwrap_or(if v4 { 0 } else { IPV6_DEFAULT_METRIC });
+        self.tos == 0 && metric == slot_metric(kind, v4)
+    }
+
+    /// What this route of ours is reported as when it goes: a backstop if it
+    /// sat in the backstop's slot, else a device route (including leftovers
+    /// of any other shape).
+    pub fn role(&self) -> RouteKind {
+        if self.in_slot(RouteKind::Backstop) {
+            RouteKind::Backstop
         } else {
-            IPV6_DEFAULT_METRIC
-        };
-        self.tos == 0 && self.priority.unwrap_or(default) == default
+            RouteKind::Device
+        }
+    }
+}
+
+/// The metric of `kind`'s slot: the kernel's default for the device route
+/// (we send none), [`BACKSTOP_METRIC`] for the backstop.
+fn slot_metric(kind: RouteKind, v4: bool) -> u32 {
+    match kind {
+        RouteKind::Device if v4 => 0,
+        RouteKind::Device => IPV6_DEFAULT_METRIC,
+        RouteKind::Backstop => BACKSTOP_METRIC,
     }
 }
 
@@ -122,14 +162,19 @@ impl RouteEntry {
 /// wants. Empty when everything is in place.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct RoutePlan {
-    /// Wanted destinations with no route at all: add ours (exclusive create).
-    pub add: Vec<IpNet>,
-    /// Wanted destinations where only a stale route of ours exists (another
+    /// Wanted routes whose slot is empty: add ours (exclusive create).
+    /// Backstops come first, so a destination is closed before anything else
+    /// is written.
+    pub add: Vec<ClusterRoute>,
+    /// Wanted routes whose slot holds only a stale route of ours (another
     /// interface, scope, type…): replace it atomically, so there is no
     /// instant in which the destination falls through to the default route.
-    pub replace: Vec<IpNet>,
+    /// Backstops first.
+    pub replace: Vec<ClusterRoute>,
     /// Routes of ours to delete: no longer wanted, or superfluous next to
-    /// the right one. Every one has `protocol == ROUTE_PROTOCOL`.
+    /// the right one. Every one has `protocol == ROUTE_PROTOCOL`. Backstop
+    /// slots come last, so a destination that is going away drops traffic
+    /// until its last route is gone rather than leaking it.
     pub delete: Vec<RouteEntry>,
     /// Foreign routes at wanted destinations; wgmesh writes nothing there.
     pub conflicts: Vec<RouteConflict>,
@@ -141,14 +186,25 @@ impl RoutePlan {
     }
 }
 
-/// Plans the main table: one route of ours per wanted CIDR, to `oif`.
+/// Plans the main table: per wanted CIDR, a device route of ours to `oif`
+/// and a backstop of ours.
 ///
 /// Ownership is by protocol number alone: a route whose protocol is not
 /// [`ROUTE_PROTOCOL`] is never deleted or replaced. A destination that
-/// already has a foreign route is hands-off entirely — even our own route
-/// there is left as it is — because on IPv4 a replace could hit the foreign
-/// route (same destination, tos and metric), and adding a second route there
-/// would only compete with whoever put it there. It is reported instead.
+/// already has a foreign route — of any type, at any metric — is hands-off
+/// entirely (neither route of ours is added, replaced or deleted there) and
+/// reported instead:
+///
+/// - in the device slot, a replace could hit the foreign route on IPv4;
+/// - at a lower metric it takes the traffic past WireGuard while it exists;
+/// - between the two of ours it takes the traffic whenever the device route
+///   is gone, which is the plaintext fallback the backstop exists to stop;
+/// - even above the backstop it is someone else's claim on the cluster
+///   CIDR, and routes added beside it would only compete with whoever put it
+///   there.
+///
+/// Only an operator can tell which of these is intended, so the metric does
+/// not matter: every foreign route at a wanted prefix is a conflict.
 pub(crate) fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> RoutePlan {
     // The kernel rejects host bits in a destination; compare canonical forms.
     let wanted: BTreeSet<IpNet> = wanted.iter().map(IpNet::trunc).collect();
@@ -171,25 +227,31 @@ pub(crate) fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> Route
             continue;
         }
         let ours: Vec<&RouteEntry> = at().collect();
-        if let Some(keep) = ours.iter().position(|r| r.is_exactly(oif)) {
-            plan.delete.extend(
-                ours.iter()
-                    .enumerate()
-                    .filter(|&(i, _)| i != keep)
-                    .map(|(_, r)| (*r).clone()),
-            );
-        } else if ours.is_empty() {
-            plan.add.push(destination);
-        } else {
-            plan.replace.push(destination);
-            // The replace lands in the default slot; ours in other slots
-            // would otherwise linger beside it.
-            plan.delete.extend(
-                ours.iter()
-                    .filter(|r| !r.in_default_slot())
-                    .map(|r| (*r).clone()),
-            );
+        // Per route of ours here: kept, or left to a replace of its slot.
+        let mut spared = vec![false; ours.len()];
+        for kind in [RouteKind::Backstop, RouteKind::Device] {
+            let route = ClusterRoute { destination, kind };
+            if let Some(keep) = ours.iter().position(|r| r.is_exactly(kind, oif)) {
+                // Anything else of ours in its slot is superfluous.
+                spared[keep] = true;
+            } else if ours.iter().any(|r| r.in_slot(kind)) {
+                // The replace overwrites one route of the slot. (Should
+                // there be several, the rest go on the next call, once one
+                // of them is exactly right.)
+                plan.replace.push(route);
+                for (i, r) in ours.iter().enumerate() {
+                    spared[i] |= r.in_slot(kind);
+                }
+            } else {
+                plan.add.push(route);
+            }
         }
+        plan.delete.extend(
+            ours.iter()
+                .zip(&spared)
+                .filter(|&(_, &spared)| !spared)
+                .map(|(r, _)| (*r).clone()),
+        );
     }
 
     plan.delete.extend(
@@ -198,27 +260,45 @@ pub(crate) fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> Route
             .filter(|r| r.is_ours() && !wanted.contains(&r.destination))
             .cloned(),
     );
+    // Stable sorts: destinations keep their order within each group.
+    plan.add.sort_by_key(|r| r.kind != RouteKind::Backstop);
+    plan.replace.sort_by_key(|r| r.kind != RouteKind::Backstop);
+    plan.delete.sort_by_key(|r| r.role() == RouteKind::Backstop);
     plan
 }
 
-/// The route wgmesh owns for `destination`: main table, unicast, `dev oif`,
-/// scope link (IPv4; the kernel has no scope for IPv6 routes), our protocol,
-/// the kernel's default metric.
-pub(crate) fn add_message(destination: IpNet, oif: u32) -> RouteMessage {
+/// The route wgmesh owns for `route`, main table, our protocol:
+///
+/// - [`RouteKind::Device`]: unicast, `dev oif`, scope link (IPv4; the kernel
+///   has no scope for IPv6 routes), the kernel's default metric;
+/// - [`RouteKind::Backstop`]: blackhole, no device, scope universe, metric
+///   [`BACKSTOP_METRIC`]. (`oif` is not used.)
+pub(crate) fn add_message(route: ClusterRoute, oif: u32) -> RouteMessage {
+    let ClusterRoute { destination, kind } = route;
     let mut msg = RouteMessage::default();
     let h = &mut msg.header;
     h.address_family = family(&destination);
     h.destination_prefix_length = destination.prefix_len();
     h.table = RouteHeader::RT_TABLE_MAIN;
     h.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
-    h.kind = RouteType::Unicast;
-    h.scope = match destination {
-        IpNet::V4(_) => RouteScope::Link,
-        IpNet::V6(_) => RouteScope::Universe,
-    };
     msg.attributes
         .push(RouteAttribute::Destination(destination.addr().into()));
-    msg.attributes.push(RouteAttribute::Oif(oif));
+    match kind {
+        RouteKind::Device => {
+            h.kind = RouteType::Unicast;
+            h.scope = match destination {
+                IpNet::V4(_) => RouteScope::Link,
+                IpNet::V6(_) => RouteScope::Universe,
+            };
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        RouteKind::Backstop => {
+            h.kind = RouteType::BlackHole;
+            h.scope = RouteScope::Universe;
+            msg.attributes
+                .push(RouteAttribute::Priority(BACKSTOP_METRIC));
+        }
+    }
     msg
 }
 
@@ -260,14 +340,34 @@ mod tests {
 
     const WG: u32 = 7;
     const OTHER: u32 = 3;
+    /// The loopback, which IPv6 reports as the device of reject routes.
+    const LO: u32 = 1;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
-    /// Our route as the kernel reports it back.
+    fn dev(dst: &str) -> ClusterRoute {
+        ClusterRoute::device(net(dst))
+    }
+
+    fn bk(dst: &str) -> ClusterRoute {
+        ClusterRoute::backstop(net(dst))
+    }
+
+    /// Our device route as the kernel reports it back.
     fn ours(dst: &str, oif: u32) -> RouteEntry {
-        RouteEntry::from_message(&dumped(add_message(net(dst), oif))).unwrap()
+        RouteEntry::from_message(&dumped(add_message(dev(dst), oif))).unwrap()
+    }
+
+    /// Our backstop as the kernel reports it back.
+    fn backstop(dst: &str) -> RouteEntry {
+        RouteEntry::from_message(&dumped(add_message(bk(dst), WG))).unwrap()
+    }
+
+    /// Both routes of ours for `dst`, device route to `oif`.
+    fn both(dst: &str, oif: u32) -> [RouteEntry; 2] {
+        [ours(dst, oif), backstop(dst)]
     }
 
     fn foreign(dst: &str, protocol: u8, oif: u32) -> RouteEntry {
@@ -277,50 +377,114 @@ mod tests {
         }
     }
 
-    /// What a dump adds to a route we sent: IPv6 gets the default metric
-    /// and scope universe; IPv4 keeps no metric attribute.
+    /// What a dump adds to a route we sent: IPv6 gets the default metric if
+    /// it had none, scope universe, and the loopback as the device of a
+    /// blackhole; IPv4 keeps no metric attribute of 0.
     fn dumped(mut msg: RouteMessage) -> RouteMessage {
         if msg.header.address_family == AddressFamily::Inet6 {
-            msg.attributes
-                .push(RouteAttribute::Priority(IPV6_DEFAULT_METRIC));
+            let has_metric = msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Priority(_)));
+            if !has_metric {
+                msg.attributes
+                    .push(RouteAttribute::Priority(IPV6_DEFAULT_METRIC));
+            }
+            if msg.header.kind == RouteType::BlackHole {
+                msg.attributes.push(RouteAttribute::Oif(LO));
+            }
             msg.header.scope = RouteScope::Universe;
         }
         msg.attributes.push(RouteAttribute::Table(254));
         msg
     }
 
+    fn with_metric(mut r: RouteEntry, metric: u32) -> RouteEntry {
+        r.priority = Some(metric);
+        r
+    }
+
     #[test]
-    fn adds_missing_routes_per_family() {
+    fn backstop_metric_is_above_every_default_slot() {
+        for v4 in [true, false] {
+            assert!(slot_metric(RouteKind::Backstop, v4) > slot_metric(RouteKind::Device, v4));
+        }
+    }
+
+    #[test]
+    fn adds_missing_routes_per_family_backstops_first() {
         let p = plan(&[], &[net("10.244.0.0/16"), net("fd00:244::/48")], WG);
-        assert_eq!(p.add, vec![net("10.244.0.0/16"), net("fd00:244::/48")]);
+        assert_eq!(
+            p.add,
+            vec![
+                bk("10.244.0.0/16"),
+                bk("fd00:244::/48"),
+                dev("10.244.0.0/16"),
+                dev("fd00:244::/48"),
+            ]
+        );
         assert!(p.replace.is_empty() && p.delete.is_empty() && p.conflicts.is_empty());
     }
 
     #[test]
     fn nothing_to_do_when_in_place() {
-        let existing = [
-            ours("10.244.0.0/16", WG),
-            ours("fd00:244::/48", WG),
+        let mut existing = vec![
             foreign("0.0.0.0/0", 4, OTHER),
             foreign("192.168.1.0/24", 2, OTHER),
         ];
+        existing.extend(both("10.244.0.0/16", WG));
+        existing.extend(both("fd00:244::/48", WG));
         let p = plan(&existing, &[net("10.244.0.0/16"), net("fd00:244::/48")], WG);
         assert!(p.is_empty(), "{p:?}");
         assert!(p.conflicts.is_empty());
     }
 
     #[test]
+    fn the_planner_recognises_what_the_kernel_reports() {
+        let v6 = backstop("fd00::/48");
+        assert_eq!(v6.oif, Some(LO));
+        assert_eq!(v6.priority, Some(BACKSTOP_METRIC));
+        assert!(v6.is_exactly(RouteKind::Backstop, WG));
+        assert!(!v6.is_exactly(RouteKind::Device, WG));
+        assert_eq!(v6.role(), RouteKind::Backstop);
+        let v4 = backstop("10.244.0.0/16");
+        assert_eq!(v4.oif, None);
+        assert!(v4.is_exactly(RouteKind::Backstop, WG));
+        let device = ours("10.244.0.0/16", WG);
+        assert!(device.is_exactly(RouteKind::Device, WG));
+        assert!(!device.is_exactly(RouteKind::Backstop, WG));
+        assert_eq!(device.role(), RouteKind::Device);
+    }
+
+    #[test]
     fn host_bits_and_duplicates_are_canonicalised() {
-        let existing = [ours("10.244.0.0/16", WG)];
+        let existing = both("10.244.0.0/16", WG);
         let p = plan(&existing, &[net("10.244.3.4/16"), net("10.244.0.0/16")], WG);
         assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]
-    fn our_route_to_another_interface_is_replaced() {
-        let existing = [ours("10.244.0.0/16", OTHER), ours("fd00::/48", OTHER)];
+    fn a_missing_half_is_added_alone() {
+        // The interface went away: the kernel flushed the device route, the
+        // backstop stayed. The device route comes back (to the new index),
+        // the backstop is not duplicated.
+        let existing = [backstop("10.244.0.0/16"), backstop("fd00::/48")];
+        let p = plan(&existing, &[net("10.244.0.0/16"), net("fd00::/48")], WG + 1);
+        assert_eq!(p.add, vec![dev("10.244.0.0/16"), dev("fd00::/48")]);
+        assert!(p.replace.is_empty() && p.delete.is_empty(), "{p:?}");
+        // An upgrade from a version without backstops.
+        let existing = [ours("10.244.0.0/16", WG), ours("fd00::/48", WG)];
         let p = plan(&existing, &[net("10.244.0.0/16"), net("fd00::/48")], WG);
-        assert_eq!(p.replace, vec![net("10.244.0.0/16"), net("fd00::/48")]);
+        assert_eq!(p.add, vec![bk("10.244.0.0/16"), bk("fd00::/48")]);
+        assert!(p.replace.is_empty() && p.delete.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn our_route_to_another_interface_is_replaced() {
+        let mut existing = vec![ours("10.244.0.0/16", OTHER), ours("fd00::/48", OTHER)];
+        existing.extend([backstop("10.244.0.0/16"), backstop("fd00::/48")]);
+        let p = plan(&existing, &[net("10.244.0.0/16"), net("fd00::/48")], WG);
+        assert_eq!(p.replace, vec![dev("10.244.0.0/16"), dev("fd00::/48")]);
         assert!(p.add.is_empty() && p.delete.is_empty());
     }
 
@@ -336,50 +500,111 @@ mod tests {
             &[net("10.244.0.0/16"), net("10.245.0.0/16")],
             WG,
         );
-        assert_eq!(p.replace, vec![net("10.244.0.0/16"), net("10.245.0.0/16")]);
+        // A blackhole in the device route's slot is no backstop.
+        assert_eq!(p.replace, vec![dev("10.244.0.0/16"), dev("10.245.0.0/16")]);
+        assert_eq!(p.add, vec![bk("10.244.0.0/16"), bk("10.245.0.0/16")]);
         assert!(p.delete.is_empty());
     }
 
     #[test]
-    fn ours_in_another_metric_slot_is_deleted_beside_the_replace() {
-        let mut other_metric = ours("10.244.0.0/16", OTHER);
-        other_metric.priority = Some(50);
-        let p = plan(
-            std::slice::from_ref(&other_metric),
-            &[net("10.244.0.0/16")],
-            WG,
+    fn our_stale_backstop_is_replaced_in_its_slot() {
+        // A unicast route of ours at the backstop's metric…
+        let unicast = with_metric(ours("10.244.0.0/16", OTHER), BACKSTOP_METRIC);
+        // …a blackhole of ours there with another scope…
+        let mut scope = backstop("10.245.0.0/16");
+        scope.scope = RouteScope::Link;
+        // …and an IPv6 prohibit route there.
+        let mut prohibit = backstop("fd00::/48");
+        prohibit.kind = RouteType::Prohibit;
+        let mut existing = vec![unicast, scope, prohibit];
+        existing.extend(["10.244.0.0/16", "10.245.0.0/16", "fd00::/48"].map(|d| ours(d, WG)));
+        let wanted = [net("10.244.0.0/16"), net("10.245.0.0/16"), net("fd00::/48")];
+        let p = plan(&existing, &wanted, WG);
+        assert_eq!(
+            p.replace,
+            vec![bk("10.244.0.0/16"), bk("10.245.0.0/16"), bk("fd00::/48")]
         );
-        assert_eq!(p.replace, vec![net("10.244.0.0/16")]);
+        assert!(p.add.is_empty() && p.delete.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn our_blackhole_at_another_metric_is_no_backstop() {
+        let low = with_metric(backstop("10.244.0.0/16"), 100);
+        let existing = [ours("10.244.0.0/16", WG), low.clone()];
+        let p = plan(&existing, &[net("10.244.0.0/16")], WG);
+        assert_eq!(p.add, vec![bk("10.244.0.0/16")]);
+        assert_eq!(p.delete, vec![low]);
+        assert!(p.replace.is_empty());
+    }
+
+    #[test]
+    fn ours_in_another_metric_slot_is_deleted_beside_the_replace() {
+        let other_metric = with_metric(ours("10.244.0.0/16", OTHER), 50);
+        let existing = [other_metric.clone(), backstop("10.244.0.0/16")];
+        let p = plan(&existing, &[net("10.244.0.0/16")], WG);
+        // Nothing of ours in the default slot: the device route is added.
+        assert_eq!(p.add, vec![dev("10.244.0.0/16")]);
+        assert_eq!(p.delete, vec![other_metric.clone()]);
+
+        let existing = [
+            other_metric.clone(),
+            ours("10.244.0.0/16", OTHER),
+            backstop("10.244.0.0/16"),
+        ];
+        let p = plan(&existing, &[net("10.244.0.0/16")], WG);
+        assert_eq!(p.replace, vec![dev("10.244.0.0/16")]);
         assert_eq!(p.delete, vec![other_metric]);
+        assert!(p.add.is_empty());
     }
 
     #[test]
     fn superfluous_ours_beside_the_right_one_is_deleted() {
-        let mut extra = ours("10.244.0.0/16", OTHER);
-        extra.priority = Some(50);
-        let existing = [extra.clone(), ours("10.244.0.0/16", WG)];
+        let extra = with_metric(ours("10.244.0.0/16", OTHER), 50);
+        let mut existing = vec![extra.clone()];
+        existing.extend(both("10.244.0.0/16", WG));
+        let p = plan(&existing, &[net("10.244.0.0/16")], WG);
+        assert!(p.add.is_empty() && p.replace.is_empty());
+        assert_eq!(p.delete, vec![extra]);
+        // A second route of ours in the backstop's slot, beside the backstop.
+        let extra = with_metric(ours("10.244.0.0/16", OTHER), BACKSTOP_METRIC);
+        let mut existing = vec![extra.clone()];
+        existing.extend(both("10.244.0.0/16", WG));
         let p = plan(&existing, &[net("10.244.0.0/16")], WG);
         assert!(p.add.is_empty() && p.replace.is_empty());
         assert_eq!(p.delete, vec![extra]);
     }
 
     #[test]
-    fn unwanted_ours_is_deleted_foreign_never() {
-        let existing = [
-            ours("10.244.0.0/16", WG),
-            ours("fd00::/48", WG),
+    fn unwanted_ours_is_deleted_backstops_last_foreign_never() {
+        let mut existing = vec![
             foreign("10.96.0.0/12", 4, WG),
             foreign("fd01::/48", 3, WG),
             foreign("10.0.0.0/8", 186, OTHER),
+            // Someone's own blackhole is theirs.
+            RouteEntry {
+                protocol: 4,
+                ..backstop("10.1.0.0/16")
+            },
         ];
+        existing.extend(both("10.244.0.0/16", WG));
+        existing.extend(both("fd00::/48", WG));
         let p = plan(&existing, &[net("fd00::/48")], WG);
-        assert_eq!(p.delete, vec![ours("10.244.0.0/16", WG)]);
+        assert_eq!(
+            p.delete,
+            vec![ours("10.244.0.0/16", WG), backstop("10.244.0.0/16")]
+        );
         assert!(p.add.is_empty() && p.replace.is_empty() && p.conflicts.is_empty());
-        // With nothing wanted, all of ours go and only ours.
+        // With nothing wanted, all of ours go and only ours; every device
+        // route before any backstop, so nothing leaks in between.
         let p = plan(&existing, &[], WG);
         assert_eq!(
             p.delete,
-            vec![ours("10.244.0.0/16", WG), ours("fd00::/48", WG)]
+            vec![
+                ours("10.244.0.0/16", WG),
+                ours("fd00::/48", WG),
+                backstop("10.244.0.0/16"),
+                backstop("fd00::/48"),
+            ]
         );
         assert!(p.delete.iter().all(RouteEntry::is_ours));
     }
@@ -398,10 +623,11 @@ mod tests {
                 interface_index: Some(OTHER),
             }]
         );
-        // Beside a stale route of ours: no replace either (on IPv4 it could
-        // hit the foreign route).
+        // Beside stale routes of ours: no replace (on IPv4 it could hit the
+        // foreign route), no backstop, no delete.
         let existing = [
             ours("10.244.0.0/16", OTHER),
+            with_metric(backstop("10.244.0.0/16"), 100),
             foreign("10.244.0.0/16", 4, OTHER),
         ];
         let p = plan(&existing, &[net("10.244.0.0/16")], WG);
@@ -410,8 +636,37 @@ mod tests {
         // Same prefix length but another network is no conflict.
         let existing = [foreign("10.245.0.0/16", 4, OTHER)];
         let p = plan(&existing, &[net("10.244.0.0/16")], WG);
-        assert_eq!(p.add, vec![net("10.244.0.0/16")]);
+        assert_eq!(p.add, vec![bk("10.244.0.0/16"), dev("10.244.0.0/16")]);
         assert!(p.conflicts.is_empty());
+    }
+
+    #[test]
+    fn foreign_route_at_any_metric_is_a_conflict() {
+        for metric in [10, 2048, BACKSTOP_METRIC, 10_000] {
+            for dst in ["10.244.0.0/16", "fd00::/48"] {
+                let mut existing = vec![with_metric(foreign(dst, 16, OTHER), metric)];
+                existing.extend(both(dst, WG));
+                let p = plan(&existing, &[net(dst)], WG);
+                assert!(p.is_empty(), "metric {metric}: {p:?}");
+                assert_eq!(p.conflicts.len(), 1, "metric {metric}");
+            }
+        }
+        // A foreign blackhole (someone else's backstop) too, and ours is
+        // not added beside it.
+        let theirs = RouteEntry {
+            protocol: 4,
+            ..backstop("10.244.0.0/16")
+        };
+        let p = plan(&[theirs], &[net("10.244.0.0/16")], WG);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(
+            p.conflicts,
+            vec![RouteConflict {
+                destination: net("10.244.0.0/16"),
+                protocol: 4,
+                interface_index: None,
+            }]
+        );
     }
 
     #[test]
@@ -432,10 +687,10 @@ mod tests {
         assert_eq!(e.protocol, 16);
         assert!(e.indirect && !e.is_ours());
 
-        let mut local = add_message(net("10.1.2.3/32"), 1);
+        let mut local = add_message(dev("10.1.2.3/32"), 1);
         local.header.table = 255;
         assert!(RouteEntry::from_message(&local).is_none());
-        let mut high_table = add_message(net("10.1.2.3/32"), 1);
+        let mut high_table = add_message(dev("10.1.2.3/32"), 1);
         high_table.header.table = 252; // RT_TABLE_COMPAT: the id is in RTA_TABLE
         high_table.attributes.push(RouteAttribute::Table(1000));
         assert!(RouteEntry::from_message(&high_table).is_none());
@@ -443,11 +698,13 @@ mod tests {
 
     #[test]
     fn messages_carry_our_protocol() {
-        let add = add_message(net("10.244.0.0/16"), WG);
+        let add = add_message(dev("10.244.0.0/16"), WG);
         assert_eq!(u8::from(add.header.protocol), ROUTE_PROTOCOL);
+        assert_eq!(add.header.kind, RouteType::Unicast);
         assert_eq!(add.header.scope, RouteScope::Link);
         assert_eq!(add.header.destination_prefix_length, 16);
-        let add6 = add_message(net("fd00::/48"), WG);
+        assert!(add.attributes.contains(&RouteAttribute::Oif(WG)));
+        let add6 = add_message(dev("fd00::/48"), WG);
         assert_eq!(add6.header.address_family, AddressFamily::Inet6);
         assert_eq!(add6.header.scope, RouteScope::Universe);
 
@@ -458,5 +715,34 @@ mod tests {
             .attributes
             .contains(&RouteAttribute::Priority(IPV6_DEFAULT_METRIC)));
         assert!(del.attributes.contains(&RouteAttribute::Oif(WG)));
+    }
+
+    #[test]
+    fn backstop_messages_are_blackholes_without_a_device() {
+        for dst in ["10.244.0.0/16", "fd00::/48"] {
+            let add = add_message(bk(dst), WG);
+            assert_eq!(u8::from(add.header.protocol), ROUTE_PROTOCOL);
+            assert_eq!(add.header.kind, RouteType::BlackHole);
+            assert_eq!(add.header.scope, RouteScope::Universe);
+            assert_eq!(add.header.table, RouteHeader::RT_TABLE_MAIN);
+            assert!(add
+                .attributes
+                .contains(&RouteAttribute::Priority(BACKSTOP_METRIC)));
+            assert!(
+                !add.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(_))),
+                "{add:?}"
+            );
+
+            // The delete names the type and metric, so it cannot hit the
+            // device route at the same destination.
+            let del = delete_message(&backstop(dst));
+            assert_eq!(u8::from(del.header.protocol), ROUTE_PROTOCOL);
+            assert_eq!(del.header.kind, RouteType::BlackHole);
+            assert!(del
+                .attributes
+                .contains(&RouteAttribute::Priority(BACKSTOP_METRIC)));
+        }
     }
 }
