@@ -32,7 +32,8 @@ use crate::keys::PrivateKey;
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
 use crate::net::Net;
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
-use crate::wg::uapi::UapiBackend;
+use crate::telemetry::{self, PassState, RejectedView, Telemetry};
+use crate::wg::kernel::{select_backend, BackendKind};
 use crate::wg::{self, Backend, LocalDevice};
 
 /// The tunnel MTU when the underlay's is unknown: 1500 − 80.
@@ -60,6 +61,14 @@ pub struct AgentConfig {
     pub debounce: Duration,
     /// Re-check the device this often even without Node events (drift).
     pub resync: Duration,
+    /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Kernel WireGuard, the UAPI socket, or whichever is available.
+    pub backend: BackendKind,
+    /// Where to write the CNI conflist; `None`: do not write one.
+    pub cni_dir: Option<PathBuf>,
+    /// Replace a conflist of the same name that wgmesh did not write.
+    pub cni_overwrite: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +87,8 @@ pub enum AgentError {
     NoEndpoint,
     #[error("the Node watch ended")]
     WatchEnded,
+    #[error("CNI config: {0}")]
+    Cni(#[from] crate::cni::CniError),
     #[error("internal: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error("cannot install the SIGTERM handler: {0}")]
@@ -96,6 +107,7 @@ pub struct PassReport {
     pub device_changes: usize,
     pub link_changed: bool,
     pub routes_changed: usize,
+    pub cni_written: bool,
 }
 
 impl PassReport {
@@ -106,6 +118,7 @@ impl PassReport {
             || self.device_changes > 0
             || self.link_changed
             || self.routes_changed > 0
+            || self.cni_written
     }
 }
 
@@ -124,14 +137,17 @@ pub struct Agent {
     last_endpoint: Option<SocketAddr>,
     last_mtu: Option<u16>,
     announced_key: bool,
+    telemetry: Telemetry,
+    warned_foreign_cni: bool,
 }
 
 impl Agent {
     /// Opens (or creates) the key store and connects to the device (over its
     /// UAPI socket) and netlink.
     pub async fn new(cfg: AgentConfig, client: Client) -> Result<Self> {
-        let backend = UapiBackend::for_interface(&cfg.uapi_dir, &cfg.interface);
-        Self::with_backend(cfg, client, Arc::new(std::sync::Mutex::new(backend))).await
+        let (backend, reason) = select_backend(cfg.backend, &cfg.interface, &cfg.uapi_dir).await?;
+        tracing::info!(%reason, "backend selected");
+        Self::with_backend(cfg, client, backend).await
     }
 
     /// As [`Agent::new`], with any backend (tests use the in-memory one).
@@ -177,11 +193,39 @@ impl Agent {
             last_endpoint: None,
             last_mtu: None,
             announced_key: false,
+            telemetry: Telemetry::new(),
+            warned_foreign_cni: false,
         })
+    }
+
+    /// The agent's metrics and health.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// The device, for live statistics.
+    pub fn backend(&self) -> SharedBackend {
+        self.backend.clone()
     }
 
     /// One reconcile pass over `nodes` (every Node in the cluster).
     pub async fn pass(&mut self, nodes: &[Arc<Node>]) -> Result<PassReport> {
+        let started = std::time::Instant::now();
+        let result = self.pass_inner(nodes).await;
+        self.telemetry
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Err(AgentError::Device(_)) => self.telemetry.set_device_ok(false),
+            Err(AgentError::K8s(_)) => {
+                self.telemetry.api_errors.inc();
+            }
+            _ => {}
+        }
+        result
+    }
+
+    async fn pass_inner(&mut self, nodes: &[Arc<Node>]) -> Result<PassReport> {
         let mut report = PassReport::default();
         let own = nodes
             .iter()
@@ -191,7 +235,7 @@ impl Agent {
         // 1. This node's annotations.
         let private = self.store.active_private()?;
         let endpoint = self.endpoint(own)?;
-        let state = self.store.state();
+        let state = self.store.state().clone();
         let desired = LocalAnnotations {
             public_key: state.active.public_key,
             key_generation: state.active.generation,
@@ -240,15 +284,42 @@ impl Agent {
         report.excluded = plan.excluded.len();
         report.events += self.report_exclusions(&plan, nodes).await?;
 
+        self.telemetry.set_pass(PassState {
+            peers: plan
+                .peers
+                .iter()
+                .map(|p| {
+                    (
+                        p.config.public_key,
+                        p.node.clone(),
+                        p.config.allowed_ips.clone(),
+                    )
+                })
+                .collect(),
+            rejected: plan
+                .excluded
+                .iter()
+                .map(|e| RejectedView {
+                    node: e.node.clone(),
+                    kind: e.reason.kind(),
+                    reason: e.reason.to_string(),
+                })
+                .collect(),
+            key_generation: state.active.generation,
+            key_created: Some(state.active.created),
+        });
+
         // 3. The device.
         report.device_changes = self.program_device(&private, &plan).await?;
+        self.telemetry.set_device_ok(true);
 
         // 4. Link and routes.
+        let mtu = match (self.cfg.mtu, self.net.clone()) {
+            (Some(m), _) => m,
+            (None, Some(net)) => self.tunnel_mtu(&net, endpoint, &plan).await,
+            (None, None) => DEFAULT_MTU,
+        };
         if let Some(net) = self.net.clone() {
-            let mtu = match self.cfg.mtu {
-                Some(m) => m,
-                None => self.tunnel_mtu(&net, endpoint, &plan).await,
-            };
             // The routes are attempted even when the link step fails (the data
             // plane not running yet): their blackhole backstops go in first and
             // keep cluster traffic from leaving in plaintext meanwhile.
@@ -272,7 +343,44 @@ impl Agent {
                 tracing::warn!(route = %conflict, "a route not created by wgmesh covers a cluster CIDR; left alone, traffic may bypass the tunnel");
             }
         }
+
+        // 5. The CNI config for this node's pods.
+        if let Some(dir) = self.cfg.cni_dir.clone() {
+            report.cni_written = self.write_cni(&dir, own, mtu)?;
+        }
         Ok(report)
+    }
+
+    /// Writes the conflist for this node's pod CIDRs and the tunnel MTU; a
+    /// file wgmesh did not write is left alone (with one warning) unless
+    /// `cni_overwrite`.
+    fn write_cni(&mut self, dir: &std::path::Path, own: &Node, mtu: u16) -> Result<bool> {
+        let cidrs = own_pod_cidrs(own);
+        if cidrs.is_empty() {
+            return Ok(false);
+        }
+        let content = crate::cni::conflist(&crate::cni::CniConfig {
+            pod_cidrs: cidrs,
+            mtu,
+            portmap: true,
+        })?;
+        let outcome = crate::cni::write_conflist(
+            dir,
+            crate::cni::DEFAULT_FILE_NAME,
+            &content,
+            self.cfg.cni_overwrite,
+        )?;
+        match outcome {
+            crate::cni::Outcome::ForeignKept if !self.warned_foreign_cni => {
+                tracing::warn!(dir = %dir.display(), file = crate::cni::DEFAULT_FILE_NAME, "a CNI config wgmesh did not write is there; left alone (--cni-overwrite replaces it)");
+                self.warned_foreign_cni = true;
+            }
+            o if o.wrote() => {
+                tracing::info!(dir = %dir.display(), outcome = ?o, mtu, "CNI config written");
+            }
+            _ => {}
+        }
+        Ok(outcome.wrote())
     }
 
     /// Underlay MTU − 80. The underlay is the interface holding this node's
@@ -408,6 +516,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     let debounce = cfg.debounce;
     let resync = cfg.resync;
+    let metrics_listen = cfg.metrics_listen;
     let mut agent = Agent::new(cfg, client).await?;
     if once {
         let nodes: Vec<Arc<Node>> = api
@@ -423,9 +532,32 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         return Ok(());
     }
 
+    let telemetry = agent.telemetry().clone();
+    if let Some(listen) = metrics_listen {
+        let backend = agent.backend();
+        let t = telemetry.clone();
+        let refresh = move || {
+            let stats = backend
+                .lock()
+                .map(|mut b| b.peer_stats().unwrap_or_default())
+                .unwrap_or_default();
+            t.set_live(telemetry::peer_views(
+                &t.pass(),
+                &stats,
+                std::time::SystemTime::now(),
+            ));
+        };
+        let t = telemetry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(listen, t, refresh).await {
+                tracing::error!(%listen, error = %e, "metrics server stopped");
+            }
+        });
+    }
     let (reader, writer) = reflector::store::<Node>();
     let changed = Arc::new(Notify::new());
     let notify = changed.clone();
+    let watch_errors = telemetry.api_errors.clone();
     let watch = tokio::spawn(async move {
         let stream = reflector(writer, watcher(api, watcher::Config::default()))
             .default_backoff()
@@ -436,6 +568,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
                 Ok(_) => notify.notify_one(),
                 // The backoff retries; the device keeps the last mesh meanwhile.
                 Err(e) => {
+                    watch_errors.inc();
                     tracing::warn!(error = %e, "Node watch failed; retrying with backoff, the mesh stays as it is")
                 }
             }
@@ -449,6 +582,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         _ = tokio::signal::ctrl_c() => return Ok(()),
     }
     tracing::info!("Node cache synced; reconciling");
+    telemetry.set_synced(true);
     loop {
         let nodes = reader.state();
         match agent.pass(&nodes).await {

@@ -35,6 +35,14 @@ pub enum Command {
     Dataplane(DataplaneArgs),
     /// Run the node agent: publish this node's key, watch every Node, program the mesh.
     Agent(AgentArgs),
+    /// Show this node's peers like `wg show`, but per node: endpoint, allowed
+    /// IPs, last handshake, transfer, key fingerprint, state; and the Nodes
+    /// that were rejected, with the reason. Works while the agent is down.
+    Status(StatusArgs),
+    /// Print this node's view of the mesh as Graphviz DOT (healthy edges solid
+    /// green, stale dashed orange, never-handshaken dotted grey, rejected Nodes
+    /// as red boxes). Render with `wgmesh graph | dot -Tsvg > mesh.svg`.
+    Graph(StatusArgs),
     /// Print the version.
     Version {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
@@ -186,6 +194,49 @@ pub struct AgentArgs {
     /// Do a single reconcile pass and exit.
     #[arg(long, env = "WGMESH_ONCE")]
     pub once: bool,
+    /// WireGuard implementation: kernel (generic netlink), uapi (the socket of
+    /// wgmesh dataplane, wireguard-go or boringtun-cli), or auto: the kernel
+    /// when its WireGuard module is there, else the UAPI socket; the choice
+    /// and why are logged.
+    #[arg(long, env = "WGMESH_BACKEND", value_enum, default_value_t = wgmesh::wg::kernel::BackendKind::Auto)]
+    pub backend: wgmesh::wg::kernel::BackendKind,
+    /// Directory for the CNI conflist (bridge + host-local with this node's pod
+    /// CIDRs and the tunnel MTU), written as 10-wgmesh.conflist.
+    #[arg(long, env = "WGMESH_CNI_DIR", default_value = wgmesh::cni::DEFAULT_DIR)]
+    pub cni_dir: PathBuf,
+    /// Do not write a CNI config (another CNI plugin manages pods).
+    #[arg(long, env = "WGMESH_NO_CNI")]
+    pub no_cni: bool,
+    /// Replace a 10-wgmesh.conflist that wgmesh did not write.
+    #[arg(long, env = "WGMESH_CNI_OVERWRITE")]
+    pub cni_overwrite: bool,
+    /// Address for /metrics (Prometheus), /healthz and /readyz; "off" disables it.
+    #[arg(long, env = "WGMESH_METRICS_LISTEN", default_value = "0.0.0.0:9586")]
+    pub metrics_listen: String,
+}
+
+/// `wgmesh status` and `wgmesh graph`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// This node's Kubernetes name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// kubeconfig file; without it: in-cluster config, then ~/.kube/config. If
+    /// the API cannot be read, the device's peers are shown by key only.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// WireGuard interface.
+    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    pub interface: String,
+    /// Directory of the UAPI socket.
+    #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
+    pub uapi_dir: PathBuf,
+    /// The cluster pod CIDRs, as given to the agent (to plan exactly as it does).
+    #[arg(long, env = "WGMESH_CLUSTER_CIDRS", value_delimiter = ',')]
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// text (a table) or json (`wgmesh status` only).
+    #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 /// `wgmesh dataplane`.

@@ -6,12 +6,15 @@
 //! `docs/architecture.md` for the process model.
 
 pub mod agent;
+pub mod cni;
 pub mod dataplane;
 pub mod k8s;
 pub mod keys;
 pub mod mesh;
 pub mod net;
 pub mod node;
+pub mod status;
+pub mod telemetry;
 pub mod wg;
 
 /// The annotation prefix wgmesh owns on Node objects.

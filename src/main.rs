@@ -27,10 +27,26 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message before it
+/// already contains (our error types name their cause in their message).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -59,6 +75,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 manage_network: !args.no_network,
                 debounce: std::time::Duration::from_millis(args.debounce_ms),
                 resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+                backend: args.backend,
+                cni_dir: (!args.no_cni).then(|| args.cni_dir.clone()),
+                cni_overwrite: args.cni_overwrite,
+                metrics_listen: match args.metrics_listen.as_str() {
+                    "off" | "" => None,
+                    addr => Some(addr.parse().with_context(|| {
+                        format!("--metrics-listen {addr:?}: expected ip:port or \"off\"")
+                    })?),
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -70,6 +95,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 wgmesh::agent::run(cfg, client, args.once).await?;
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let status = gather_status(&args)?;
+            if args.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!(
+                    "{}",
+                    wgmesh::status::table(&status, std::time::SystemTime::now())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph(args) => {
+            print!("{}", wgmesh::status::dot(&gather_status(&args)?));
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataplane(args) => {
@@ -184,6 +225,43 @@ fn keys(args: KeysArgs) -> Result<ExitCode> {
         KeysCommand::Audit { command } => return audit(dir, command),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The device's live peers plus the Nodes (if the API answers).
+fn gather_status(args: &cli::StatusArgs) -> Result<wgmesh::status::Status> {
+    use wgmesh::wg::Backend as _;
+    let mut backend = wgmesh::wg::uapi::UapiBackend::for_interface(&args.uapi_dir, &args.interface);
+    let stats = backend.peer_stats()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let nodes = rt.block_on(async {
+        let client = wgmesh::k8s::client(args.kubeconfig.as_deref()).await?;
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+        let list = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            api.list(&Default::default()),
+        )
+        .await
+        .context("the Kubernetes API did not answer within 10 s")??;
+        anyhow::Ok(list.items)
+    });
+    let nodes = match nodes {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("warning: cannot read Nodes ({e:#}); peers are shown by key only");
+            Vec::new()
+        }
+    };
+    let cidrs: Vec<ipnet::IpNet> = args.cluster_cidrs.iter().map(|c| c.trunc()).collect();
+    Ok(wgmesh::status::build(
+        &args.node_name,
+        &cidrs,
+        &nodes,
+        &stats,
+        std::time::SystemTime::now(),
+    ))
 }
 
 fn show(store: &Store, output: Output) -> Result<()> {

@@ -135,6 +135,25 @@ pub enum Exclusion {
     },
 }
 
+impl Exclusion {
+    /// A short, bounded label for metrics: the variant, or for an invalid
+    /// Node the first annotation (or field) that failed.
+    pub fn kind(&self) -> String {
+        match self {
+            Exclusion::Invalid(r) => match r.errors.first() {
+                Some(e) => format!("invalid {}", e.field),
+                None => "invalid".into(),
+            },
+            Exclusion::AmbiguousName { .. } => "ambiguous-name".into(),
+            Exclusion::SameKeyAsLocal => "same-key-as-local".into(),
+            Exclusion::OutsideClusterCidrs { .. } => "outside-cluster-cidrs".into(),
+            Exclusion::OverlapsLocal { .. } => "overlaps-local".into(),
+            Exclusion::DuplicateKey { .. } => "duplicate-key".into(),
+            Exclusion::CidrOverlap { .. } => "cidr-overlap".into(),
+        }
+    }
+}
+
 /// A remote node that gets no peer, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Excluded {

@@ -9,6 +9,7 @@
 //! planner) against the device's state → the minimal [`ChangeSet`]; an empty
 //! change set means the agent writes nothing.
 
+pub mod kernel;
 pub mod memory;
 pub mod proto;
 pub mod uapi;
@@ -26,7 +27,7 @@ pub enum WgError {
         #[source]
         source: std::io::Error,
     },
-    #[error("UAPI exchange with {path} failed: {source}")]
+    #[error("talking to {path} failed: {source}")]
     Io {
         path: String,
         #[source]
@@ -62,12 +63,26 @@ impl ChangeSet {
     }
 }
 
+/// Live counters of one peer, for metrics and `wgmesh status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    pub public_key: PublicKey,
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub last_handshake: Option<std::time::SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
 /// Anything that holds WireGuard peers.
 pub trait Backend: Send {
     /// A short name for logs ("uapi /var/run/wireguard/wgmesh0.sock").
     fn describe(&self) -> String;
     fn state(&mut self) -> Result<DeviceState>;
     fn apply(&mut self, changes: &ChangeSet) -> Result<()>;
+    /// Handshake times and transfer counters; empty where the backend has none.
+    fn peer_stats(&mut self) -> Result<Vec<PeerStats>> {
+        Ok(Vec::new())
+    }
 }
 
 /// The local side the device must have.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::proto::{self, PeerUpdate, SetRequest};
-use super::{Backend, ChangeSet, DeviceState, Result, WgError};
+use super::{Backend, ChangeSet, DeviceState, PeerStats, Result, WgError};
 use crate::mesh::{PeerChange, PeerConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +28,14 @@ impl UapiBackend {
     /// The socket of `interface` in `dir`.
     pub fn for_interface(dir: &Path, interface: &str) -> Self {
         Self::new(dir.join(format!("{interface}.sock")))
+    }
+
+    fn get(&self) -> Result<proto::DeviceSnapshot> {
+        let text = self.exchange(proto::format_get_request())?;
+        proto::parse_get_response(&text).map_err(|source| WgError::Protocol {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     fn exchange(&self, request: &str) -> Result<String> {
@@ -66,12 +74,25 @@ impl Backend for UapiBackend {
         format!("uapi {}", self.path.display())
     }
 
+    fn peer_stats(&mut self) -> Result<Vec<PeerStats>> {
+        let snap = self.get()?;
+        Ok(snap
+            .peers
+            .into_iter()
+            .map(|p| PeerStats {
+                public_key: p.public_key,
+                endpoint: p.endpoint,
+                last_handshake: p
+                    .last_handshake
+                    .map(|(s, ns)| std::time::UNIX_EPOCH + std::time::Duration::new(s, ns)),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect())
+    }
+
     fn state(&mut self) -> Result<DeviceState> {
-        let text = self.exchange(proto::format_get_request())?;
-        let snap = proto::parse_get_response(&text).map_err(|source| WgError::Protocol {
-            path: self.path.display().to_string(),
-            source,
-        })?;
+        let snap = self.get()?;
         Ok(DeviceState {
             public_key: snap.private_key.as_ref().map(|k| k.public_key()),
             listen_port: snap.listen_port,

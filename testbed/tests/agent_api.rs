@@ -76,6 +76,10 @@ fn config(c: &Cluster, node: &str) -> AgentConfig {
         manage_network: false,
         debounce: Duration::from_millis(10),
         resync: Duration::from_secs(60),
+        metrics_listen: None,
+        backend: wgmesh::wg::kernel::BackendKind::Uapi,
+        cni_dir: Some(c.store.with_file_name("cni")),
+        cni_overwrite: false,
     }
 }
 
@@ -150,6 +154,14 @@ async fn publishes_once_and_a_resync_writes_nothing() {
     }
     assert_eq!(c.server.write_count(), writes, "API writes in steady state");
     assert_eq!(device.applies(), applies, "device writes in steady state");
+
+    // The CNI config for this node's pods, with the tunnel MTU.
+    let conflist =
+        std::fs::read_to_string(c.store.with_file_name("cni").join("10-wgmesh.conflist")).unwrap();
+    assert!(
+        conflist.contains("10.244.0.0/24") && conflist.contains("1420"),
+        "{conflist}"
+    );
 
     // A restarted agent adopts the same key and the device as it is: no flap.
     let mut restarted = agent(&c, "node-a", &device).await;

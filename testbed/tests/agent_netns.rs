@@ -408,6 +408,96 @@ fn two_nodes_build_a_tunnel_from_node_objects_and_a_bad_third_is_left_out() {
         );
     }
 
+    // `wgmesh status` names the peer and shows the rejected node; `graph` draws it.
+    let ns_of = |role: &str| {
+        w.namespaces
+            .iter()
+            .find(|n| n.ends_with(&format!("-{role}")))
+            .cloned()
+            .unwrap()
+    };
+    let n2 = ns_of("n2");
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &n2,
+            &bin,
+            "status",
+            "--node-name",
+            "n2",
+            "--output",
+            "json",
+        ])
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--interface", &format!("wgag{}1", w.tag)])
+        .args([
+            "--uapi-dir",
+            uapi_dir.to_str().unwrap(),
+            "--cluster-cidrs",
+            "10.244.0.0/16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&status.stderr).to_string();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["peers"][0]["node"], "n1", "{status}\n{stderr}");
+    assert_eq!(status["peers"][0]["state"], "healthy", "{status}");
+    assert!(
+        status["peers"][0]["rx_bytes"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert_eq!(status["rejected"][0]["node"], "n3", "{status}");
+    let graph = Command::new("ip")
+        .args(["netns", "exec", &n2, &bin, "graph", "--node-name", "n2"])
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--interface", &format!("wgag{}1", w.tag)])
+        .args([
+            "--uapi-dir",
+            uapi_dir.to_str().unwrap(),
+            "--cluster-cidrs",
+            "10.244.0.0/16",
+        ])
+        .output()
+        .unwrap();
+    let graph = String::from_utf8_lossy(&graph.stdout);
+    assert!(
+        graph.contains("\"n2\" -> \"n1\" [color=darkgreen"),
+        "{graph}"
+    );
+
+    // The agent's /metrics and /readyz, from inside its node.
+    let scrape = |path: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &n2, "bash", "-c"])
+            .arg(format!(
+                "exec 3<>/dev/tcp/127.0.0.1/9586; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        scrape("/readyz").starts_with("HTTP/1.1 200"),
+        "agent not ready"
+    );
+    let metrics = scrape("/metrics");
+    for want in [
+        "wgmesh_peers{state=\"healthy\"} 1",
+        "wgmesh_peer_last_handshake_seconds{peer=\"n1\"}",
+        "wgmesh_peer_receive_bytes_total{peer=\"n1\"}",
+        "wgmesh_rejected_nodes{reason=\"invalid wgmesh.dev/public-key\"} 1",
+        "wgmesh_key_generation 1",
+        "wgmesh_reconcile_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
+    }
+
     // Fail closed: the cluster CIDR routes into the tunnel, put there by the agent.
     let routes = Command::new("ip")
         .args(["-n", &w.namespaces[1], "route", "show", "10.244.0.0/16"])
@@ -465,6 +555,7 @@ fn two_nodes_build_a_tunnel_from_node_objects_and_a_bad_third_is_left_out() {
             "--cluster-cidrs",
             "10.244.0.0/16",
         ])
+        .args(["--no-cni", "--metrics-listen", "off"])
         .output()
         .unwrap();
     assert!(

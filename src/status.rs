@@ -1,0 +1,347 @@
+//! `wgmesh status` and `wgmesh graph`: this node's mesh as `wg show` would
+//! print it, but per node. Built from the device's live counters and the Node
+//! objects (decoded and planned exactly as the agent does), so it works while
+//! the agent is down — when it is most needed. Pure: the CLI fetches.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::Node;
+use serde::Serialize;
+
+use crate::mesh::{self, MeshConfig};
+use crate::node::{self, ValidationConfig};
+use crate::telemetry::{self, PassState, PeerState, PeerView, RejectedView};
+use crate::wg::PeerStats;
+
+/// Everything `wgmesh status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub node: String,
+    pub peers: Vec<PeerView>,
+    /// Nodes that get no peer, with the reason.
+    pub rejected: Vec<RejectedView>,
+    /// Peers on the device that no Node accounts for (or every peer, when the
+    /// API could not be read).
+    pub unknown: Vec<PeerView>,
+}
+
+/// Joins the Nodes (possibly none, if the API was unreachable) with the
+/// device's peers.
+pub fn build(
+    local_node: &str,
+    cluster_cidrs: &[ipnet::IpNet],
+    nodes: &[Node],
+    stats: &[PeerStats],
+    now: SystemTime,
+) -> Status {
+    let vcfg = ValidationConfig {
+        cluster_cidrs: cluster_cidrs.to_vec(),
+    };
+    let decoded: Vec<_> = nodes.iter().map(|n| node::decode(n, &vcfg)).collect();
+    let plan = mesh::plan(
+        &MeshConfig {
+            local_node: local_node.to_string(),
+            interface: String::new(),
+            cluster_cidrs: cluster_cidrs.to_vec(),
+            default_keepalive: None,
+        },
+        &decoded,
+    );
+    let pass = PassState {
+        peers: plan
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.config.public_key,
+                    p.node.clone(),
+                    p.config.allowed_ips.clone(),
+                )
+            })
+            .collect(),
+        rejected: Vec::new(),
+        key_generation: 0,
+        key_created: None,
+    };
+    let peers = telemetry::peer_views(&pass, stats, now);
+    let unknown_pass = PassState {
+        peers: stats
+            .iter()
+            .filter(|s| {
+                !plan
+                    .peers
+                    .iter()
+                    .any(|p| p.config.public_key == s.public_key)
+            })
+            .map(|s| (s.public_key, "?".to_string(), Vec::new()))
+            .collect(),
+        ..PassState::default()
+    };
+    Status {
+        node: local_node.to_string(),
+        peers,
+        rejected: plan
+            .excluded
+            .iter()
+            .map(|e| RejectedView {
+                node: e.node.clone(),
+                kind: e.reason.kind(),
+                reason: e.reason.to_string(),
+            })
+            .collect(),
+        unknown: telemetry::peer_views(&unknown_pass, stats, now),
+    }
+}
+
+/// The table `wgmesh status` prints.
+pub fn table(status: &Status, now: SystemTime) -> String {
+    let mut rows: Vec<[String; 7]> = Vec::new();
+    for p in status.peers.iter().chain(&status.unknown) {
+        rows.push([
+            p.node.clone(),
+            p.endpoint.map_or("-".into(), |e| e.to_string()),
+            if p.allowed_ips.is_empty() {
+                "-".into()
+            } else {
+                p.allowed_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+            handshake_ago(p.last_handshake, now),
+            format!("{} / {}", bytes(p.rx_bytes), bytes(p.tx_bytes)),
+            p.fingerprint.to_string(),
+            p.state.as_str().to_string(),
+        ]);
+    }
+    for r in &status.rejected {
+        rows.push([
+            r.node.clone(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            format!("rejected: {}", r.reason),
+        ]);
+    }
+    let header = [
+        "NODE",
+        "ENDPOINT",
+        "ALLOWED IPS",
+        "LAST HANDSHAKE",
+        "RX / TX",
+        "KEY",
+        "STATE",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = format!("node {} — {} peers\n", status.node, status.peers.len());
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{c:<w$}  ");
+            }
+        }
+        s.push('\n');
+        s
+    };
+    out.push_str(&line(header.to_vec()));
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// Graphviz DOT of this node's view of the mesh: an edge per peer, solid green
+/// when healthy, dashed orange when stale, dotted grey when it never shook
+/// hands; rejected Nodes as red boxes with the reason.
+pub fn dot(status: &Status) -> String {
+    let q = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::from("digraph wgmesh {\n  rankdir=LR;\n  node [shape=ellipse];\n");
+    let _ = writeln!(out, "  \"{}\" [style=bold];", q(&status.node));
+    for p in status.peers.iter().chain(&status.unknown) {
+        let (color, style) = match p.state {
+            PeerState::Healthy => ("darkgreen", "solid"),
+            PeerState::Stale => ("orange", "dashed"),
+            PeerState::Never => ("grey", "dotted"),
+        };
+        let _ = writeln!(
+            out,
+            "  \"{}\" -> \"{}\" [color={color}, style={style}, label=\"{}\"];",
+            q(&status.node),
+            q(&p.node),
+            p.state.as_str()
+        );
+    }
+    for r in &status.rejected {
+        let _ = writeln!(
+            out,
+            "  \"{}\" [shape=box, color=red, label=\"{}\\nrejected: {}\"];",
+            q(&r.node),
+            q(&r.node),
+            q(&r.kind)
+        );
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn handshake_ago(last: Option<u64>, now: SystemTime) -> String {
+    let Some(t) = last else {
+        return "never".into();
+    };
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let s = now.saturating_sub(t);
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m {}s ago", s / 60, s % 60),
+        _ => format!("{}h {}m ago", s / 3600, s / 60 % 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn node(name: &str, key: Option<String>, cidr: &str, ep: &str) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        let mut a = BTreeMap::new();
+        if let Some(k) = key {
+            a.insert("wgmesh.dev/public-key".to_string(), k);
+        }
+        a.insert("wgmesh.dev/endpoint".to_string(), ep.to_string());
+        a.insert("wgmesh.dev/pod-cidrs".to_string(), cidr.to_string());
+        n.metadata.annotations = Some(a);
+        n
+    }
+
+    #[test]
+    fn status_names_peers_and_shows_rejections_and_unknown_device_peers() {
+        let now = SystemTime::now();
+        let (kb, kc, kx) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let nodes = vec![
+            node(
+                "a",
+                Some(PrivateKey::generate().public_key().to_base64()),
+                "10.244.0.0/24",
+                "192.0.2.1:51820",
+            ),
+            node(
+                "b",
+                Some(kb.to_base64()),
+                "10.244.1.0/24",
+                "192.0.2.2:51820",
+            ),
+            node(
+                "c",
+                Some(kc.to_base64()),
+                "10.244.2.0/24",
+                "192.0.2.3:51820",
+            ),
+            node(
+                "d",
+                Some("garbage".into()),
+                "10.244.3.0/24",
+                "192.0.2.4:51820",
+            ),
+        ];
+        let stats = vec![
+            PeerStats {
+                public_key: kb,
+                endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+                last_handshake: Some(now - Duration::from_secs(7)),
+                rx_bytes: 2048,
+                tx_bytes: 4096,
+            },
+            PeerStats {
+                public_key: kx,
+                endpoint: None,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            },
+        ];
+        let s = build(
+            "a",
+            &["10.244.0.0/16".parse().unwrap()],
+            &nodes,
+            &stats,
+            now,
+        );
+        assert_eq!(s.peers.len(), 2);
+        assert_eq!(s.peers[0].node, "b");
+        assert_eq!(s.peers[0].state, PeerState::Healthy);
+        assert_eq!(s.peers[1].state, PeerState::Never);
+        assert_eq!(s.rejected.len(), 1);
+        assert_eq!(s.unknown.len(), 1);
+        let t = table(&s, now);
+        assert!(t.contains("7s ago"), "{t}");
+        assert!(t.contains("2.0 KiB / 4.0 KiB"), "{t}");
+        assert!(t.contains("rejected: "), "{t}");
+        assert!(t.contains(&kb.fingerprint().to_string()), "{t}");
+        let g = dot(&s);
+        assert!(
+            g.contains("\"a\" -> \"b\" [color=darkgreen, style=solid"),
+            "{g}"
+        );
+        assert!(
+            g.contains("\"a\" -> \"c\" [color=grey, style=dotted"),
+            "{g}"
+        );
+        assert!(g.contains("\"d\" [shape=box, color=red"), "{g}");
+        assert!(g.starts_with("digraph wgmesh {") && g.ends_with("}\n"));
+    }
+
+    #[test]
+    fn without_the_api_every_device_peer_is_unknown() {
+        let now = SystemTime::now();
+        let k = PrivateKey::generate().public_key();
+        let stats = vec![PeerStats {
+            public_key: k,
+            endpoint: None,
+            last_handshake: Some(now - Duration::from_secs(400)),
+            rx_bytes: 1,
+            tx_bytes: 1,
+        }];
+        let s = build("a", &[], &[], &stats, now);
+        assert!(s.peers.is_empty());
+        assert_eq!(s.unknown.len(), 1);
+        assert_eq!(s.unknown[0].state, PeerState::Stale);
+        assert!(table(&s, now).contains("6m 40s ago"));
+    }
+}

@@ -1,0 +1,508 @@
+//! `/metrics` (Prometheus text format), `/healthz` and `/readyz` for the agent,
+//! and the per-peer view shared with `wgmesh status`.
+//!
+//! Metrics that mirror the device (handshake ages, transfer counters) are read
+//! live from the device at scrape time, so they are never older than the
+//! scrape; the rest is updated by each reconcile pass.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::keys::{Fingerprint, PublicKey};
+use crate::wg::PeerStats;
+
+/// A handshake older than this (WireGuard's REJECT_AFTER_TIME) means no
+/// session is usable right now: the peer is "stale". An idle peer without
+/// persistent keepalive goes stale by design and handshakes again on demand.
+pub const STALE_AFTER: Duration = Duration::from_secs(180);
+
+/// The health of one peer, from its last handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerState {
+    Healthy,
+    Stale,
+    Never,
+}
+
+impl PeerState {
+    pub fn of(last_handshake: Option<SystemTime>, now: SystemTime) -> Self {
+        match last_handshake {
+            None => PeerState::Never,
+            Some(t) if now.duration_since(t).unwrap_or_default() < STALE_AFTER => {
+                PeerState::Healthy
+            }
+            Some(_) => PeerState::Stale,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Healthy => "healthy",
+            PeerState::Stale => "stale",
+            PeerState::Never => "never",
+        }
+    }
+}
+
+/// One peer as `wgmesh status` and the metrics show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    pub node: String,
+    pub public_key: PublicKey,
+    pub fingerprint: Fingerprint,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    /// Unix seconds.
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub state: PeerState,
+}
+
+/// A Node that got no peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectedView {
+    pub node: String,
+    /// Bounded label (`invalid wgmesh.dev/public-key`, `cidr-overlap`, ...).
+    pub kind: String,
+    pub reason: String,
+}
+
+/// What the last pass knew.
+#[derive(Debug, Clone, Default)]
+pub struct PassState {
+    /// Public key → (node, allowed IPs) of every desired peer.
+    pub peers: Vec<(PublicKey, String, Vec<IpNet>)>,
+    pub rejected: Vec<RejectedView>,
+    pub key_generation: u64,
+    pub key_created: Option<jiff::Timestamp>,
+}
+
+/// Joins the plan's peers with the device's live counters.
+pub fn peer_views(pass: &PassState, stats: &[PeerStats], now: SystemTime) -> Vec<PeerView> {
+    let mut out: Vec<PeerView> = pass
+        .peers
+        .iter()
+        .map(|(key, node, allowed)| {
+            let s = stats.iter().find(|s| s.public_key == *key);
+            let last = s.and_then(|s| s.last_handshake);
+            PeerView {
+                node: node.clone(),
+                public_key: *key,
+                fingerprint: key.fingerprint(),
+                endpoint: s.and_then(|s| s.endpoint),
+                allowed_ips: allowed.clone(),
+                last_handshake: last
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+                rx_bytes: s.map_or(0, |s| s.rx_bytes),
+                tx_bytes: s.map_or(0, |s| s.tx_bytes),
+                state: PeerState::of(last, now),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out
+}
+
+/// The agent's metrics and health.
+#[derive(Clone)]
+pub struct Telemetry {
+    registry: Arc<Registry>,
+    pub reconcile_seconds: Histogram,
+    pub api_errors: Counter,
+    pass: Arc<Mutex<PassState>>,
+    live: Arc<Mutex<Vec<PeerView>>>,
+    synced: Arc<AtomicBool>,
+    device_ok: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct MeshCollector {
+    pass: Arc<Mutex<PassState>>,
+    live: Arc<Mutex<Vec<PeerView>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+impl prometheus_client::collector::Collector for MeshCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let peers = self.live.lock().map(|p| p.clone()).unwrap_or_default();
+        let pass = self.pass.lock().map(|p| p.clone()).unwrap_or_default();
+        let now = SystemTime::now();
+
+        let mut family = encoder.encode_descriptor(
+            "wgmesh_peers",
+            "Peers on the device, by handshake state (healthy: handshake in the last 180 s)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in [PeerState::Healthy, PeerState::Stale, PeerState::Never] {
+            let n = peers.iter().filter(|p| p.state == state).count() as i64;
+            let label = StateLabel {
+                state: state.as_str().into(),
+            };
+            ConstGauge::new(n).encode(family.encode_family(&label)?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "wgmesh_peer_last_handshake",
+            "Seconds since the last handshake with each peer (absent: never)",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for p in &peers {
+            if let Some(t) = p.last_handshake {
+                let age = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(t);
+                let label = PeerLabel {
+                    peer: p.node.clone(),
+                };
+                ConstGauge::new(age as i64).encode(family.encode_family(&label)?)?;
+            }
+        }
+
+        for (name, help, rx) in [
+            (
+                "wgmesh_peer_receive",
+                "Bytes received from each peer (on the wire)",
+                true,
+            ),
+            (
+                "wgmesh_peer_transmit",
+                "Bytes sent to each peer (on the wire)",
+                false,
+            ),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Counter)?;
+            for p in &peers {
+                let label = PeerLabel {
+                    peer: p.node.clone(),
+                };
+                let v = if rx { p.rx_bytes } else { p.tx_bytes };
+                ConstCounter::new(v).encode(family.encode_family(&label)?)?;
+            }
+        }
+
+        if let Some(created) = pass.key_created {
+            let age = jiff::Timestamp::now()
+                .as_second()
+                .saturating_sub(created.as_second())
+                .max(0);
+            ConstGauge::new(age).encode(encoder.encode_descriptor(
+                "wgmesh_key_age",
+                "Age of this node's active static key",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?)?;
+        }
+        ConstGauge::new(pass.key_generation as i64).encode(encoder.encode_descriptor(
+            "wgmesh_key_generation",
+            "Generation of this node's active static key (+1 per rotation)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut family = encoder.encode_descriptor(
+            "wgmesh_rejected_nodes",
+            "Nodes that got no peer, by reason",
+            None,
+            MetricType::Gauge,
+        )?;
+        let mut kinds: Vec<&str> = pass.rejected.iter().map(|r| r.kind.as_str()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        for kind in kinds {
+            let n = pass.rejected.iter().filter(|r| r.kind == kind).count() as i64;
+            let label = ReasonLabel {
+                reason: kind.to_string(),
+            };
+            ConstGauge::new(n).encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let reconcile_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register_with_unit(
+            "wgmesh_reconcile_duration",
+            "Duration of one reconcile pass",
+            Unit::Seconds,
+            reconcile_seconds.clone(),
+        );
+        let api_errors = Counter::default();
+        registry.register(
+            "wgmesh_api_errors",
+            "Kubernetes API errors (watch failures and failed writes)",
+            api_errors.clone(),
+        );
+        let pass = Arc::new(Mutex::new(PassState::default()));
+        let live = Arc::new(Mutex::new(Vec::new()));
+        registry.register_collector(Box::new(MeshCollector {
+            pass: pass.clone(),
+            live: live.clone(),
+        }));
+        Self {
+            registry: Arc::new(registry),
+            reconcile_seconds,
+            api_errors,
+            pass,
+            live,
+            synced: Arc::new(AtomicBool::new(false)),
+            device_ok: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn set_pass(&self, pass: PassState) {
+        if let Ok(mut p) = self.pass.lock() {
+            *p = pass;
+        }
+    }
+
+    pub fn pass(&self) -> PassState {
+        self.pass.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    pub fn set_live(&self, views: Vec<PeerView>) {
+        if let Ok(mut l) = self.live.lock() {
+            *l = views;
+        }
+    }
+
+    pub fn set_synced(&self, v: bool) {
+        self.synced.store(v, Ordering::Relaxed);
+    }
+
+    pub fn set_device_ok(&self, v: bool) {
+        self.device_ok.store(v, Ordering::Relaxed);
+    }
+
+    /// Ready = the Node cache is synced with the API and the last pass
+    /// configured the device.
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.device_ok.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+/// `refresh` runs before each `/metrics` render (it reads the device).
+pub async fn serve<F>(listen: SocketAddr, telemetry: Telemetry, refresh: F) -> std::io::Result<()>
+where
+    F: Fn() + Clone + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let telemetry = telemetry.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let head = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = conn.read(&mut buf[len..]).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return Some(());
+                    }
+                }
+                None
+            })
+            .await;
+            if !matches!(head, Ok(Some(()))) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+                ("GET", "/metrics") => {
+                    let r = refresh.clone();
+                    let _ = tokio::task::spawn_blocking(r).await;
+                    (
+                        "200 OK",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        telemetry.render(),
+                    )
+                }
+                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                ("GET", "/readyz") if telemetry.ready() => {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                }
+                ("GET", "/readyz") => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: Node cache not synced or device not configured yet\n".to_string(),
+                ),
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "only GET\n".to_string(),
+                ),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    #[test]
+    fn metrics_follow_prometheus_naming_and_carry_the_mesh() {
+        let t = Telemetry::new();
+        let k1 = PrivateKey::generate().public_key();
+        let k2 = PrivateKey::generate().public_key();
+        t.set_pass(PassState {
+            peers: vec![
+                (k1, "node-b".into(), vec!["10.244.1.0/24".parse().unwrap()]),
+                (k2, "node-c".into(), vec!["10.244.2.0/24".parse().unwrap()]),
+            ],
+            rejected: vec![RejectedView {
+                node: "node-d".into(),
+                kind: "invalid wgmesh.dev/public-key".into(),
+                reason: "bad".into(),
+            }],
+            key_generation: 3,
+            key_created: Some(jiff::Timestamp::now()),
+        });
+        let now = SystemTime::now();
+        let stats = vec![PeerStats {
+            public_key: k1,
+            endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+            last_handshake: Some(now - Duration::from_secs(5)),
+            rx_bytes: 1000,
+            tx_bytes: 2000,
+        }];
+        t.set_live(peer_views(&t.pass(), &stats, now));
+        t.reconcile_seconds.observe(0.002);
+        t.api_errors.inc();
+        let text = t.render();
+        for want in [
+            "wgmesh_peers{state=\"healthy\"} 1",
+            "wgmesh_peers{state=\"never\"} 1",
+            "wgmesh_peers{state=\"stale\"} 0",
+            "wgmesh_peer_last_handshake_seconds{peer=\"node-b\"} 5",
+            "wgmesh_peer_receive_bytes_total{peer=\"node-b\"} 1000",
+            "wgmesh_peer_transmit_bytes_total{peer=\"node-b\"} 2000",
+            "wgmesh_peer_receive_bytes_total{peer=\"node-c\"} 0",
+            "wgmesh_key_generation 3",
+            "wgmesh_key_age_seconds 0",
+            "wgmesh_rejected_nodes{reason=\"invalid wgmesh.dev/public-key\"} 1",
+            "wgmesh_reconcile_duration_seconds_count 1",
+            "wgmesh_api_errors_total 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("node-c\"} 5"),
+            "no handshake age for a peer that never shook hands"
+        );
+    }
+
+    #[test]
+    fn peer_state_from_handshake_age() {
+        let now = SystemTime::now();
+        assert_eq!(PeerState::of(None, now), PeerState::Never);
+        assert_eq!(
+            PeerState::of(Some(now - Duration::from_secs(10)), now),
+            PeerState::Healthy
+        );
+        assert_eq!(
+            PeerState::of(Some(now - Duration::from_secs(200)), now),
+            PeerState::Stale
+        );
+    }
+
+    #[tokio::test]
+    async fn health_endpoints_answer() {
+        let t = Telemetry::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let server = tokio::spawn(serve(addr, t.clone(), || {}));
+        let get = |path: &'static str| async move {
+            for _ in 0..50 {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                        .await
+                        .unwrap();
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).await.unwrap();
+                    return out;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("server did not start");
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        t.set_synced(true);
+        t.set_device_ok(true);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let metrics = get("/metrics").await;
+        assert!(metrics.contains("wgmesh_key_generation"), "{metrics}");
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+}
