@@ -31,6 +31,8 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub const DATA_OVERHEAD: usize = 32;
 /// The largest message a device writes for a control packet (initiation).
 pub const MAX_CONTROL_LEN: usize = 148;
+/// WireGuard message type of a cookie reply.
+const COOKIE_REPLY_TYPE: u32 = 3;
 /// How often [`Device::tick`] wants to run.
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -500,6 +502,17 @@ impl Device {
                 TunnResult::Err(e) => Step::Drop(classify(&e)),
             },
         };
+        // boringtun checks the rate limit again inside `decapsulate`; if the
+        // limit is crossed between our check and its, it answers an
+        // unauthenticated message with a cookie reply. That proves nothing
+        // about the sender: no roaming, no handshake, no queue flush.
+        if let Step::Reply(len) = step {
+            if out.get(..4) == Some(&COOKIE_REPLY_TYPE.to_le_bytes()[..]) {
+                self.counters.cookies_sent += 1;
+                sink.send_udp(src, &out[..len]);
+                return UdpOutcome::Consumed;
+            }
+        }
         let outcome = match step {
             Step::Drop(why) => return self.drop_udp(why),
             Step::Tunnel(inner_src, len) => {
