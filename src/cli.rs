@@ -12,9 +12,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Encrypts pod traffic between Kubernetes nodes with a full WireGuard mesh",
     long_about = "Encrypts pod traffic between Kubernetes nodes with a full WireGuard mesh.\n\n\
         Each node keeps its own x25519 key in a local store, publishes the public key on its \
-        Node object and keeps one WireGuard peer per other node. This build manages the key \
-        store and its audit log, and runs the userspace WireGuard data plane; the agent is \
-        not built yet.",
+        Node object and keeps one WireGuard peer per other node.\n\n\
+        On a node: `wgmesh dataplane` runs the userspace WireGuard device (not needed where \
+        the kernel has WireGuard), `wgmesh agent` keeps the device's peers in step with the \
+        Nodes, `wgmesh status` and `wgmesh graph` show the mesh, and `wgmesh keys` manages \
+        the key store and its tamper-evident audit log.",
     after_help = "Exit status: 0 on success, 1 on any error (including an audit log that does \
         not verify), 2 on a usage error."
 )]

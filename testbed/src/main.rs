@@ -1,8 +1,10 @@
-//! `wgmesh-testbed`: will run N wgmesh nodes with pods in network namespaces on one
-//! Linux host. Only the test Kubernetes API exists so far (the hidden `api` command,
-//! used by tests to run it as a process); the commands (`up`, `check`, `down`, `demo`,
-//! ...) arrive with the testbed issue. Until then every other invocation says so and
-//! exits non-zero, so no script can mistake it for a working testbed.
+//! `wgmesh-testbed`: runs N wgmesh nodes with pods in network namespaces on one Linux
+//! host, with the real `wgmesh dataplane` and `wgmesh agent` processes and a test
+//! Kubernetes API, and proves the mesh works (`check`, `demo`). For tests and demos
+//! only; real clusters use `manifests/`. The hidden `api` command runs only the test
+//! Kubernetes API (used by `up` and by tests).
+
+mod cli;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,20 +22,7 @@ fn main() -> ExitCode {
             std::iter::once("wgmesh-testbed api".to_string()).chain(args.into_iter().skip(1)),
         ));
     }
-    let wants_help = args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h");
-    let text = format!(
-        "wgmesh-testbed {} (wgmesh {})\n\n\
-         The network-namespace testbed is not built yet: `up`, `check`, `down`, `demo`\n\
-         and the Node API arrive with the testbed issue. Nothing was started.\n",
-        env!("CARGO_PKG_VERSION"),
-        wgmesh::VERSION
-    );
-    if wants_help {
-        print!("{text}");
-    } else {
-        eprint!("{text}");
-    }
-    ExitCode::from(2)
+    cli::main()
 }
 
 /// Runs only the testbed's in-memory Kubernetes API (Nodes, Events, discovery) in the

@@ -19,6 +19,8 @@
 //! - node IPAM: a created Node without `spec.podCIDRs` gets the next free subnet of each
 //!   cluster CIDR, like kube-controller-manager's range allocator;
 //! - kubectl Tables, so `kubectl get nodes -o wide` prints the usual columns.
+//! - outside Kubernetes: `GET /testbed/writes` answers `{"count": N}`, the write
+//!   counter below, for a testbed that runs the server as a separate process.
 //!
 //! Every change takes the next global resourceVersion. Writes that change nothing (a
 //! patch that sets what is already there) take none and emit no watch event, as on a

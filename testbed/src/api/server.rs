@@ -251,6 +251,12 @@ fn route(shared: &Arc<Shared>, path: &str, req: &Req) -> Result<Response<Body>, 
     const EV1: &str = "events.k8s.io";
     match segs.as_slice() {
         ["version"] => get_only(req, discovery::version),
+        // Not Kubernetes: lets a testbed outside this process read the write counter
+        // (the steady-state check: zero writes while nothing changes).
+        ["testbed", "writes"] => get_only(
+            req,
+            || serde_json::json!({ "count": shared.store().write_count() }),
+        ),
         ["healthz"] | ["livez"] | ["readyz"] => {
             get_only(req, || Value::Null)?;
             Ok(text_response(StatusCode::OK, "ok"))

@@ -1,0 +1,201 @@
+//! The state file: `<state root>/<id>/state.json`, rewritten (atomically) before each
+//! namespace, link, process or file is created, so `down` knows everything that may
+//! exist even when the process that was building the testbed died half-way.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where testbeds keep their state unless `WGMESH_TESTBED_STATE_DIR` says otherwise.
+pub const DEFAULT_STATE_ROOT: &str = "/run/wgmesh-testbed";
+/// Every namespace of every testbed starts with this.
+pub const NETNS_PREFIX: &str = "wgtb-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a testbed state file: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no testbed is running (state root {0})")]
+    NoneRunning(PathBuf),
+    #[error("{n} testbeds are running ({ids}): choose one with --id or WGMESH_TESTBED_ID")]
+    Ambiguous { n: usize, ids: String },
+    #[error("no testbed with id {id} (no {path})")]
+    NotFound { id: String, path: PathBuf },
+}
+
+/// The state root: `WGMESH_TESTBED_STATE_DIR` or [`DEFAULT_STATE_ROOT`].
+pub fn state_root() -> PathBuf {
+    std::env::var_os("WGMESH_TESTBED_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
+}
+
+/// One testbed, as recorded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub id: String,
+    /// The testbed's directory: state file, logs, UAPI sockets, key stores, kubeconfig.
+    pub dir: PathBuf,
+    /// Unix seconds.
+    pub created: u64,
+    /// `building` while `up` runs, `running` once the mesh is ready.
+    pub phase: String,
+    pub dual_stack: bool,
+    pub pods_per_node: usize,
+    pub cluster_cidrs: Vec<String>,
+    pub underlay_ns: String,
+    /// The API server's URL (reachable from inside the testbed's namespaces only).
+    pub api_url: Option<String>,
+    pub kubeconfig: PathBuf,
+    pub uapi_dir: PathBuf,
+    /// Every namespace, in creation order (recorded before `ip netns add`).
+    pub namespaces: Vec<String>,
+    /// Every link (veth pairs and bridges), recorded before creation. They live in
+    /// the namespaces above and go with them; listed so a person can see what exists.
+    pub links: Vec<LinkRecord>,
+    /// Every process started (recorded before spawning, pid filled in after).
+    pub processes: Vec<ProcessRecord>,
+    /// Files and directories created outside `dir` (none so far) and inside it.
+    pub files: Vec<PathBuf>,
+    pub nodes: Vec<NodeRecord>,
+    /// Index the next added node gets (node names are `n<index>`).
+    pub next_node: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkRecord {
+    pub ns: String,
+    pub name: String,
+    pub kind: String,
+    pub peer_ns: Option<String>,
+    pub peer: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// e.g. `n1-agent`, `api`, `capture`.
+    pub name: String,
+    pub ns: String,
+    pub argv: Vec<String>,
+    pub log: PathBuf,
+    pub pid: Option<u32>,
+    /// Field 22 of /proc/PID/stat, so a recycled pid is never signalled.
+    pub start_time: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub ns: String,
+    pub index: u32,
+    pub underlay: Vec<IpAddr>,
+    /// The WireGuard interface (also the UAPI socket's name).
+    pub iface: String,
+    pub store: PathBuf,
+    pub pod_cidrs: Vec<String>,
+    pub pods: Vec<PodRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub name: String,
+    pub ns: String,
+    pub ips: Vec<IpAddr>,
+}
+
+impl State {
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Writes the state file atomically (temp file + rename).
+    pub fn save(&self) -> Result<(), StateError> {
+        let path = self.path();
+        let tmp = self.dir.join("state.json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("state serializes");
+        std::fs::write(&tmp, text + "\n")
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|source| StateError::Write { path, source })
+    }
+
+    pub fn load(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join("state.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| StateError::Parse { path, source })
+    }
+
+    /// The prefix of all this testbed's namespace names.
+    pub fn prefix(&self) -> String {
+        format!("{NETNS_PREFIX}{}-", self.id)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = (&NodeRecord, &PodRecord)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
+    }
+}
+
+/// Ids of the testbeds with a directory under the state root.
+pub fn list_ids() -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(state_root())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// The testbed `id` names, or the only one there is.
+pub fn resolve(id: Option<&str>) -> Result<State, StateError> {
+    let root = state_root();
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => {
+            let ids = list_ids();
+            match ids.len() {
+                0 => return Err(StateError::NoneRunning(root)),
+                1 => ids[0].clone(),
+                n => {
+                    return Err(StateError::Ambiguous {
+                        n,
+                        ids: ids.join(", "),
+                    })
+                }
+            }
+        }
+    };
+    let dir = root.join(&id);
+    if !dir.join("state.json").exists() {
+        return Err(StateError::NotFound {
+            id,
+            path: dir.join("state.json"),
+        });
+    }
+    State::load(&dir)
+}

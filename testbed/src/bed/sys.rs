@@ -1,0 +1,286 @@
+//! Host plumbing: commands, namespaces, processes, the UAPI socket, a minimal HTTP
+//! client that runs inside a namespace, and the Ctrl-C flag.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::{Error, Result};
+
+/// Runs a command to completion; its stdout on success.
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| Error::io(format!("cannot run {}", args[0]), e))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip -n NS ARGS...`
+pub fn ip(ns: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// `ip netns exec NS ARGS...`
+pub fn netns_exec(ns: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["ip", "netns", "exec", ns];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// Names of all network namespaces (`ip netns list`).
+pub fn list_netns() -> Vec<String> {
+    run(&["ip", "netns", "list"])
+        .map(|out| {
+            out.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pids of the processes in a namespace (`ip netns pids`).
+pub fn netns_pids(ns: &str) -> Vec<i32> {
+    run(&["ip", "netns", "pids", ns])
+        .map(|out| {
+            out.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot), if alive.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields restart after its ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is alive and still the process started at `start_time` (and not a
+/// zombie).
+pub fn alive(pid: u32, start_time: Option<u64>) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = text
+        .rfind(')')
+        .and_then(|i| text[i + 2..].chars().next())
+        .unwrap_or('?');
+    state != 'Z' && (start_time.is_none() || proc_start_time(pid) == start_time)
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Runs `f` on a thread that entered the network namespace `ns`, so sockets it opens
+/// belong there (setns affects only the calling thread).
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path)?;
+        // SAFETY: a valid namespace fd; only this thread changes namespace.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+}
+
+/// One HTTP/1.0 request from inside `ns` (HTTP/1.0 so the answer is never chunked
+/// and ends with the connection). Returns the status and the body.
+pub fn http(
+    ns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Result<(u16, String)> {
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: wgmesh-testbed\r\n\
+         Accept: application/json\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let text = in_netns(ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(req.as_bytes())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .map_err(|e| Error::io(format!("{method} {path} on {addr}"), e))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Other(format!("bad HTTP answer to {method} {path}: {head}")))?;
+    Ok((status, body.to_string()))
+}
+
+/// A peer as a device reports it over UAPI.
+#[derive(Debug, Clone, Default)]
+pub struct UapiPeer {
+    pub public_key_hex: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub last_handshake_sec: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl UapiPeer {
+    /// The key in the base64 form Node annotations and `wg` use.
+    pub fn public_key_b64(&self) -> String {
+        hex_to_b64(&self.public_key_hex)
+    }
+}
+
+/// The device's peers, or `None` when its UAPI socket does not answer.
+pub fn uapi_peers(sock: &Path) -> Option<Vec<UapiPeer>> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"get=1\n\n").ok()?;
+    let mut text = String::new();
+    // The answer ends with an empty line after errno=; read until then or EOF.
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if text.contains("errno=") && text.ends_with("\n\n") {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if !text.contains("errno=0") {
+        return None;
+    }
+    let mut peers: Vec<UapiPeer> = Vec::new();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if k == "public_key" {
+            peers.push(UapiPeer {
+                public_key_hex: v.to_string(),
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(p) = peers.last_mut() else { continue };
+        match k {
+            "endpoint" => p.endpoint = Some(v.to_string()),
+            "allowed_ip" => p.allowed_ips.push(v.to_string()),
+            "last_handshake_time_sec" => p.last_handshake_sec = v.parse().unwrap_or(0),
+            "rx_bytes" => p.rx_bytes = v.parse().unwrap_or(0),
+            "tx_bytes" => p.tx_bytes = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    Some(peers)
+}
+
+fn hex_to_b64(hex: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGINT, SIGTERM and SIGHUP only set a flag ([`interrupted`]); long
+/// operations check it and clean up.
+pub fn install_interrupt_handler() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, handler as libc::sighandler_t);
+        }
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Sleeps, failing with [`Error::Interrupted`] as soon as a signal arrived.
+pub fn sleep(d: Duration) -> Result<()> {
+    let end = std::time::Instant::now() + d;
+    loop {
+        if interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let now = std::time::Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_keys_become_base64() {
+        assert_eq!(
+            super::hex_to_b64(&"00".repeat(32)),
+            format!("{}=", "A".repeat(43))
+        );
+        assert_eq!(super::hex_to_b64("666f6f"), "Zm9v");
+        assert_eq!(super::hex_to_b64("666f"), "Zm8=");
+    }
+}

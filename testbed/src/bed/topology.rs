@@ -1,0 +1,753 @@
+//! Building and tearing down a testbed: the underlay, nodes, pods and processes.
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde_json::{json, Value};
+
+use super::state::{
+    list_ids, state_root, LinkRecord, NodeRecord, PodRecord, ProcessRecord, State, NETNS_PREFIX,
+};
+use super::sys::{self, ip, netns_exec};
+use super::{Error, Result};
+
+/// The underlay: TEST-NET-1 and the IPv6 documentation prefix, only ever inside the
+/// testbed's own namespaces.
+const UNDERLAY_V4_NET: &str = "192.0.2";
+const UNDERLAY_V6_NET: &str = "2001:db8:77::";
+const BRIDGE: &str = "br0";
+pub const CLUSTER_CIDR_V4: &str = "10.244.0.0/16";
+pub const CLUSTER_CIDR_V6: &str = "fd00:10:244::/56";
+/// The dataplane's (default) UDP port on every node.
+pub const WG_PORT: u16 = 51820;
+
+/// How to build a testbed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub nodes: usize,
+    pub pods: usize,
+    pub dual_stack: bool,
+    /// The `wgmesh` binary.
+    pub wgmesh: PathBuf,
+    /// The `wgmesh-testbed` binary (runs the API server as `api`).
+    pub testbed_bin: PathBuf,
+}
+
+/// A testbed being built or used: its state plus the binaries.
+pub struct Testbed {
+    pub state: State,
+    pub wgmesh: PathBuf,
+    pub testbed_bin: PathBuf,
+    started: Instant,
+    pub quiet: bool,
+}
+
+impl Testbed {
+    /// Opens a recorded testbed.
+    pub fn open(state: State, wgmesh: PathBuf, testbed_bin: PathBuf) -> Self {
+        Self {
+            state,
+            wgmesh,
+            testbed_bin,
+            started: Instant::now(),
+            quiet: false,
+        }
+    }
+
+    /// Prints a progress line (`[  1.2s] ...`).
+    pub fn say(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            println!(
+                "[{:5.1}s] {}",
+                self.started.elapsed().as_secs_f64(),
+                msg.as_ref()
+            );
+        }
+    }
+
+    /// Creates the state directory and file of a new testbed, then builds it. On an
+    /// error or a signal the caller should [`teardown`] (the state file says what).
+    pub fn create(opts: &Options) -> Result<Self> {
+        let root = state_root();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("{}", root.display()), e))?;
+        let existing = sys::list_netns();
+        let mut seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        let id = loop {
+            let id = format!("{:04x}", seed & 0xffff);
+            let prefix = format!("{NETNS_PREFIX}{id}-");
+            if !root.join(&id).exists() && !existing.iter().any(|n| n.starts_with(&prefix)) {
+                break id;
+            }
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                >> 7;
+        };
+        let dir = root.join(&id);
+        std::fs::create_dir_all(dir.join("logs"))
+            .and_then(|_| std::fs::create_dir_all(dir.join("uapi")))
+            .and_then(|_| std::fs::create_dir_all(dir.join("keys")))
+            .map_err(|e| Error::io(format!("{}", dir.display()), e))?;
+        let mut cluster_cidrs = vec![CLUSTER_CIDR_V4.to_string()];
+        if opts.dual_stack {
+            cluster_cidrs.push(CLUSTER_CIDR_V6.to_string());
+        }
+        let state = State {
+            id: id.clone(),
+            dir: dir.clone(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            phase: "building".into(),
+            dual_stack: opts.dual_stack,
+            pods_per_node: opts.pods,
+            cluster_cidrs,
+            underlay_ns: format!("{NETNS_PREFIX}{id}-u"),
+            api_url: None,
+            kubeconfig: dir.join("kubeconfig"),
+            uapi_dir: dir.join("uapi"),
+            files: vec![dir.clone()],
+            next_node: 1,
+            ..Default::default()
+        };
+        state.save()?;
+        Ok(Self::open(
+            state,
+            opts.wgmesh.clone(),
+            opts.testbed_bin.clone(),
+        ))
+    }
+
+    /// Builds the underlay, the API server and `nodes` nodes, then waits for the mesh.
+    pub fn up(&mut self, nodes: usize) -> Result<()> {
+        self.say(format!(
+            "testbed {} (state {})",
+            self.state.id,
+            self.state.path().display()
+        ));
+        self.underlay()?;
+        self.start_api()?;
+        for _ in 0..nodes {
+            self.add_node(self.state.pods_per_node)?;
+        }
+        let secs = self.wait_mesh(Duration::from_secs(60))?;
+        self.state.phase = "running".into();
+        self.state.save()?;
+        self.say(format!(
+            "mesh ready: every device has {} peer(s) ({secs:.1} s after the last node started)",
+            self.state.nodes.len().saturating_sub(1)
+        ));
+        Ok(())
+    }
+
+    fn check_interrupt(&self) -> Result<()> {
+        if sys::interrupted() {
+            return Err(Error::Interrupted);
+        }
+        Ok(())
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        self.check_interrupt()?;
+        self.state.namespaces.push(name.to_string());
+        self.state.save()?;
+        sys::run(&["ip", "netns", "add", name])?;
+        ip(name, &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn record_link(
+        &mut self,
+        ns: &str,
+        name: &str,
+        kind: &str,
+        peer: Option<(&str, &str)>,
+    ) -> Result<()> {
+        self.check_interrupt()?;
+        self.state.links.push(LinkRecord {
+            ns: ns.into(),
+            name: name.into(),
+            kind: kind.into(),
+            peer_ns: peer.map(|p| p.0.to_string()),
+            peer: peer.map(|p| p.1.to_string()),
+        });
+        Ok(self.state.save()?)
+    }
+
+    fn underlay(&mut self) -> Result<()> {
+        let u = self.state.underlay_ns.clone();
+        self.add_netns(&u)?;
+        self.record_link(&u, BRIDGE, "bridge", None)?;
+        ip(&u, &["link", "add", BRIDGE, "type", "bridge"])?;
+        ip(
+            &u,
+            &[
+                "addr",
+                "add",
+                &format!("{UNDERLAY_V4_NET}.254/24"),
+                "dev",
+                BRIDGE,
+            ],
+        )?;
+        if self.state.dual_stack {
+            ip(
+                &u,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{UNDERLAY_V6_NET}fe/64"),
+                    "dev",
+                    BRIDGE,
+                    "nodad",
+                ],
+            )?;
+        }
+        ip(&u, &["link", "set", BRIDGE, "up"])?;
+        self.say(format!(
+            "underlay: namespace {u}, bridge {BRIDGE} {UNDERLAY_V4_NET}.254/24"
+        ));
+        Ok(())
+    }
+
+    /// Starts a process inside `ns` in its own process group (so a Ctrl-C in the
+    /// terminal reaches only the testbed command, which then cleans up), recorded
+    /// before it is spawned.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        ns: &str,
+        argv: &[String],
+        stdout: Option<&Path>,
+    ) -> Result<u32> {
+        self.check_interrupt()?;
+        let log = self.state.dir.join("logs").join(format!("{name}.log"));
+        self.state.processes.push(ProcessRecord {
+            name: name.into(),
+            ns: ns.into(),
+            argv: argv.to_vec(),
+            log: log.clone(),
+            pid: None,
+            start_time: None,
+        });
+        self.state.save()?;
+        let err = File::create(&log).map_err(|e| Error::io(format!("{}", log.display()), e))?;
+        let out = match stdout {
+            Some(p) => {
+                Stdio::from(File::create(p).map_err(|e| Error::io(format!("{}", p.display()), e))?)
+            }
+            None => Stdio::from(err.try_clone().map_err(|e| Error::io("log", e))?),
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::io(format!("cannot start {name}"), e))?;
+        let pid = child.id();
+        // Not waited for: it outlives this command; `down` stops it. Forget the Child
+        // so no zombie bookkeeping keeps it.
+        std::mem::forget(child);
+        let start = sys::proc_start_time(pid);
+        if let Some(p) = self
+            .state
+            .processes
+            .iter_mut()
+            .rev()
+            .find(|p| p.name == name)
+        {
+            p.pid = Some(pid);
+            p.start_time = start;
+        }
+        self.state.save()?;
+        Ok(pid)
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !ok() {
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: what.into(),
+                    secs: timeout.as_secs(),
+                });
+            }
+            sys::sleep(Duration::from_millis(50))?;
+        }
+        Ok(())
+    }
+
+    fn start_api(&mut self) -> Result<()> {
+        let u = self.state.underlay_ns.clone();
+        let url_file = self.state.dir.join("api.url");
+        let argv: Vec<String> = vec![
+            self.testbed_bin.display().to_string(),
+            "api".into(),
+            "--listen".into(),
+            format!("{UNDERLAY_V4_NET}.254:0"),
+            "--kubeconfig".into(),
+            self.state.kubeconfig.display().to_string(),
+            "--cluster-cidr".into(),
+            self.state.cluster_cidrs.join(","),
+        ];
+        self.spawn("api", &u, &argv, Some(&url_file))?;
+        let mut url = String::new();
+        self.wait_for("the API server", Duration::from_secs(10), || {
+            url = std::fs::read_to_string(&url_file).unwrap_or_default();
+            url.ends_with('\n')
+        })?;
+        self.state.api_url = Some(url.trim().to_string());
+        self.state.save()?;
+        self.say(format!(
+            "API server {} (in {u}), kubeconfig {}",
+            url.trim(),
+            self.state.kubeconfig.display()
+        ));
+        Ok(())
+    }
+
+    /// The API server's address.
+    pub fn api_addr(&self) -> Result<SocketAddr> {
+        let url = self
+            .state
+            .api_url
+            .as_deref()
+            .ok_or_else(|| Error::Other("the API server was never started".into()))?;
+        url.trim_start_matches("http://")
+            .parse()
+            .map_err(|_| Error::Other(format!("bad API URL {url}")))
+    }
+
+    /// One request to the API server (from inside the underlay namespace).
+    pub fn api(&self, method: &str, path: &str, ctype: &str, body: &Value) -> Result<Value> {
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let (status, text) = sys::http(
+            &self.state.underlay_ns,
+            self.api_addr()?,
+            method,
+            path,
+            ctype,
+            &body,
+        )?;
+        if !(200..300).contains(&status) {
+            return Err(Error::Other(format!(
+                "{method} {path}: HTTP {status}: {text}"
+            )));
+        }
+        serde_json::from_str(&text).map_err(|e| Error::Other(format!("{method} {path}: {e}")))
+    }
+
+    /// The API server's write-request counter.
+    pub fn api_write_count(&self) -> Result<u64> {
+        let v = self.api("GET", "/testbed/writes", "application/json", &Value::Null)?;
+        v["count"]
+            .as_u64()
+            .ok_or_else(|| Error::Other(format!("bad /testbed/writes answer {v}")))
+    }
+
+    /// The `wgmesh.dev/public-key` a Node carries, if any.
+    pub fn node_public_key(&self, name: &str) -> Option<String> {
+        let v = self
+            .api(
+                "GET",
+                &format!("/api/v1/nodes/{name}"),
+                "application/json",
+                &Value::Null,
+            )
+            .ok()?;
+        v["metadata"]["annotations"]["wgmesh.dev/public-key"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// Adds one node with `pods` pods: namespaces and links, the Node object (its pod
+    /// CIDRs come from the API's IPAM), then its dataplane and agent. Returns its name.
+    pub fn add_node(&mut self, pods: usize) -> Result<String> {
+        let index = self.state.next_node;
+        self.state.next_node += 1;
+        if index > 250 {
+            return Err(Error::Other("at most 250 nodes per testbed".into()));
+        }
+        let name = format!("n{index}");
+        let prefix = self.state.prefix();
+        let ns = format!("{prefix}{name}");
+        let u = self.state.underlay_ns.clone();
+        let dual = self.state.dual_stack;
+        self.add_netns(&ns)?;
+
+        // Underlay link: v-<name> on the bridge, eth0 in the node.
+        let uplink = format!("v-{name}");
+        self.record_link(&u, &uplink, "veth", Some((&ns, "eth0")))?;
+        ip(
+            &u,
+            &[
+                "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        ip(&u, &["link", "set", &uplink, "master", BRIDGE, "up"])?;
+        let v4: IpAddr = format!("{UNDERLAY_V4_NET}.{index}").parse().expect("valid");
+        let mut underlay = vec![v4];
+        ip(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        if dual {
+            let v6: IpAddr = format!("{UNDERLAY_V6_NET}{index:x}")
+                .parse()
+                .expect("valid");
+            ip(
+                &ns,
+                &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
+            )?;
+            underlay.push(v6);
+        }
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        netns_exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if dual {
+            netns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
+
+        // The Node object, as a kubelet and the controller-manager would make it.
+        let created = self.api(
+            "POST",
+            "/api/v1/nodes",
+            "application/json",
+            &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name,
+                "labels": {"kubernetes.io/hostname": name, "wgmesh.dev/testbed": self.state.id}}}),
+        )?;
+        let pod_cidrs: Vec<String> = created["spec"]["podCIDRs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if pod_cidrs.is_empty() {
+            return Err(Error::Other(format!("the API gave {name} no pod CIDR")));
+        }
+        let addresses: Vec<Value> = underlay
+            .iter()
+            .map(|a| json!({"type": "InternalIP", "address": a.to_string()}))
+            .chain(std::iter::once(
+                json!({"type": "Hostname", "address": name}),
+            ))
+            .collect();
+        self.api(
+            "PATCH",
+            &format!("/api/v1/nodes/{name}/status"),
+            "application/merge-patch+json",
+            &json!({"status": {"addresses": addresses, "conditions": [{"type": "Ready",
+                "status": "True", "reason": "KubeletReady", "message": "wgmesh testbed node"}]}}),
+        )?;
+        let iface = format!("wgmesh-{name}");
+        let store = self.state.dir.join("keys").join(&name);
+        self.state.nodes.push(NodeRecord {
+            name: name.clone(),
+            ns: ns.clone(),
+            index,
+            underlay: underlay.clone(),
+            iface: iface.clone(),
+            store: store.clone(),
+            pod_cidrs: pod_cidrs.clone(),
+            pods: Vec::new(),
+        });
+        self.state.save()?;
+
+        // Pods behind a bridge with the gateway address, the shape the bridge CNI
+        // plugin produces.
+        let nets: Vec<IpNet> = pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+        self.record_link(&ns, "cni0", "bridge", None)?;
+        ip(&ns, &["link", "add", "cni0", "type", "bridge"])?;
+        for net in &nets {
+            let gw = nth_host(net, 1);
+            let mut args = vec!["addr", "add"];
+            let a = format!("{gw}/{}", net.prefix_len());
+            args.extend([a.as_str(), "dev", "cni0"]);
+            if gw.is_ipv6() {
+                args.push("nodad");
+            }
+            ip(&ns, &args)?;
+        }
+        ip(&ns, &["link", "set", "cni0", "up"])?;
+        for j in 1..=pods {
+            let pod = format!("{name}-p{j}");
+            let pod_ns = format!("{prefix}{pod}");
+            self.add_netns(&pod_ns)?;
+            let veth = format!("vp{j}");
+            self.record_link(&ns, &veth, "veth", Some((&pod_ns, "eth0")))?;
+            ip(
+                &ns,
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
+                ],
+            )?;
+            ip(&ns, &["link", "set", &veth, "master", "cni0", "up"])?;
+            let mut ips = Vec::new();
+            for net in &nets {
+                let addr = nth_host(net, j as u32 + 1);
+                let a = format!("{addr}/{}", net.prefix_len());
+                let mut args = vec!["addr", "add", a.as_str(), "dev", "eth0"];
+                if addr.is_ipv6() {
+                    args.push("nodad");
+                }
+                ip(&pod_ns, &args)?;
+                ips.push(addr);
+            }
+            ip(&pod_ns, &["link", "set", "eth0", "up"])?;
+            for net in &nets {
+                let gw = nth_host(net, 1).to_string();
+                let fam = if net.addr().is_ipv6() { "-6" } else { "-4" };
+                sys::run(&[
+                    "ip", "-n", &pod_ns, fam, "route", "add", "default", "via", &gw,
+                ])?;
+            }
+            if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == name) {
+                n.pods.push(PodRecord {
+                    name: pod,
+                    ns: pod_ns,
+                    ips,
+                });
+            }
+            self.state.save()?;
+        }
+
+        // The real processes, through the real CLI.
+        let uapi = self.state.uapi_dir.display().to_string();
+        let wg = self.wgmesh.display().to_string();
+        let argv: Vec<String> = [
+            wg.as_str(),
+            "dataplane",
+            "--interface",
+            &iface,
+            "--uapi-dir",
+            &uapi,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.spawn(&format!("{name}-dataplane"), &ns, &argv, None)?;
+        let sock = self.state.uapi_dir.join(format!("{iface}.sock"));
+        self.wait_for(
+            &format!("{name}'s UAPI socket"),
+            Duration::from_secs(10),
+            || sock.exists(),
+        )?;
+        let cni = self.state.dir.join("cni").join(&name).display().to_string();
+        let argv: Vec<String> = [
+            wg.as_str(),
+            "agent",
+            "--node-name",
+            &name,
+            "--kubeconfig",
+            &self.state.kubeconfig.display().to_string(),
+            "--store",
+            &store.display().to_string(),
+            "--interface",
+            &iface,
+            "--uapi-dir",
+            &uapi,
+            "--cluster-cidrs",
+            &self.state.cluster_cidrs.join(","),
+            "--resync-seconds",
+            "10",
+            // Each node's CNI config in the state dir: the host's
+            // /etc/cni/net.d is shared by every namespace and not ours.
+            "--cni-dir",
+            &cni,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.spawn(&format!("{name}-agent"), &ns, &argv, None)?;
+        let addrs: Vec<String> = underlay.iter().map(|a| a.to_string()).collect();
+        self.say(format!(
+            "node {name}: underlay {}, pod CIDRs {}, {pods} pod(s), dataplane + agent on {iface}",
+            addrs.join(" "),
+            pod_cidrs.join(" ")
+        ));
+        Ok(name)
+    }
+
+    /// Path of a node's UAPI socket.
+    pub fn sock(&self, node: &NodeRecord) -> PathBuf {
+        self.state.uapi_dir.join(format!("{}.sock", node.iface))
+    }
+
+    /// Waits until every device has one peer per other node; returns the seconds waited.
+    pub fn wait_mesh(&self, timeout: Duration) -> Result<f64> {
+        let t0 = Instant::now();
+        let want = self.state.nodes.len().saturating_sub(1);
+        self.wait_for(
+            "every device to have a peer per other node",
+            timeout,
+            || {
+                self.state
+                    .nodes
+                    .iter()
+                    .all(|n| sys::uapi_peers(&self.sock(n)).is_some_and(|p| p.len() == want))
+            },
+        )?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Deletes a node's Node object (the agents then drop its peer). Its namespaces
+    /// and processes stay until [`Self::destroy_node`].
+    pub fn delete_node_object(&self, name: &str) -> Result<()> {
+        self.api(
+            "DELETE",
+            &format!("/api/v1/nodes/{name}"),
+            "application/json",
+            &Value::Null,
+        )?;
+        Ok(())
+    }
+
+    /// Stops a node's processes and removes its namespaces and records.
+    pub fn destroy_node(&mut self, name: &str) -> Result<()> {
+        let Some(node) = self.state.node(name).cloned() else {
+            return Err(Error::Other(format!(
+                "no node {name} in testbed {}",
+                self.state.id
+            )));
+        };
+        let procs: Vec<ProcessRecord> = self
+            .state
+            .processes
+            .iter()
+            .filter(|p| p.name.starts_with(&format!("{name}-")))
+            .cloned()
+            .collect();
+        stop_processes(&procs);
+        let mut nss: Vec<String> = node.pods.iter().map(|p| p.ns.clone()).collect();
+        nss.push(node.ns.clone());
+        for ns in &nss {
+            delete_netns(ns);
+        }
+        let _ = std::fs::remove_dir_all(&node.store);
+        self.state
+            .processes
+            .retain(|p| !p.name.starts_with(&format!("{name}-")));
+        self.state.namespaces.retain(|n| !nss.contains(n));
+        self.state.links.retain(|l| {
+            !nss.contains(&l.ns) && l.peer_ns.as_ref().is_none_or(|p| !nss.contains(p))
+        });
+        self.state.nodes.retain(|n| n.name != name);
+        self.state.save()?;
+        Ok(())
+    }
+}
+
+/// The `n`th address of a network (1 = the first after the network address).
+pub fn nth_host(net: &IpNet, n: u32) -> IpAddr {
+    match net {
+        IpNet::V4(n4) => IpAddr::V4((u32::from(n4.network()) + n).into()),
+        IpNet::V6(n6) => IpAddr::V6((u128::from(n6.network()) + u128::from(n)).into()),
+    }
+}
+
+/// Stops processes: SIGTERM to the ones still alive (and still the process that
+/// was started: the start time must match), up to 3 s, then SIGKILL.
+pub fn stop_processes(procs: &[ProcessRecord]) {
+    let live = |p: &ProcessRecord| p.pid.filter(|&pid| sys::alive(pid, p.start_time));
+    for p in procs.iter().rev() {
+        if let Some(pid) = live(p) {
+            sys::signal(pid as i32, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && procs.iter().any(|p| live(p).is_some()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in procs {
+        if let Some(pid) = live(p) {
+            sys::signal(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// Kills whatever still runs in a namespace, then deletes it. Quiet if it is gone.
+pub fn delete_netns(ns: &str) {
+    if !sys::list_netns().iter().any(|n| n == ns) {
+        return;
+    }
+    for pid in sys::netns_pids(ns) {
+        sys::signal(pid, libc::SIGKILL);
+    }
+    let _ = sys::run(&["ip", "netns", "del", ns]);
+}
+
+/// Removes everything of testbed `id` that may exist: its recorded processes, every
+/// namespace with its prefix (recorded or not, and whatever runs in them), and its
+/// state directory. Safe to run on a half-built testbed and to run twice. Returns
+/// what it removed, for the caller to print.
+pub fn teardown(id: &str) -> Vec<String> {
+    let mut done = Vec::new();
+    let dir = state_root().join(id);
+    let state = State::load(&dir).ok();
+    if let Some(s) = &state {
+        let live = s
+            .processes
+            .iter()
+            .filter(|p| p.pid.is_some_and(|pid| sys::alive(pid, p.start_time)))
+            .count();
+        stop_processes(&s.processes);
+        if live > 0 {
+            done.push(format!("stopped {live} process(es)"));
+        }
+    }
+    let prefix = format!("{NETNS_PREFIX}{id}-");
+    let mut nss: Vec<String> = state
+        .as_ref()
+        .map(|s| s.namespaces.clone())
+        .unwrap_or_default();
+    for n in sys::list_netns() {
+        if n.starts_with(&prefix) && !nss.contains(&n) {
+            nss.push(n);
+        }
+    }
+    // Pods first, the underlay last.
+    let mut removed = 0;
+    for ns in nss.iter().rev() {
+        if sys::list_netns().iter().any(|n| n == ns) {
+            delete_netns(ns);
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        done.push(format!("deleted {removed} namespace(s) {prefix}*"));
+    }
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        done.push(format!("removed {}", dir.display()));
+    }
+    done
+}
+
+/// Every testbed id that left a trace: a state directory or a namespace.
+pub fn all_ids() -> Vec<String> {
+    let mut ids = list_ids();
+    for n in sys::list_netns() {
+        if let Some(rest) = n.strip_prefix(NETNS_PREFIX) {
+            if let Some((id, _)) = rest.split_once('-') {
+                if !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+    }
+    ids
+}

@@ -1,0 +1,515 @@
+//! The testbed's commands (everything but the hidden `api`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use wgmesh_testbed::bed::state::{self, State};
+use wgmesh_testbed::bed::{check, sys, teardown, topology, Error, Options, Testbed};
+
+/// Run a wgmesh cluster of network namespaces on this Linux host (root): an underlay
+/// bridge, N nodes each running the real `wgmesh dataplane` and `wgmesh agent`, M pods
+/// per node, and a test Kubernetes API. For tests and demos only; real clusters use
+/// manifests/.
+#[derive(Debug, Parser)]
+#[command(name = "wgmesh-testbed", version)]
+struct Cli {
+    /// Which testbed (default: the only one there is).
+    #[arg(long, env = "WGMESH_TESTBED_ID", global = true)]
+    id: Option<String>,
+
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a testbed and leave it running; prints its id.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// IPv6 underlay addresses and IPv6 pod CIDRs as well.
+        #[arg(long)]
+        dual_stack: bool,
+    },
+    /// Nodes, pod CIDRs, processes, and each device's peers (over its UAPI socket).
+    Status,
+    /// Prove the mesh: ping matrix, underlay capture, quiet-time API writes,
+    /// add/remove convergence. Exits non-zero naming each failed check.
+    Check,
+    /// Remove a testbed (or all with --all): processes, namespaces, state. Idempotent;
+    /// works on a half-built testbed.
+    Down {
+        /// Every testbed found (state directories and `wgtb-*` namespaces).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print the kubeconfig's path (the server is only reachable inside the testbed:
+    /// `ip netns exec wgtb-<id>-u kubectl --kubeconfig PATH get nodes -o wide`).
+    Kubeconfig {
+        /// Print its content instead.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Run a command in a node's namespace (`n1`), a pod's (`n1-p1`) or the
+    /// underlay's (`u`).
+    Exec {
+        target: String,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Add a node (with --pods pods; default: as at `up`).
+    AddNode {
+        #[arg(long)]
+        pods: Option<usize>,
+    },
+    /// Delete a node's Node object, wait until no device has its peer, remove it.
+    RemoveNode { name: String },
+    /// up, check, a narrated proof, down (always, also on failure or Ctrl-C).
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        #[arg(long)]
+        dual_stack: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Up {
+            nodes,
+            pods,
+            dual_stack,
+        } => cmd_up(nodes, pods, dual_stack, false).map(|_| ExitCode::SUCCESS),
+        Cmd::Status => open(cli.id.as_deref()).and_then(|tb| cmd_status(&tb)),
+        Cmd::Check => open(cli.id.as_deref()).and_then(cmd_check),
+        Cmd::Down { all } => cmd_down(cli.id.as_deref(), all),
+        Cmd::Kubeconfig { print } => open(cli.id.as_deref()).and_then(|tb| {
+            if print {
+                print!(
+                    "{}",
+                    std::fs::read_to_string(&tb.state.kubeconfig)
+                        .map_err(|e| Error::Other(e.to_string()))?
+                );
+            } else {
+                println!("{}", tb.state.kubeconfig.display());
+                eprintln!(
+                    "the API listens inside the testbed; use it with:\n  ip netns exec {} kubectl --kubeconfig {} get nodes -o wide",
+                    tb.state.underlay_ns,
+                    tb.state.kubeconfig.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Cmd::Exec { target, command } => open(cli.id.as_deref()).and_then(|tb| cmd_exec(&tb, &target, &command)),
+        Cmd::AddNode { pods } => open(cli.id.as_deref()).and_then(|mut tb| {
+            sys::install_interrupt_handler();
+            let pods = pods.unwrap_or(tb.state.pods_per_node);
+            let name = tb.add_node(pods)?;
+            let secs = tb.wait_mesh(Duration::from_secs(60))?;
+            tb.say(format!("{name} added; full mesh again after {secs:.2} s"));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Cmd::RemoveNode { name } => open(cli.id.as_deref()).and_then(|mut tb| {
+            if tb.state.node(&name).is_none() {
+                return Err(Error::Other(format!("no node {name}")));
+            }
+            tb.delete_node_object(&name)?;
+            tb.say(format!("Node {name} deleted"));
+            let t0 = std::time::Instant::now();
+            tb.destroy_node(&name)?;
+            tb.say(format!("{name}'s processes and namespaces removed ({:.2} s)", t0.elapsed().as_secs_f64()));
+            let secs = tb.wait_mesh(Duration::from_secs(60))?;
+            tb.say(format!("every device has {} peer(s) again after {secs:.2} s", tb.state.nodes.len().saturating_sub(1)));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Cmd::Demo {
+            nodes,
+            pods,
+            dual_stack,
+        } => cmd_demo(nodes, pods, dual_stack),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Error::Interrupted) => {
+            eprintln!("wgmesh-testbed: interrupted");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("wgmesh-testbed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `wgmesh` next to this executable (target/{debug,release}/), or `$WGMESH_BIN`.
+fn binaries() -> Result<(PathBuf, PathBuf), Error> {
+    let me = std::env::current_exe().map_err(|e| Error::io("cannot find this executable", e))?;
+    let wgmesh = match std::env::var_os("WGMESH_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => me.with_file_name("wgmesh"),
+    };
+    if !wgmesh.is_file() {
+        return Err(Error::Other(format!(
+            "no wgmesh binary at {} (build it with `cargo build --bin wgmesh` or set WGMESH_BIN)",
+            wgmesh.display()
+        )));
+    }
+    Ok((wgmesh, me))
+}
+
+fn prerequisites() -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::Other(
+            "the testbed needs root (network namespaces)".into(),
+        ));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err(Error::Other("/dev/net/tun is missing".into()));
+    }
+    for tool in ["ip", "ping", "tcpdump"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            return Err(Error::Other(format!(
+                "`{tool}` is missing (Debian: apt-get install iproute2 iputils-ping tcpdump)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn open(id: Option<&str>) -> Result<Testbed, Error> {
+    let state = state::resolve(id)?;
+    let (wgmesh, me) = binaries()?;
+    Ok(Testbed::open(state, wgmesh, me))
+}
+
+/// Builds a testbed; on failure or Ctrl-C removes what was built.
+fn cmd_up(
+    nodes: usize,
+    pods: usize,
+    dual_stack: bool,
+    quiet_summary: bool,
+) -> Result<Testbed, Error> {
+    prerequisites()?;
+    if nodes == 0 {
+        return Err(Error::Other("--nodes must be at least 1".into()));
+    }
+    let (wgmesh, me) = binaries()?;
+    sys::install_interrupt_handler();
+    let mut tb = Testbed::create(&Options {
+        nodes,
+        pods,
+        dual_stack,
+        wgmesh,
+        testbed_bin: me,
+    })?;
+    if let Err(e) = tb.up(nodes) {
+        let id = tb.state.id.clone();
+        eprintln!(
+            "wgmesh-testbed: up failed: {e}; logs in {}/logs",
+            tb.state.dir.display()
+        );
+        keep_logs(&tb.state);
+        eprintln!("cleaning up testbed {id}");
+        for line in teardown(&id) {
+            eprintln!("  {line}");
+        }
+        return Err(e);
+    }
+    if !quiet_summary {
+        let id = &tb.state.id;
+        println!("\ntestbed {id} is up. Next:");
+        println!("  wgmesh-testbed status            # nodes, processes, peers");
+        println!(
+            "  wgmesh-testbed check             # ping matrix, capture, convergence, quiet writes"
+        );
+        println!("  wgmesh-testbed exec n1-p1 -- ping -c1 <pod IP>");
+        println!("  wgmesh-testbed down              # (add --id {id} when several run)");
+    }
+    Ok(tb)
+}
+
+/// Copies a failed testbed's logs out of the state directory (which `down` removes).
+fn keep_logs(state: &State) {
+    let to = std::env::temp_dir().join(format!("wgmesh-testbed-{}-logs", state.id));
+    let _ = std::fs::create_dir_all(&to);
+    if let Ok(rd) = std::fs::read_dir(state.dir.join("logs")) {
+        for e in rd.flatten() {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
+    }
+    eprintln!("logs copied to {}", to.display());
+}
+
+fn cmd_down(id: Option<&str>, all: bool) -> Result<ExitCode, Error> {
+    let ids: Vec<String> = if all {
+        topology::all_ids()
+    } else if let Some(id) = id {
+        vec![id.to_string()]
+    } else {
+        let ids = topology::all_ids();
+        if ids.len() > 1 {
+            return Err(state::StateError::Ambiguous {
+                n: ids.len(),
+                ids: ids.join(", "),
+            }
+            .into());
+        }
+        ids
+    };
+    if ids.is_empty() {
+        println!("no testbed found; nothing to do");
+    }
+    for id in ids {
+        let done = teardown(&id);
+        if done.is_empty() {
+            println!("testbed {id}: nothing left to remove");
+        } else {
+            println!("testbed {id}: {}", done.join("; "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_status(tb: &Testbed) -> Result<ExitCode, Error> {
+    let s = &tb.state;
+    println!(
+        "testbed {} ({}), state {}",
+        s.id,
+        s.phase,
+        s.path().display()
+    );
+    println!(
+        "API {} in {}; kubeconfig {}",
+        s.api_url.as_deref().unwrap_or("-"),
+        s.underlay_ns,
+        s.kubeconfig.display()
+    );
+    println!("cluster CIDRs {}", s.cluster_cidrs.join(", "));
+    println!("\nprocesses:");
+    for p in &s.processes {
+        let alive = p.pid.is_some_and(|pid| sys::alive(pid, p.start_time));
+        println!(
+            "  {:16} pid {:>7}  {}  (log {})",
+            p.name,
+            p.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            if alive { "running" } else { "NOT RUNNING" },
+            p.log.display()
+        );
+    }
+    for n in &s.nodes {
+        let ul: Vec<String> = n.underlay.iter().map(|a| a.to_string()).collect();
+        println!(
+            "\nnode {} ({}): underlay {}, pod CIDRs {}",
+            n.name,
+            n.ns,
+            ul.join(" "),
+            n.pod_cidrs.join(" ")
+        );
+        for p in &n.pods {
+            let ips: Vec<String> = p.ips.iter().map(|a| a.to_string()).collect();
+            println!("  pod {} ({}): {}", p.name, p.ns, ips.join(" "));
+        }
+        match sys::uapi_peers(&tb.sock(n)) {
+            None => println!("  device {}: UAPI socket not answering", n.iface),
+            Some(peers) => {
+                println!("  device {}: {} peer(s)", n.iface, peers.len());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                for p in peers {
+                    let hs = if p.last_handshake_sec == 0 {
+                        "no handshake yet".to_string()
+                    } else {
+                        format!(
+                            "handshake {} s ago",
+                            now.saturating_sub(p.last_handshake_sec)
+                        )
+                    };
+                    println!(
+                        "    peer {} endpoint {} allowed {}; {hs}; rx {} B tx {} B",
+                        p.public_key_b64(),
+                        p.endpoint.as_deref().unwrap_or("-"),
+                        p.allowed_ips.join(","),
+                        p.rx_bytes,
+                        p.tx_bytes
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_exec(tb: &Testbed, target: &str, command: &[String]) -> Result<ExitCode, Error> {
+    let s = &tb.state;
+    let ns = if target == "u" || target == "underlay" {
+        s.underlay_ns.clone()
+    } else if let Some(n) = s.node(target) {
+        n.ns.clone()
+    } else if let Some((_, p)) = s.pods().find(|(_, p)| p.name == target) {
+        p.ns.clone()
+    } else {
+        return Err(Error::Other(format!(
+            "no node or pod {target} (see `status`)"
+        )));
+    };
+    let status = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(command)
+        .status()
+        .map_err(|e| Error::io("ip netns exec", e))?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+fn cmd_check(mut tb: Testbed) -> Result<ExitCode, Error> {
+    sys::install_interrupt_handler();
+    let outcomes = check::run(&mut tb)?;
+    Ok(summarize(&outcomes))
+}
+
+fn summarize(outcomes: &[check::Outcome]) -> ExitCode {
+    println!("\n== summary");
+    for o in outcomes {
+        println!(
+            "  {} {:26} {}",
+            if o.ok { "PASS" } else { "FAIL" },
+            o.name,
+            o.detail
+        );
+    }
+    let failed: Vec<&str> = outcomes.iter().filter(|o| !o.ok).map(|o| o.name).collect();
+    if failed.is_empty() {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("FAILED: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
+fn say(text: &str) {
+    println!("\n--- {text}");
+}
+
+fn cmd_demo(nodes: usize, pods: usize, dual_stack: bool) -> Result<ExitCode, Error> {
+    say(&format!(
+        "wgmesh demo: {nodes} Kubernetes nodes with {pods} pod(s) each, on this host.\n\
+         Each node is a network namespace running the real `wgmesh dataplane` (a userspace\n\
+         WireGuard device) and `wgmesh agent` (the control plane) against a test Kubernetes\n\
+         API. Nodes share an underlay bridge, the only wire between them."
+    ));
+    let mut tb = cmd_up(nodes, pods, dual_stack, true)?;
+    let id = tb.state.id.clone();
+    let result = demo_body(&mut tb);
+    say("cleaning up (always): stopping every process, deleting every namespace");
+    for line in teardown(&id) {
+        println!("  {line}");
+    }
+    let left = sys::list_netns()
+        .iter()
+        .filter(|n| n.starts_with(&tb.state.prefix()))
+        .count();
+    println!(
+        "  namespaces left with prefix {}: {left}",
+        tb.state.prefix()
+    );
+    let code = result?;
+    if code == ExitCode::SUCCESS {
+        say("demo passed");
+    }
+    Ok(code)
+}
+
+fn demo_body(tb: &mut Testbed) -> Result<ExitCode, Error> {
+    say(
+        "1. Each agent generated its node's x25519 key and published the public half, its\n\
+         endpoint and pod CIDRs on its Node object (private keys never leave the node):",
+    );
+    let nodes = tb.api(
+        "GET",
+        "/api/v1/nodes",
+        "application/json",
+        &serde_json::Value::Null,
+    )?;
+    println!(
+        "  {:4} {:15} {:16} {:46} GEN",
+        "NODE", "ENDPOINT", "POD CIDRS", "PUBLIC KEY"
+    );
+    for n in nodes["items"].as_array().cloned().unwrap_or_default() {
+        let a = &n["metadata"]["annotations"];
+        let get = |k: &str| {
+            a[format!("wgmesh.dev/{k}")]
+                .as_str()
+                .unwrap_or("-")
+                .to_string()
+        };
+        let cidrs: Vec<String> = n["spec"]["podCIDRs"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:4} {:15} {:16} {:46} {}",
+            n["metadata"]["name"].as_str().unwrap_or("?"),
+            get("endpoint"),
+            cidrs.join(","),
+            get("public-key"),
+            get("key-generation")
+        );
+    }
+    if let Some(n1) = tb.state.nodes.first().cloned() {
+        say(&format!(
+            "2. Every agent watches all Nodes and programs one WireGuard peer per other node;\n\
+             node {}'s device, read over its UAPI socket (what `wg show` reads):",
+            n1.name
+        ));
+        for p in sys::uapi_peers(&tb.sock(&n1)).unwrap_or_default() {
+            println!(
+                "  peer {}  endpoint {}  allowed ips {}",
+                p.public_key_b64(),
+                p.endpoint.as_deref().unwrap_or("-"),
+                p.allowed_ips.join(",")
+            );
+        }
+        let routes = sys::ip(&n1.ns, &["route", "show"]).unwrap_or_default();
+        println!("  and its routes (the whole cluster CIDR goes into the tunnel: fail closed):");
+        for l in routes.lines() {
+            println!("    {l}");
+        }
+    }
+    say(
+        "3. The proof. (a) every pod pings every pod on every other node; (b) meanwhile a\n\
+         capture on every port of the underlay bridge counts WireGuard datagrams and any\n\
+         packet whose source or destination is a pod address (plaintext would show there);\n\
+         (d) the API gets no writes while nothing changes; (c) a node is added and removed\n\
+         and the mesh follows, timed by polling every device every 50 ms.",
+    );
+    let outcomes = check::run(tb)?;
+    let code = summarize(&outcomes);
+    say(
+        "What this shows: pods on different nodes reach each other; on the wire between the\n\
+         nodes there were only WireGuard UDP datagrams and not a single plaintext pod packet;\n\
+         membership changes reach every node in well under a second; and a quiet cluster\n\
+         costs the API server nothing.",
+    );
+    Ok(code)
+}

@@ -1,0 +1,129 @@
+//! The testbed end to end through its binary: `up --nodes 3 --pods 1`, `check`,
+//! `down`, then nothing of it is left. Needs root, /dev/net/tun, iproute2, ping and
+//! tcpdump; without them it prints SKIP, except under CI=true where it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wgmesh-testbed");
+
+fn prerequisites() -> Result<(), String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Err("not root".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err("/dev/net/tun missing".into());
+    }
+    for tool in ["ip", "ping", "tcpdump"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            return Err(format!("`{tool}` missing"));
+        }
+    }
+    Ok(())
+}
+
+/// The wgmesh binary, built if needed (it belongs to another package).
+fn wgmesh_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WGMESH_BIN") {
+        return p.into();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "wgmesh", "--bin", "wgmesh"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo runs")
+        .success();
+    assert!(ok, "cannot build the wgmesh binary");
+    Path::new(BIN).with_file_name("wgmesh")
+}
+
+/// Runs `down --all` in the test's own state root whatever happens.
+struct Guard {
+    state_root: tempfile::TempDir,
+    wgmesh: PathBuf,
+}
+
+impl Guard {
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("WGMESH_TESTBED_STATE_DIR", self.state_root.path())
+            .env("WGMESH_BIN", &self.wgmesh)
+            .env_remove("WGMESH_TESTBED_ID")
+            .output()
+            .expect("wgmesh-testbed runs");
+        eprintln!(
+            "$ wgmesh-testbed {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.run(&["down", "--all"]);
+    }
+}
+
+fn namespaces_with(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn up_check_down_leaves_nothing_behind() {
+    if let Err(why) = prerequisites() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("testbed_cli cannot run under CI: {why}");
+        }
+        eprintln!("SKIP testbed_cli: {why}");
+        return;
+    }
+    let guard = Guard {
+        state_root: tempfile::tempdir().unwrap(),
+        wgmesh: wgmesh_bin(),
+    };
+    let up = guard.run(&["up", "--nodes", "3", "--pods", "1"]);
+    assert!(up.status.success(), "up failed");
+    let ids: Vec<String> = std::fs::read_dir(guard.state_root.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(ids.len(), 1, "one testbed expected: {ids:?}");
+    let prefix = format!("wgtb-{}-", ids[0]);
+    // underlay + 3 nodes + 3 pods
+    assert_eq!(namespaces_with(&prefix).len(), 7);
+
+    let check = guard.run(&["check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "check failed:\n{text}");
+    assert!(text.contains("PASS capture-ciphertext-only"), "{text}");
+
+    let down = guard.run(&["down"]);
+    assert!(down.status.success(), "down failed");
+    assert!(
+        namespaces_with(&prefix).is_empty(),
+        "namespaces left: {:?}",
+        namespaces_with(&prefix)
+    );
+    assert!(!guard.state_root.path().join(&ids[0]).exists());
+    // Idempotent.
+    assert!(guard.run(&["down", "--id", &ids[0]]).status.success());
+}
