@@ -32,7 +32,7 @@ use crate::keys::PrivateKey;
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
 use crate::net::Net;
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
-use crate::telemetry::{self, PassState, RejectedView, Telemetry};
+use crate::telemetry::{self, PassState, Telemetry};
 use crate::wg::kernel::{select_backend, BackendKind};
 use crate::wg::{self, Backend, LocalDevice};
 
@@ -284,30 +284,11 @@ impl Agent {
         report.excluded = plan.excluded.len();
         report.events += self.report_exclusions(&plan, nodes).await?;
 
-        self.telemetry.set_pass(PassState {
-            peers: plan
-                .peers
-                .iter()
-                .map(|p| {
-                    (
-                        p.config.public_key,
-                        p.node.clone(),
-                        p.config.allowed_ips.clone(),
-                    )
-                })
-                .collect(),
-            rejected: plan
-                .excluded
-                .iter()
-                .map(|e| RejectedView {
-                    node: e.node.clone(),
-                    kind: e.reason.kind(),
-                    reason: e.reason.to_string(),
-                })
-                .collect(),
-            key_generation: state.active.generation,
-            key_created: Some(state.active.created),
-        });
+        self.telemetry.set_pass(PassState::from_plan(
+            &plan,
+            state.active.generation,
+            Some(state.active.created),
+        ));
 
         // 3. The device.
         report.device_changes = self.program_device(&private, &plan).await?;

@@ -48,22 +48,7 @@ pub fn build(
         },
         &decoded,
     );
-    let pass = PassState {
-        peers: plan
-            .peers
-            .iter()
-            .map(|p| {
-                (
-                    p.config.public_key,
-                    p.node.clone(),
-                    p.config.allowed_ips.clone(),
-                )
-            })
-            .collect(),
-        rejected: Vec::new(),
-        key_generation: 0,
-        key_created: None,
-    };
+    let pass = PassState::from_plan(&plan, 0, None);
     let peers = telemetry::peer_views(&pass, stats, now);
     let unknown_pass = PassState {
         peers: stats
@@ -81,15 +66,7 @@ pub fn build(
     Status {
         node: local_node.to_string(),
         peers,
-        rejected: plan
-            .excluded
-            .iter()
-            .map(|e| RejectedView {
-                node: e.node.clone(),
-                kind: e.reason.kind(),
-                reason: e.reason.to_string(),
-            })
-            .collect(),
+        rejected: pass.rejected.clone(),
         unknown: telemetry::peer_views(&unknown_pass, stats, now),
     }
 }

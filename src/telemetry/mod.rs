@@ -91,6 +91,40 @@ pub struct PassState {
     pub key_created: Option<jiff::Timestamp>,
 }
 
+impl PassState {
+    /// What a plan says, for metrics and `wgmesh status`.
+    pub fn from_plan(
+        plan: &crate::mesh::Plan,
+        key_generation: u64,
+        key_created: Option<jiff::Timestamp>,
+    ) -> Self {
+        Self {
+            peers: plan
+                .peers
+                .iter()
+                .map(|p| {
+                    (
+                        p.config.public_key,
+                        p.node.clone(),
+                        p.config.allowed_ips.clone(),
+                    )
+                })
+                .collect(),
+            rejected: plan
+                .excluded
+                .iter()
+                .map(|e| RejectedView {
+                    node: e.node.clone(),
+                    kind: e.reason.kind(),
+                    reason: e.reason.to_string(),
+                })
+                .collect(),
+            key_generation,
+            key_created,
+        }
+    }
+}
+
 /// Joins the plan's peers with the device's live counters.
 pub fn peer_views(pass: &PassState, stats: &[PeerStats], now: SystemTime) -> Vec<PeerView> {
     let mut out: Vec<PeerView> = pass
