@@ -31,6 +31,8 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub const DATA_OVERHEAD: usize = 32;
 /// The largest message a device writes for a control packet (initiation).
 pub const MAX_CONTROL_LEN: usize = 148;
+/// WireGuard message type of a handshake initiation.
+const HANDSHAKE_INIT_TYPE: u32 = 1;
 /// WireGuard message type of a cookie reply.
 const COOKIE_REPLY_TYPE: u32 = 3;
 /// How often [`Device::tick`] wants to run.
@@ -428,9 +430,10 @@ impl Device {
             TunnResult::WriteToNetwork(datagram) => {
                 let len = datagram.len();
                 peer.tx_bytes += len as u64;
-                if Tunn::parse_incoming_packet(&out[..len])
-                    .is_ok_and(|p| matches!(p, Packet::HandshakeInit(_)))
-                {
+                // The message type word tells a queued packet's handshake
+                // initiation from a data datagram, without parsing on the
+                // data path.
+                if out.get(..4) == Some(&HANDSHAKE_INIT_TYPE.to_le_bytes()[..]) {
                     // No session: the packet was queued and this is the
                     // initiation that will bring one up.
                     sink.send_udp(endpoint, &out[..len]);
