@@ -15,6 +15,7 @@ pub mod net;
 pub mod node;
 pub mod status;
 pub mod telemetry;
+pub mod text;
 pub mod wg;
 
 /// The annotation prefix wgmesh owns on Node objects.

@@ -310,7 +310,7 @@ fn show(store: &Store, output: Output) -> Result<()> {
                     out,
                     "  created:     {} ({} ago)",
                     k.created,
-                    human_age(age_seconds(k.created, now))
+                    wgmesh::text::duration(age_seconds(k.created, now).unsigned_abs())
                 )?;
             }
         }
@@ -395,11 +395,10 @@ fn readable_prefix(dir: &std::path::Path, err: &VerifyError) -> Result<Vec<Audit
 }
 
 fn print_table(records: &[AuditRecord]) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    let rows: Vec<[String; 9]> = records
+    let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.seq.to_string(),
                 r.time.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
                 r.event.to_string(),
@@ -423,48 +422,16 @@ fn print_table(records: &[AuditRecord]) -> Result<()> {
         "PEER",
         "REASON",
     ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        s
-    };
-    writeln!(out, "{}", line(&header))?;
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        writeln!(out, "{}", line(&cells))?;
-    }
+    write!(
+        std::io::stdout().lock(),
+        "{}",
+        wgmesh::text::table(&header, &rows)
+    )?;
     Ok(())
 }
 
 fn age_seconds(created: Timestamp, now: Timestamp) -> i64 {
     now.as_second().saturating_sub(created.as_second()).max(0)
-}
-
-fn human_age(seconds: i64) -> String {
-    let (d, h, m, s) = (
-        seconds / 86_400,
-        seconds / 3_600 % 24,
-        seconds / 60 % 60,
-        seconds % 60,
-    );
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m {s}s"),
-        (0, _, _) => format!("{h}h {m}m"),
-        _ => format!("{d}d {h}h"),
-    }
 }
 
 fn default_actor() -> String {

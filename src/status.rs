@@ -73,9 +73,9 @@ pub fn build(
 
 /// The table `wgmesh status` prints.
 pub fn table(status: &Status, now: SystemTime) -> String {
-    let mut rows: Vec<[String; 7]> = Vec::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
     for p in status.peers.iter().chain(&status.unknown) {
-        rows.push([
+        rows.push(vec![
             p.node.clone(),
             p.endpoint.map_or("-".into(), |e| e.to_string()),
             if p.allowed_ips.is_empty() {
@@ -94,15 +94,10 @@ pub fn table(status: &Status, now: SystemTime) -> String {
         ]);
     }
     for r in &status.rejected {
-        rows.push([
-            r.node.clone(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            format!("rejected: {}", r.reason),
-        ]);
+        let mut row = vec![r.node.clone()];
+        row.extend(std::iter::repeat_n("-".to_string(), 5));
+        row.push(format!("rejected: {}", r.reason));
+        rows.push(row);
     }
     let header = [
         "NODE",
@@ -113,30 +108,12 @@ pub fn table(status: &Status, now: SystemTime) -> String {
         "KEY",
         "STATE",
     ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = format!("node {} — {} peers\n", status.node, status.peers.len());
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                let _ = write!(s, "{c:<w$}  ");
-            }
-        }
-        s.push('\n');
-        s
-    };
-    out.push_str(&line(header.to_vec()));
-    for row in &rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
+    format!(
+        "node {} — {} peers\n{}",
+        status.node,
+        status.peers.len(),
+        crate::text::table(&header, &rows)
+    )
 }
 
 /// Graphviz DOT of this node's view of the mesh: an edge per peer, solid green
@@ -180,12 +157,7 @@ fn handshake_ago(last: Option<u64>, now: SystemTime) -> String {
     let now = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let s = now.saturating_sub(t);
-    match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m {}s ago", s / 60, s % 60),
-        _ => format!("{}h {}m ago", s / 3600, s / 60 % 60),
-    }
+    format!("{} ago", crate::text::duration(now.saturating_sub(t)))
 }
 
 fn bytes(n: u64) -> String {

@@ -196,7 +196,7 @@ impl AuditRecord {
         };
         // Serializing plain strings, integers and options cannot fail.
         let json = serde_json::to_vec(&body).unwrap_or_default();
-        hex(&Sha256::digest(json))
+        crate::text::hex(&Sha256::digest(json))
     }
 
     /// The record as one line of the log, without the newline.
@@ -373,10 +373,6 @@ pub fn verify(log: &[u8], head: Option<&Head>) -> Result<Verified, VerifyError> 
         records,
         head: found,
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

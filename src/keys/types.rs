@@ -94,7 +94,7 @@ impl PublicKey {
 
     /// Lowercase hex, the encoding of the WireGuard UAPI.
     pub fn to_hex(&self) -> String {
-        hex_lower(&self.0)
+        crate::text::hex(&self.0)
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
@@ -165,7 +165,7 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex_lower(&self.0))
+        f.write_str(&crate::text::hex(&self.0))
     }
 }
 
@@ -243,7 +243,7 @@ impl PrivateKey {
     /// The secret in lowercase hex, the encoding of the WireGuard UAPI.
     pub fn to_hex(&self) -> Zeroizing<String> {
         let bytes = Zeroizing::new(self.0.to_bytes());
-        Zeroizing::new(hex_lower(&*bytes))
+        Zeroizing::new(crate::text::hex(&*bytes))
     }
 
     /// The underlying x25519 secret, for handing to the Noise implementation.
@@ -288,7 +288,7 @@ impl PresharedKey {
     }
 
     pub fn to_hex(&self) -> Zeroizing<String> {
-        Zeroizing::new(hex_lower(&self.0))
+        Zeroizing::new(crate::text::hex(&self.0))
     }
 
     pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
@@ -306,16 +306,6 @@ impl fmt::Display for PresharedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<pre-shared key>")
     }
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0f)] as char);
-    }
-    out
 }
 
 #[cfg(test)]
