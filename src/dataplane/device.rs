@@ -290,8 +290,7 @@ impl Device {
         };
         let mut rebuild = new;
         if let Some(peer) = self.peers[slot].as_mut() {
-            let psk_changed = peer.settings.preshared_key.as_ref().map(|k| *k.as_bytes())
-                != settings.preshared_key.as_ref().map(|k| *k.as_bytes());
+            let psk_changed = peer.settings.preshared_key != settings.preshared_key;
             let keepalive_changed =
                 peer.settings.persistent_keepalive != settings.persistent_keepalive;
             rebuild |= psk_changed || keepalive_changed;

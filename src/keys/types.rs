@@ -252,6 +252,21 @@ impl PrivateKey {
     }
 }
 
+/// Constant time: comparing secrets must not leak where they differ.
+fn ct_eq(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        let a = Zeroizing::new(self.0.to_bytes());
+        let b = Zeroizing::new(other.0.to_bytes());
+        ct_eq(&a, &b)
+    }
+}
+
+impl Eq for PrivateKey {}
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PrivateKey(fingerprint {})", self.fingerprint())
@@ -295,6 +310,14 @@ impl PresharedKey {
         &self.0
     }
 }
+
+impl PartialEq for PresharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        ct_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PresharedKey {}
 
 impl fmt::Debug for PresharedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -403,6 +426,16 @@ mod tests {
         assert_eq!(fp.to_string(), "300c9c9603b92a4b");
         assert_eq!(Fingerprint::try_from(fp.to_string()).unwrap(), fp);
         assert!(Fingerprint::try_from("XYZ".to_string()).is_err());
+    }
+
+    #[test]
+    fn secrets_compare_by_value() {
+        let k = PrivateKey::generate();
+        assert_eq!(k, k.clone());
+        assert_ne!(k, PrivateKey::generate());
+        let p = PresharedKey::generate();
+        assert_eq!(p, p.clone());
+        assert_ne!(p, PresharedKey::generate());
     }
 
     #[test]

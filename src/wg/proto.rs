@@ -113,7 +113,7 @@ pub type Result<T, E = ProtoError> = std::result::Result<T, E>;
 /// What a UAPI `get` reports about a device. The server builds one from its state
 /// and formats it with [`format_get`]; the client gets one from
 /// [`parse_get_response`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceSnapshot {
     /// `None` while the device has no key (wireguard-go omits the line then).
     pub private_key: Option<PrivateKey>,
@@ -125,7 +125,7 @@ pub struct DeviceSnapshot {
 }
 
 /// One peer in a [`DeviceSnapshot`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSnapshot {
     pub public_key: PublicKey,
     /// `None` = no pre-shared key; on the wire that is all-zero hex, which is also
@@ -160,7 +160,7 @@ pub enum Request {
 /// A server applies it in this order, which reproduces what wireguard-go does
 /// when it executes the same lines one by one: the device fields, then
 /// `replace_peers`, then each [`PeerUpdate`] in order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SetRequest {
     /// `Some(None)` removes the key (all-zero hex on the wire).
     pub private_key: Option<Option<PrivateKey>>,
@@ -196,7 +196,7 @@ pub struct SetRequest {
 /// A server should, like wireguard-go, ignore an update whose public key is the
 /// device's own public key; that needs the device's state, so it is not a parse
 /// error.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerUpdate {
     pub public_key: PublicKey,
     /// Remove the peer (if present). Every other field is then unset.
@@ -664,132 +664,6 @@ impl PeerUpdate {
         }
     }
 }
-
-// The key types deliberately have no `PartialEq` (comparing secrets is rarely
-// what you want); snapshots and requests do need it — for the round-trip tests
-// and for a client that wants to know whether a `set` is a no-op — so secrets
-// are compared here, in constant time.
-trait SecretEq {
-    fn secret_eq(&self, other: &Self) -> bool;
-}
-
-impl SecretEq for PrivateKey {
-    fn secret_eq(&self, other: &Self) -> bool {
-        let a = Zeroizing::new(self.as_x25519().to_bytes());
-        let b = Zeroizing::new(other.as_x25519().to_bytes());
-        ct_eq(&a, &b)
-    }
-}
-
-impl SecretEq for PresharedKey {
-    fn secret_eq(&self, other: &Self) -> bool {
-        ct_eq(self.as_bytes(), other.as_bytes())
-    }
-}
-
-impl<T: SecretEq> SecretEq for Option<T> {
-    fn secret_eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Some(a), Some(b)) => a.secret_eq(b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
-
-fn ct_eq(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-// Destructuring (rather than `self.a == other.a && ...`) makes adding a field
-// without comparing it a compile error.
-impl PartialEq for DeviceSnapshot {
-    fn eq(&self, other: &Self) -> bool {
-        let Self {
-            private_key,
-            listen_port,
-            fwmark,
-            peers,
-        } = self;
-        private_key.secret_eq(&other.private_key)
-            && *listen_port == other.listen_port
-            && *fwmark == other.fwmark
-            && *peers == other.peers
-    }
-}
-impl Eq for DeviceSnapshot {}
-
-impl PartialEq for PeerSnapshot {
-    fn eq(&self, other: &Self) -> bool {
-        let Self {
-            public_key,
-            preshared_key,
-            endpoint,
-            persistent_keepalive_interval,
-            allowed_ips,
-            last_handshake,
-            rx_bytes,
-            tx_bytes,
-            protocol_version,
-        } = self;
-        *public_key == other.public_key
-            && preshared_key.secret_eq(&other.preshared_key)
-            && *endpoint == other.endpoint
-            && *persistent_keepalive_interval == other.persistent_keepalive_interval
-            && *allowed_ips == other.allowed_ips
-            && *last_handshake == other.last_handshake
-            && *rx_bytes == other.rx_bytes
-            && *tx_bytes == other.tx_bytes
-            && *protocol_version == other.protocol_version
-    }
-}
-impl Eq for PeerSnapshot {}
-
-impl PartialEq for SetRequest {
-    fn eq(&self, other: &Self) -> bool {
-        let Self {
-            private_key,
-            listen_port,
-            fwmark,
-            replace_peers,
-            peers,
-        } = self;
-        private_key.secret_eq(&other.private_key)
-            && *listen_port == other.listen_port
-            && *fwmark == other.fwmark
-            && *replace_peers == other.replace_peers
-            && *peers == other.peers
-    }
-}
-impl Eq for SetRequest {}
-
-impl PartialEq for PeerUpdate {
-    fn eq(&self, other: &Self) -> bool {
-        let Self {
-            public_key,
-            remove,
-            update_only,
-            preshared_key,
-            endpoint,
-            persistent_keepalive_interval,
-            replace_allowed_ips,
-            allowed_ips,
-            remove_allowed_ips,
-            protocol_version,
-        } = self;
-        *public_key == other.public_key
-            && *remove == other.remove
-            && *update_only == other.update_only
-            && preshared_key.secret_eq(&other.preshared_key)
-            && *endpoint == other.endpoint
-            && *persistent_keepalive_interval == other.persistent_keepalive_interval
-            && *replace_allowed_ips == other.replace_allowed_ips
-            && *allowed_ips == other.allowed_ips
-            && *remove_allowed_ips == other.remove_allowed_ips
-            && *protocol_version == other.protocol_version
-    }
-}
-impl Eq for PeerUpdate {}
 
 const KEY_LEN: usize = 32;
 const ZERO_KEY_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000000";
