@@ -8,15 +8,27 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn wgmesh(store: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgmesh"))
-        .arg("keys")
+    wgmesh_env(store, args, &[])
+}
+
+fn wgmesh_env(store: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgmesh"));
+    cmd.arg("keys")
         .args(args)
         .env("WGMESH_STORE", store)
         .env("WGMESH_ACTOR", "cli:tester")
         .env_remove("WGMESH_OUTPUT")
-        .env_remove("WGMESH_REASON")
-        .output()
-        .expect("run wgmesh")
+        .env_remove("WGMESH_REASON");
+    for var in [
+        "WGMESH_ROTATE_STAGE",
+        "WGMESH_ROTATE_ACTIVATE",
+        "WGMESH_ROTATE_DESTROY_OLD",
+        "WGMESH_ROTATE_ALL_STEPS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run wgmesh")
 }
 
 fn ok(store: &Path, args: &[&str]) -> String {
@@ -133,11 +145,11 @@ fn keys_lifecycle_through_the_cli() {
         Some(2)
     );
 
-    // A bare rotate refuses while a rotation is staged; then run the full cycle.
-    assert_eq!(wgmesh(s, &["rotate"]).status.code(), Some(1));
+    // --all-steps refuses while a rotation is staged; then run the full cycle.
+    assert_eq!(wgmesh(s, &["rotate", "--all-steps"]).status.code(), Some(1));
     ok(s, &["rotate", "--activate"]);
     ok(s, &["rotate", "--destroy-old"]);
-    ok(s, &["rotate"]);
+    ok(s, &["rotate", "--all-steps"]);
     let show: serde_json::Value =
         serde_json::from_str(&ok(s, &["show", "--output", "json"])).unwrap();
     assert_eq!(show["active"]["generation"], 3);
@@ -260,4 +272,114 @@ fn a_missing_store_says_how_to_create_one() {
     let out = wgmesh(&tmp.path().join("nope"), &["show"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wgmesh keys init"));
+}
+
+#[test]
+fn rotate_without_a_step_is_refused_and_names_the_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path();
+    ok(s, &["init", "--node-name", "node-a"]);
+    let before = fs::read(s.join("audit.jsonl")).unwrap();
+    let out = wgmesh(s, &["rotate", "--reason", "Q4"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for word in [
+        "--stage",
+        "--activate",
+        "--destroy-old",
+        "pre-accept",
+        "--all-steps",
+        "WGMESH_ROTATE_ALL_STEPS",
+    ] {
+        assert!(err.contains(word), "{word} missing from: {err}");
+    }
+    assert_eq!(
+        fs::read(s.join("audit.jsonl")).unwrap(),
+        before,
+        "nothing written"
+    );
+    assert!(!s.join("key-2.key").exists());
+
+    // --all-steps is exclusive with each step flag.
+    for step in ["--stage", "--activate", "--destroy-old"] {
+        let out = wgmesh(s, &["rotate", "--all-steps", step]);
+        assert_eq!(out.status.code(), Some(2), "--all-steps {step}");
+    }
+
+    // The explicit flag, and its environment variable, run all three steps.
+    let out = ok(s, &["rotate", "--all-steps"]);
+    assert!(out.contains("staged") && out.contains("destroyed"), "{out}");
+    let out = wgmesh_env(s, &["rotate"], &[("WGMESH_ROTATE_ALL_STEPS", "true")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(s, &["show", "--output", "json"])).unwrap();
+    assert_eq!(show["active"]["generation"], 3);
+    assert_eq!(show["phase"], "idle");
+}
+
+#[test]
+fn an_operation_logged_but_never_committed_is_reported_then_recorded_as_aborted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path();
+    ok(s, &["init", "--node-name", "node-a"]);
+    // The crash window, constructed: `--stage` wrote its key file and its
+    // audit records (write-ahead), then "crashed" before committing
+    // state.json, which therefore still holds the state from before it.
+    let committed = fs::read(s.join("state.json")).unwrap();
+    ok(s, &["rotate", "--stage"]);
+    fs::write(s.join("state.json"), &committed).unwrap();
+
+    // verify: the chain is intact, but the uncommitted operation is shown.
+    let out = wgmesh(s, &["audit", "verify"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rotate --stage") && err.contains("seq 2..3"),
+        "{err}"
+    );
+    assert!(err.contains("not reflected in state.json"), "{err}");
+    let json = wgmesh(s, &["audit", "verify", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["uncommitted"]["operation"], "rotate --stage");
+    assert_eq!(v["uncommitted"]["first_seq"], 2);
+    assert_eq!(v["aborted_records"], serde_json::json!([]));
+
+    // Opening the store records the abort; the orphaned key is reported.
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(s, &["show", "--output", "json"])).unwrap();
+    assert_eq!(show["phase"], "idle");
+    assert_eq!(show["orphaned_key_files"].as_array().unwrap().len(), 1);
+    let last: serde_json::Value = serde_json::from_str(log_lines(s).last().unwrap()).unwrap();
+    assert_eq!(last["event"], "aborted");
+    assert_eq!(last["seq"], 4);
+    assert_eq!(last["actor"], "wgmesh:recovery");
+
+    let out = wgmesh(s, &["audit", "verify"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("audit log OK: 4 records"), "{stdout}");
+    assert!(
+        stdout.contains("aborted operations recorded: seq 4"),
+        "{stdout}"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = ok(s, &["audit", "show"]);
+    assert!(table.contains("aborted"), "{table}");
+
+    // The retry stages a fresh generation and destroys the orphan.
+    ok(s, &["rotate", "--stage"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(s, &["show", "--output", "json"])).unwrap();
+    assert_eq!(show["staged"]["generation"], 3);
+    assert_eq!(show["orphaned_key_files"], serde_json::json!([]));
+    assert!(!s.join("key-2.key").exists());
 }

@@ -41,6 +41,11 @@ pub enum EventKind {
     Destroyed,
     /// A key was revoked in an emergency.
     Revoked,
+    /// Recovery: the records of an operation were written (write-ahead) but
+    /// `state.json` never committed it, so the change they describe did not
+    /// happen. `reason` names their seq range; the fingerprints and generation
+    /// are those of the operation's main record.
+    Aborted,
 }
 
 impl fmt::Display for EventKind {
@@ -52,6 +57,7 @@ impl fmt::Display for EventKind {
             EventKind::PeerConfirmed => "peer-confirmed",
             EventKind::Destroyed => "destroyed",
             EventKind::Revoked => "revoked",
+            EventKind::Aborted => "aborted",
         })
     }
 }

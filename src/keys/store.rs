@@ -10,34 +10,50 @@
 //! ```
 //!
 //! Key files are named by generation, so a rotation step changes roles by
-//! rewriting `state.json` alone: every write is a single atomic rename (temp file,
-//! fsync, rename, fsync of the directory), and a crash leaves either the old or
-//! the new state. A key file that no state references (left by a crash between
-//! writing it and committing `state.json`, or before its destruction finished) is
-//! an orphan: `keys show` reports it and the next key operation destroys it.
+//! rewriting `state.json` alone: every write is a single atomic rename (a uniquely
+//! named temp file, fsync, rename, fsync of the directory), and a crash leaves
+//! either the old or the new state.
+//!
+//! Every operation is write-ahead, in this order: the new key file (if any), the
+//! audit records that describe the change, `state.json` (the commit point), then
+//! the destruction of the key files the change retired. A crash therefore never
+//! leaves a key change the log does not show. A crash between the records and the
+//! commit leaves records describing a change that did not happen; the next open or
+//! key operation detects it (the log's last record is not reflected by
+//! `state.json`) and appends an `aborted` record naming those records, so the log
+//! stays true and still verifies. A key file that no state references (left by an
+//! aborted operation, or by a crash before its destruction finished) is an orphan:
+//! `keys show` reports it and the next key operation destroys it. Temp files a
+//! crash left behind are destroyed like keys when the store is opened.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::audit::{self, AuditRecord, Context, Entry, EventKind, Head, VerifyError};
+use super::audit::{self, AuditRecord, Context, Entry, EventKind, Head, Verified, VerifyError};
 use super::rotation::{KeyMeta, KeyState, RotationError, Transition};
-use super::{KeyError, PrivateKey};
+use super::{KeyError, PrivateKey, PublicKey};
 
 /// Where the store lives unless configured otherwise.
 pub const DEFAULT_DIR: &str = "/var/lib/wgmesh";
 /// `state.json`'s format version.
 pub const FORMAT: u32 = 1;
+/// The `actor` of the `aborted` records that recovery appends.
+pub const RECOVERY_ACTOR: &str = "wgmesh:recovery";
 
-const STATE_FILE: &str = "state.json";
+/// The commit point of every operation (see the module docs).
+pub const STATE_FILE: &str = "state.json";
 const AUDIT_FILE: &str = "audit.jsonl";
 const HEAD_FILE: &str = "audit.head";
 const LOCK_FILE: &str = ".lock";
+/// Temp files are `.<target>.tmp.<random>` (the random part from `tempfile`).
+const TEMP_MARK: &str = ".tmp.";
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -91,6 +107,9 @@ pub struct Store {
     node: String,
     state: KeyState,
     orphans: Vec<PathBuf>,
+    /// SHA-256 of the `state.json` bytes this handle last loaded or wrote: how
+    /// [`Store::reload_if_changed`] notices a commit by another process.
+    state_digest: [u8; 32],
 }
 
 /// How an operation is attributed in the audit log.
@@ -100,11 +119,78 @@ pub struct Attribution {
     pub reason: String,
 }
 
+/// The last operation in the audit log when `state.json` does not reflect it:
+/// its records were written ahead of a commit that never happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uncommitted {
+    /// The operation's records, in log order (never empty).
+    pub records: Vec<AuditRecord>,
+}
+
+impl Uncommitted {
+    pub fn first_seq(&self) -> u64 {
+        self.records.first().map_or(0, |r| r.seq)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.seq)
+    }
+
+    /// The command that wrote the records, as the operator knows it.
+    pub fn operation(&self) -> &'static str {
+        let events: Vec<EventKind> = self.records.iter().map(|r| r.event).collect();
+        match events.as_slice() {
+            [EventKind::Generated] => "init",
+            [EventKind::Generated, EventKind::Staged] => "rotate --stage",
+            [EventKind::Activated] => "rotate --activate",
+            [EventKind::Destroyed] => "rotate --destroy-old",
+            [EventKind::Revoked, ..] => "revoke",
+            _ => "a key operation",
+        }
+    }
+
+    /// A one-line description naming the records.
+    pub fn describe(&self) -> String {
+        let events: Vec<String> = self.records.iter().map(|r| r.event.to_string()).collect();
+        let range = if self.first_seq() == self.last_seq() {
+            format!("seq {}", self.first_seq())
+        } else {
+            format!("seq {}..{}", self.first_seq(), self.last_seq())
+        };
+        format!(
+            "`{}` ({range}: {}) by {}",
+            self.operation(),
+            events.join(", "),
+            self.records.last().map_or("?", |r| r.actor.as_str())
+        )
+    }
+
+    /// The `aborted` record's fields: those of the operation's main record (the
+    /// activation of a revoke, else its last record).
+    fn aborted_entry(&self) -> Entry {
+        let main = self
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.event == EventKind::Activated)
+            .or(self.records.last());
+        Entry {
+            event: EventKind::Aborted,
+            old_fingerprint: main.and_then(|r| r.old_fingerprint),
+            new_fingerprint: main.and_then(|r| r.new_fingerprint),
+            generation: main.map_or(0, |r| r.generation),
+            peer: None,
+        }
+    }
+}
+
 impl Store {
-    /// Creates the store with a fresh key (generation 1).
+    /// Creates the store with a fresh key (generation 1, or the first generation
+    /// an earlier, aborted init did not use).
     pub fn init(dir: &Path, node: &str, who: &Attribution) -> Result<Self> {
         create_dir_0700(dir)?;
         let _lock = lock(dir)?;
+        sweep_temp_files(dir)?;
         if dir.join(STATE_FILE).exists() {
             let existing = Self::load(dir)?;
             return Err(StoreError::AlreadyInitialized {
@@ -113,32 +199,67 @@ impl Store {
                 generation: existing.state.active.generation,
             });
         }
-        // A half-finished earlier init may have left a log: never overwrite history.
-        let head = read_verified_head(dir)?;
+        // A half-finished earlier init may have left a log: never overwrite
+        // history, mark what it never committed as aborted, and never reuse a
+        // generation it names.
+        let log = recover(dir, node, None, read_verified(dir)?)?;
         let now = now_seconds();
         let key = PrivateKey::generate();
-        let meta = KeyMeta::new(1, now, key.public_key());
+        let generation = log
+            .records
+            .iter()
+            .map(|r| r.generation)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let meta = KeyMeta::new(generation, now, key.public_key());
         write_key(dir, &meta, &key)?;
         let (state, events) = KeyState::initial(meta);
-        let store = Self {
+        let mut store = Self {
             dir: dir.to_path_buf(),
             node: node.to_string(),
-            state,
+            state: state.clone(),
             orphans: Vec::new(),
+            state_digest: [0; 32],
         };
-        store.commit_state()?;
-        store.append(&head, who, now, events.iter().map(Entry::from_key_event))?;
+        store.append(
+            &log.head,
+            who,
+            now,
+            events.iter().map(Entry::from_key_event),
+        )?;
+        crash_point()?;
+        store.commit_state(state)?;
+        for orphan in find_orphans(dir, &store.state)? {
+            tracing::warn!(file = %orphan.display(), "destroying orphaned key file left by an interrupted operation");
+            destroy_file(dir, &orphan)?;
+        }
         Ok(store)
     }
 
-    /// Opens an existing store, refusing insecure or corrupt key files.
+    /// Opens an existing store, refusing insecure or corrupt key files. Under the
+    /// store lock it first destroys temp files a crashed write left, finalizes an
+    /// interrupted audit append, and records an operation that was logged but
+    /// never committed as aborted (see the module docs).
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.join(STATE_FILE).exists() {
             return Err(StoreError::NotInitialized {
                 dir: dir.to_path_buf(),
             });
         }
-        Self::load(dir)
+        check_dir(dir)?;
+        let _lock = lock(dir)?;
+        sweep_temp_files(dir)?;
+        let store = Self::load(dir)?;
+        // Recovery appends, so it needs a log that verifies. A broken log is left
+        // exactly as found: every key operation refuses it, and `keys audit
+        // verify` names the bad line.
+        match read_verified(dir) {
+            Ok(log) => drop(recover(dir, &store.node, Some(&store.state), log)?),
+            Err(StoreError::AuditBroken { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(store)
     }
 
     pub fn dir(&self) -> &Path {
@@ -162,6 +283,56 @@ impl Store {
         self.dir.join(AUDIT_FILE)
     }
 
+    /// Re-reads the store when `state.json` changed on disk since this handle
+    /// last read or wrote it (another process ran a key operation: `wgmesh keys
+    /// revoke`, a rotation step). Returns true when the active, staged or
+    /// previous key changed.
+    ///
+    /// Changes are detected by content, not by mtime, length or inode: every
+    /// commit is a rename of a fresh file, but a freed inode number is reused at
+    /// once, two states can have the same length, and mtime is coarse (one
+    /// second on some file systems), so only the bytes tell two commits apart.
+    /// `state.json` is small, so reading it on every call is cheap. The reload
+    /// itself takes the store lock (a writer holds it for milliseconds) so it
+    /// never sees a key file a concurrent operation is destroying. On error the
+    /// handle keeps its old state and the next call tries again.
+    pub fn reload_if_changed(&mut self) -> Result<bool> {
+        let path = self.dir.join(STATE_FILE);
+        let text = read_optional(&path)?.ok_or_else(|| StoreError::NotInitialized {
+            dir: self.dir.clone(),
+        })?;
+        if digest(&text) == self.state_digest {
+            return Ok(false);
+        }
+        let _lock = lock(&self.dir)?;
+        let fresh = Self::load(&self.dir)?;
+        let changed = fresh.state != self.state;
+        *self = fresh;
+        Ok(changed)
+    }
+
+    /// Whether `key` is one of the keys (active, staged or previous) this handle
+    /// holds, as of its last load, write or [`Store::reload_if_changed`].
+    pub fn holds(&self, key: &PublicKey) -> bool {
+        self.state.keys().any(|k| k.public_key == *key)
+    }
+
+    /// Whether `key` is one of the keys `state.json` lists right now. Reads and
+    /// parses that one small file, without the lock or the key files: the commit
+    /// point decides, so a key whose destruction is committed is reported gone
+    /// even while its file is still being overwritten.
+    pub fn holds_now(&self, key: &PublicKey) -> Result<bool> {
+        let path = self.dir.join(STATE_FILE);
+        let text = read_optional(&path)?.ok_or_else(|| StoreError::NotInitialized {
+            dir: self.dir.clone(),
+        })?;
+        let held = parse_state(&path, &text)?
+            .keys
+            .keys()
+            .any(|k| k.public_key == *key);
+        Ok(held)
+    }
+
     /// The active private key, read from disk.
     pub fn active_private(&self) -> Result<PrivateKey> {
         read_key(&self.dir, &self.state.active)
@@ -178,9 +349,9 @@ impl Store {
 
     /// Generates the next key and stages it.
     pub fn stage(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, now| {
+        self.mutate(who, |state, generation, now| {
             let key = PrivateKey::generate();
-            let meta = KeyMeta::new(state.next_generation(), now, key.public_key());
+            let meta = KeyMeta::new(generation, now, key.public_key());
             let t = state.stage(meta.clone())?;
             Ok((t, Some((meta, key))))
         })
@@ -188,19 +359,19 @@ impl Store {
 
     /// Makes the staged key the active one.
     pub fn activate(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, _| Ok((state.activate()?, None)))
+        self.mutate(who, |state, _, _| Ok((state.activate()?, None)))
     }
 
     /// Destroys the previous key after an activation.
     pub fn destroy_old(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, _| Ok((state.destroy_old()?, None)))
+        self.mutate(who, |state, _, _| Ok((state.destroy_old()?, None)))
     }
 
     /// Emergency: destroys every key now and activates a fresh one.
     pub fn revoke(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, now| {
+        self.mutate(who, |state, generation, now| {
             let key = PrivateKey::generate();
-            let meta = KeyMeta::new(state.next_generation(), now, key.public_key());
+            let meta = KeyMeta::new(generation, now, key.public_key());
             let t = state.revoke(meta.clone())?;
             Ok((t, Some((meta, key))))
         })
@@ -209,7 +380,15 @@ impl Store {
     /// Records that a peer confirmed it accepts `generation` of this node's key.
     pub fn record_peer_confirmed(&mut self, peer: &str, who: &Attribution) -> Result<()> {
         let _lock = lock(&self.dir)?;
-        let head = read_verified_head(&self.dir)?;
+        // Another process may have rotated since this handle loaded: record the
+        // keys as they are now.
+        *self = Self::load(&self.dir)?;
+        let log = recover(
+            &self.dir,
+            &self.node,
+            Some(&self.state),
+            read_verified(&self.dir)?,
+        )?;
         let active = &self.state.active;
         let entry = Entry {
             event: EventKind::PeerConfirmed,
@@ -218,7 +397,7 @@ impl Store {
             generation: active.generation,
             peer: Some(peer.to_string()),
         };
-        self.append(&head, who, Timestamp::now(), [entry])
+        self.append(&log.head, who, Timestamp::now(), [entry])
     }
 
     /// Reads and verifies the audit log (shared helper for the CLI).
@@ -228,31 +407,61 @@ impl Store {
         Ok(audit::verify(&log, head.as_ref()))
     }
 
+    /// The log's last operation, if `state.json` does not reflect it (a crash
+    /// between the write-ahead records and the commit, not yet recovered). Reads
+    /// only; `None` when the chain itself is broken (`verify_audit` reports that).
+    /// For `wgmesh keys audit verify`, which must not hide such records.
+    pub fn uncommitted(dir: &Path) -> Result<Option<Uncommitted>> {
+        let log = read_optional(&dir.join(AUDIT_FILE))?.unwrap_or_default();
+        let Ok(chain) = chain_only(&log) else {
+            return Ok(None);
+        };
+        let path = dir.join(STATE_FILE);
+        let state = match read_optional(&path)? {
+            Some(text) => Some(parse_state(&path, &text)?.keys),
+            None => None,
+        };
+        Ok(uncommitted(&chain.records, state.as_ref()))
+    }
+
     /// One locked read-modify-write: re-reads the state (another process may have
-    /// changed it), runs the pure transition, then writes the new key file, the
-    /// state (the commit point), the audit records, and destroys what the
-    /// transition retired plus any orphans.
+    /// changed it), recovers an uncommitted earlier operation, runs the pure
+    /// transition, then writes the new key file, the audit records, the state
+    /// (the commit point), and destroys what the transition retired plus any
+    /// orphans. `step` gets the lowest generation a new key may take.
     fn mutate<F>(&mut self, who: &Attribution, step: F) -> Result<()>
     where
-        F: FnOnce(&KeyState, Timestamp) -> Result<(Transition, Option<(KeyMeta, PrivateKey)>)>,
+        F: FnOnce(&KeyState, u64, Timestamp) -> Result<(Transition, Option<(KeyMeta, PrivateKey)>)>,
     {
         let _lock = lock(&self.dir)?;
+        sweep_temp_files(&self.dir)?;
         *self = Self::load(&self.dir)?;
-        let head = read_verified_head(&self.dir)?;
+        let log = recover(
+            &self.dir,
+            &self.node,
+            Some(&self.state),
+            read_verified(&self.dir)?,
+        )?;
         let now = now_seconds();
-        let (transition, new_key) = step(&self.state, now)?;
+        // An aborted operation's generation exists only in the log; skipping it
+        // keeps "one generation names one key" true.
+        let logged = log.records.iter().map(|r| r.generation).max().unwrap_or(0);
+        let generation = self.state.next_generation().max(logged.saturating_add(1));
+        let (transition, new_key) = step(&self.state, generation, now)?;
         if let Some((meta, key)) = &new_key {
             write_key(&self.dir, meta, key)?;
         }
         let previous_orphans = std::mem::take(&mut self.orphans);
-        self.state = transition.state;
-        self.commit_state()?;
+        // Write-ahead: the records go to the log before state.json commits the
+        // change, so no crash can leave a key change the log does not show.
         self.append(
-            &head,
+            &log.head,
             who,
             now,
             transition.events.iter().map(Entry::from_key_event),
         )?;
+        crash_point()?;
+        self.commit_state(transition.state)?;
         for meta in &transition.destroy {
             destroy_file(&self.dir, &key_path(&self.dir, meta.generation))?;
         }
@@ -269,22 +478,7 @@ impl Store {
         let text = read_optional(&path)?.ok_or_else(|| StoreError::NotInitialized {
             dir: dir.to_path_buf(),
         })?;
-        let file: StateFile = serde_json::from_slice(&text).map_err(|e| StoreError::Corrupt {
-            file: path.clone(),
-            detail: format!("not a valid state file ({e})"),
-            fix: "restore it from a backup; `wgmesh keys audit show` lists the keys it should name"
-                .into(),
-        })?;
-        if file.format != FORMAT {
-            return Err(StoreError::Corrupt {
-                file: path,
-                detail: format!(
-                    "format {} is not supported (this wgmesh reads format {FORMAT})",
-                    file.format
-                ),
-                fix: "run the wgmesh version that wrote it".into(),
-            });
-        }
+        let file = parse_state(&path, &text)?;
         for meta in file.keys.keys() {
             if meta.fingerprint != meta.public_key.fingerprint() {
                 return Err(StoreError::Corrupt {
@@ -301,40 +495,29 @@ impl Store {
             // Reading the key checks its permissions and that it matches.
             drop(read_key(dir, meta)?);
         }
-        let referenced: Vec<PathBuf> = file
-            .keys
-            .keys()
-            .map(|m| key_path(dir, m.generation))
-            .collect();
-        let mut orphans = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-            let path = entry.map_err(io_err(dir))?.path();
-            let is_key = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("key-") && n.ends_with(".key"));
-            if is_key && !referenced.contains(&path) {
-                orphans.push(path);
-            }
-        }
-        orphans.sort();
+        let orphans = find_orphans(dir, &file.keys)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             node: file.node,
             state: file.keys,
             orphans,
+            state_digest: digest(&text),
         })
     }
 
-    fn commit_state(&self) -> Result<()> {
+    /// Writes `state` as `state.json` (the commit point) and adopts it.
+    fn commit_state(&mut self, state: KeyState) -> Result<()> {
         let file = StateFile {
             format: FORMAT,
             node: self.node.clone(),
-            keys: self.state.clone(),
+            keys: state,
         };
         let mut text = serde_json::to_vec_pretty(&file).unwrap_or_default();
         text.push(b'\n');
-        write_atomic(&self.dir.join(STATE_FILE), &text)
+        write_atomic(&self.dir.join(STATE_FILE), &text)?;
+        self.state = file.keys;
+        self.state_digest = digest(&text);
+        Ok(())
     }
 
     fn append(
@@ -351,24 +534,7 @@ impl Store {
             time,
         };
         let records = audit::chain(head, &ctx, entries.into_iter().collect());
-        let Some(last) = records.last() else {
-            return Ok(());
-        };
-        let mut text = String::new();
-        for r in &records {
-            text.push_str(&r.to_line());
-            text.push('\n');
-        }
-        let path = self.dir.join(AUDIT_FILE);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        file.write_all(text.as_bytes()).map_err(io_err(&path))?;
-        file.sync_all().map_err(io_err(&path))?;
-        write_head(&self.dir, &last.head())
+        append_records(&self.dir, &records)
     }
 }
 
@@ -386,31 +552,280 @@ pub fn key_path(dir: &Path, generation: u64) -> PathBuf {
 
 /// Writes `data` to `path` atomically with mode 0600: a temp file in the same
 /// directory, fsync, rename over `path`, fsync of the directory.
+///
+/// The temp file has a unique random name (`.<name>.tmp.<random>`, created
+/// exclusively by `tempfile`): a name derived from the PID would be the same for
+/// every run in a container (PID 1), so a temp file left by a crash would block
+/// every later write. Leftovers are destroyed when the store is opened.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let prefix = format!(".{name}{TEMP_MARK}");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .rand_bytes(8)
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(io_err(path))?;
+    if let Err(e) = tmp.write_all(data).and_then(|()| tmp.as_file().sync_all()) {
+        // The data may be a key: zero it before the drop unlinks the file.
+        scrub(tmp.as_file_mut());
+        return Err(io_err(path)(e));
     }
-    result.map_err(io_err(path))
+    if let Err(e) = tmp.persist(path) {
+        let mut tmp = e.file;
+        scrub(tmp.as_file_mut());
+        return Err(io_err(path)(e.error));
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Best effort, on a write that already failed: overwrite the file's content
+/// with zeros and sync.
+fn scrub(file: &mut File) {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let _ = file
+        .rewind()
+        .and_then(|()| file.write_all(&zeros))
+        .and_then(|()| file.sync_all());
 }
 
 fn write_key(dir: &Path, meta: &KeyMeta, key: &PrivateKey) -> Result<()> {
     let mut text = Zeroizing::new(key.to_base64().as_bytes().to_vec());
     text.push(b'\n');
     write_atomic(&key_path(dir, meta.generation), &text)
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn parse_state(path: &Path, text: &[u8]) -> Result<StateFile> {
+    let file: StateFile = serde_json::from_slice(text).map_err(|e| StoreError::Corrupt {
+        file: path.to_path_buf(),
+        detail: format!("not a valid state file ({e})"),
+        fix: "restore it from a backup; `wgmesh keys audit show` lists the keys it should name"
+            .into(),
+    })?;
+    if file.format != FORMAT {
+        return Err(StoreError::Corrupt {
+            file: path.to_path_buf(),
+            detail: format!(
+                "format {} is not supported (this wgmesh reads format {FORMAT})",
+                file.format
+            ),
+            fix: "run the wgmesh version that wrote it".into(),
+        });
+    }
+    Ok(file)
+}
+
+fn is_key_file_name(name: &str) -> bool {
+    name.starts_with("key-") && name.ends_with(".key")
+}
+
+/// A temp file of ours: `.<state.json|audit.head|key-N.key>.tmp.<anything>`
+/// (also the PID-suffixed names older versions wrote).
+fn is_temp_file_name(name: &str) -> bool {
+    let Some((target, _)) = name
+        .strip_prefix('.')
+        .and_then(|rest| rest.split_once(TEMP_MARK))
+    else {
+        return false;
+    };
+    target == STATE_FILE || target == HEAD_FILE || is_key_file_name(target)
+}
+
+/// Key files on disk that `state` does not reference.
+fn find_orphans(dir: &Path, state: &KeyState) -> Result<Vec<PathBuf>> {
+    let referenced: Vec<PathBuf> = state.keys().map(|m| key_path(dir, m.generation)).collect();
+    let mut orphans = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        let is_key = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(is_key_file_name);
+        if is_key && !referenced.contains(&path) {
+            orphans.push(path);
+        }
+    }
+    orphans.sort();
+    Ok(orphans)
+}
+
+/// Destroys the temp files an interrupted write left (any may hold a key, so
+/// each is overwritten with zeros, synced and removed, like a key file). Must be
+/// called with the store lock held: then no write of ours is in flight, and a
+/// temp file is certainly a leftover. Logged by name only.
+fn sweep_temp_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // Regular files only: never follow a symlink planted under our name.
+        if !is_temp_file_name(name) || !entry.file_type().map_err(io_err(dir))?.is_file() {
+            continue;
+        }
+        tracing::warn!(dir = %dir.display(), file = name, "destroying a temp file left by an interrupted write");
+        destroy_file(dir, &entry.path())?;
+    }
+    Ok(())
+}
+
+/// Whether `state` (None: no `state.json`) reflects the change `record` logs.
+/// Every operation's last record is one `state.json` shows once committed.
+fn reflected(record: &AuditRecord, state: Option<&KeyState>) -> bool {
+    let holds = |fp: Option<crate::keys::Fingerprint>| {
+        state.is_some_and(|s| fp.is_some_and(|fp| s.keys().any(|k| k.fingerprint == fp)))
+    };
+    match record.event {
+        // Change nothing state.json holds.
+        EventKind::PeerConfirmed | EventKind::Aborted => true,
+        EventKind::Generated => holds(record.new_fingerprint),
+        EventKind::Staged => state.is_some_and(|s| {
+            s.staged.as_ref().map(|k| k.fingerprint) == record.new_fingerprint
+                && record.new_fingerprint.is_some()
+        }),
+        EventKind::Activated => {
+            state.is_some_and(|s| Some(s.active.fingerprint) == record.new_fingerprint)
+        }
+        EventKind::Destroyed | EventKind::Revoked => {
+            state.is_some() && !holds(record.old_fingerprint)
+        }
+    }
+}
+
+/// The log's last operation if `state` does not reflect it.
+fn uncommitted(records: &[AuditRecord], state: Option<&KeyState>) -> Option<Uncommitted> {
+    let last = records.last()?;
+    if reflected(last, state) {
+        return None;
+    }
+    let start = operation_start(records);
+    Some(Uncommitted {
+        records: records[start..].to_vec(),
+    })
+}
+
+/// Where the last operation's records begin. One operation's records share
+/// time, actor and reason, and come in the shapes the rotation state machine
+/// emits: `generated` (init), `generated, staged`, `activated`, `destroyed`, and
+/// `revoked, generated, activated, destroyed…` (revoke).
+fn operation_start(records: &[AuditRecord]) -> usize {
+    let n = records.len();
+    let Some(last) = records.last() else {
+        return 0;
+    };
+    let same =
+        |r: &AuditRecord| r.time == last.time && r.actor == last.actor && r.reason == last.reason;
+    let is = |i: usize, event: EventKind| records[i].event == event && same(&records[i]);
+    match last.event {
+        EventKind::Staged if n >= 2 && is(n - 2, EventKind::Generated) => n - 2,
+        EventKind::Destroyed => {
+            let mut i = n - 1;
+            while i > 0 && is(i - 1, EventKind::Destroyed) {
+                i -= 1;
+            }
+            let revoke = i >= 3
+                && is(i - 3, EventKind::Revoked)
+                && is(i - 2, EventKind::Generated)
+                && is(i - 1, EventKind::Activated);
+            if revoke {
+                i - 3
+            } else {
+                n - 1
+            }
+        }
+        _ => n - 1,
+    }
+}
+
+/// If the log's last operation was never committed to `state.json` (`state`;
+/// None when it is absent), appends an `aborted` record for it and returns the
+/// log with that record. Aborting, not completing: `state.json` is the commit
+/// point, so an operation it does not show did not happen, and the operator
+/// (or the agent) simply runs it again. The keys that operation generated are
+/// orphans, destroyed by the next key operation.
+fn recover(
+    dir: &Path,
+    node: &str,
+    state: Option<&KeyState>,
+    mut log: Verified,
+) -> Result<Verified> {
+    let Some(op) = uncommitted(&log.records, state) else {
+        return Ok(log);
+    };
+    tracing::warn!(
+        dir = %dir.display(),
+        operation = op.operation(),
+        first_seq = op.first_seq(),
+        last_seq = op.last_seq(),
+        "an operation was logged but never committed to state.json (interrupted); recording it as aborted"
+    );
+    let ctx = Context {
+        node: node.to_string(),
+        actor: RECOVERY_ACTOR.to_string(),
+        reason: format!(
+            "recovery: {} was logged ahead of its state.json commit, which never happened (the operation was interrupted, or state.json was replaced by an older copy); state.json is unchanged, so that change did not take effect",
+            op.describe()
+        ),
+        time: Timestamp::now(),
+    };
+    let records = audit::chain(&log.head, &ctx, vec![op.aborted_entry()]);
+    append_records(dir, &records)?;
+    if let Some(last) = records.last() {
+        log.head = last.head();
+    }
+    log.records.extend(records);
+    Ok(log)
+}
+
+/// Appends chained records to the log (one write, fsync), then moves
+/// `audit.head` to the last of them.
+fn append_records(dir: &Path, records: &[AuditRecord]) -> Result<()> {
+    let Some(last) = records.last() else {
+        return Ok(());
+    };
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&r.to_line());
+        text.push('\n');
+    }
+    let path = dir.join(AUDIT_FILE);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    file.write_all(text.as_bytes()).map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    write_head(dir, &last.head())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: the next operation on this thread fails between its audit
+    /// records and its state commit, exactly where a crash would stop it.
+    static CRASH_BEFORE_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn crash_point() -> Result<()> {
+    #[cfg(test)]
+    if CRASH_BEFORE_COMMIT.with(|c| c.replace(false)) {
+        return Err(StoreError::Io {
+            file: PathBuf::from(STATE_FILE),
+            source: io::Error::other("simulated crash before the state commit"),
+        });
+    }
+    Ok(())
 }
 
 /// Reads a key file, refusing group/other permissions, bad content, and a key
@@ -553,22 +968,26 @@ fn write_head(dir: &Path, head: &Head) -> Result<()> {
     write_atomic(&dir.join(HEAD_FILE), &text)
 }
 
-/// The head to append after. Refuses a log that does not verify (appending to a
-/// tampered log would bury the evidence), except for the one benign case: the
-/// last append wrote its records but died before updating `audit.head`, so the
-/// log is an intact chain that extends the recorded head.
-fn read_verified_head(dir: &Path) -> Result<Head> {
+/// The verified log, whose head is the one to append after. Refuses a log that
+/// does not verify (appending to a tampered log would bury the evidence), except
+/// for the one benign case: the last append wrote its records but died before
+/// updating `audit.head`, so the log is an intact chain that extends the
+/// recorded head.
+fn read_verified(dir: &Path) -> Result<Verified> {
     let path = dir.join(AUDIT_FILE);
     let log = read_optional(&path)?.unwrap_or_default();
     let head = read_head(dir)?;
     let error = match (audit::verify(&log, head.as_ref()), &head) {
-        (Ok(v), _) => return Ok(v.head),
+        (Ok(v), _) => return Ok(v),
         // A store that never logged anything: start the chain, and anchor it
         // before the first append so that an interrupted first append is
         // recognised like any other.
         (Err(_), None) if log.is_empty() => {
             write_head(dir, &Head::empty())?;
-            return Ok(Head::empty());
+            return Ok(Verified {
+                records: Vec::new(),
+                head: Head::empty(),
+            });
         }
         (Err(error), _) => error,
     };
@@ -581,7 +1000,7 @@ fn read_verified_head(dir: &Path) -> Result<Head> {
         if extends {
             tracing::warn!(file = %path.display(), from = anchor.seq, to = v.head.seq, "finalizing an audit append that was interrupted before audit.head was updated");
             write_head(dir, &v.head)?;
-            return Ok(v.head);
+            return Ok(v);
         }
     }
     Err(StoreError::AuditBroken { file: path, error })
@@ -805,5 +1224,316 @@ mod tests {
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
         Store::open(tmp.path()).unwrap();
         assert_eq!(mode(tmp.path()), 0o700);
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(TEMP_MARK))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn crash_next_commit() {
+        CRASH_BEFORE_COMMIT.with(|c| c.set(true));
+    }
+
+    fn state_on_disk(dir: &Path) -> KeyState {
+        let text = fs::read(dir.join(STATE_FILE)).unwrap();
+        parse_state(&dir.join(STATE_FILE), &text).unwrap().keys
+    }
+
+    fn last_record(dir: &Path) -> AuditRecord {
+        Store::verify_audit(dir)
+            .unwrap()
+            .unwrap()
+            .records
+            .pop()
+            .unwrap()
+    }
+
+    #[test]
+    fn temp_names_are_unique_so_a_leftover_never_blocks_a_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        // What the PID-named scheme left after a crash in a container (PID 1)
+        // and in this process: both used to make every later write fail.
+        for pid in [1, std::process::id()] {
+            fs::write(dir.join(format!(".state.json.tmp.{pid}")), b"{").unwrap();
+        }
+        let target = dir.join("state.json");
+        write_atomic(&target, b"one\n").unwrap();
+        write_atomic(&target, b"two\n").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"two\n");
+        assert_eq!(mode(&target), 0o600);
+        // Our writes leave no temp file of their own behind.
+        assert_eq!(
+            temp_files(dir),
+            [
+                ".state.json.tmp.1".to_string(),
+                format!(".state.json.tmp.{}", std::process::id())
+            ]
+        );
+    }
+
+    #[test]
+    fn open_destroys_leftover_temp_files_of_ours_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let secret = PrivateKey::generate();
+        let leftover = dir.join(".key-2.key.tmp.Ab12Cd34");
+        fs::write(&leftover, format!("{}\n", secret.to_base64().as_str())).unwrap();
+        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o600)).unwrap();
+        // A second name for the same inode shows what the destruction did to
+        // the data, after the temp name is gone.
+        let witness = dir.join("witness");
+        fs::hard_link(&leftover, &witness).unwrap();
+        fs::write(dir.join(".audit.head.tmp.1"), b"x").unwrap();
+        // Not ours: another program's temp file, a symlink under our pattern.
+        fs::write(dir.join(".other.tmp.1"), b"keep").unwrap();
+        std::os::unix::fs::symlink(&witness, dir.join(".state.json.tmp.link")).unwrap();
+
+        Store::open(dir).unwrap();
+        assert!(!leftover.exists());
+        assert!(!dir.join(".audit.head.tmp.1").exists());
+        assert_eq!(fs::read(dir.join(".other.tmp.1")).unwrap(), b"keep");
+        assert!(fs::symlink_metadata(dir.join(".state.json.tmp.link")).is_ok());
+        let data = fs::read(&witness).unwrap();
+        assert_eq!(data.len(), 45);
+        assert!(data.iter().all(|&b| b == 0), "overwritten with zeros");
+
+        // Every key operation sweeps too, and leaves none of its own.
+        fs::write(dir.join(".state.json.tmp.7"), b"{").unwrap();
+        fs::remove_file(dir.join(".state.json.tmp.link")).unwrap();
+        store.stage(&who("t")).unwrap();
+        assert!(
+            temp_files(dir).iter().all(|n| n == ".other.tmp.1"),
+            "{:?}",
+            temp_files(dir)
+        );
+    }
+
+    #[test]
+    fn records_are_written_ahead_and_an_uncommitted_stage_is_recorded_as_aborted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let before = state_on_disk(dir);
+
+        crash_next_commit();
+        assert!(store.stage(&who("quarterly")).is_err());
+        // The crash window: the records are in the log (which verifies), the
+        // state is not committed, the new key file is there.
+        assert_eq!(state_on_disk(dir), before);
+        assert_eq!(events(dir), ["generated", "generated", "staged"]);
+        assert!(key_path(dir, 2).exists());
+        let pending = Store::uncommitted(dir).unwrap().expect("detected");
+        assert_eq!((pending.first_seq(), pending.last_seq()), (2, 3));
+        assert_eq!(pending.operation(), "rotate --stage");
+        let staged_fp = pending.records[1].new_fingerprint;
+
+        // Opening records the abort, once.
+        let reopened = Store::open(dir).unwrap();
+        assert_eq!(reopened.state(), &before);
+        assert_eq!(reopened.orphans(), [key_path(dir, 2)]);
+        assert_eq!(events(dir), ["generated", "generated", "staged", "aborted"]);
+        let aborted = last_record(dir);
+        assert_eq!(aborted.actor, RECOVERY_ACTOR);
+        assert_eq!(aborted.new_fingerprint, staged_fp);
+        assert_eq!(aborted.generation, 2);
+        assert!(
+            aborted.reason.contains("`rotate --stage` (seq 2..3"),
+            "{}",
+            aborted.reason
+        );
+        assert!(Store::uncommitted(dir).unwrap().is_none());
+        Store::open(dir).unwrap();
+        assert_eq!(events(dir).len(), 4);
+
+        // The retry: generation 2 is burnt (the log names it), its key file is
+        // destroyed as an orphan.
+        let mut store = Store::open(dir).unwrap();
+        store.stage(&who("quarterly")).unwrap();
+        assert_eq!(store.state().staged.as_ref().unwrap().generation, 3);
+        assert!(!key_path(dir, 2).exists());
+        assert!(Store::verify_audit(dir).unwrap().is_ok());
+    }
+
+    #[test]
+    fn every_step_interrupted_before_its_commit_is_detected_and_aborted() {
+        type Step = fn(&mut Store, &Attribution) -> Result<()>;
+        let cases: [(&str, usize, Step, &[&str]); 4] = [
+            ("rotate --stage", 0, Store::stage, &["generated", "staged"]),
+            ("rotate --activate", 1, Store::activate, &["activated"]),
+            (
+                "rotate --destroy-old",
+                2,
+                Store::destroy_old,
+                &["destroyed"],
+            ),
+            (
+                "revoke",
+                2,
+                Store::revoke,
+                &[
+                    "revoked",
+                    "generated",
+                    "activated",
+                    "destroyed",
+                    "destroyed",
+                ],
+            ),
+        ];
+        for (name, setup, step, logged) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+            let setups: [Step; 2] = [Store::stage, Store::activate];
+            for s in &setups[..setup] {
+                s(&mut store, &who("t")).unwrap();
+            }
+            let before = state_on_disk(dir);
+            let n = events(dir).len();
+            crash_next_commit();
+            assert!(step(&mut store, &who("t")).is_err(), "{name}");
+            assert_eq!(state_on_disk(dir), before, "{name}: not committed");
+            let pending = Store::uncommitted(dir).unwrap().expect(name);
+            assert_eq!(pending.operation(), name);
+            let kinds: Vec<String> = pending
+                .records
+                .iter()
+                .map(|r| r.event.to_string())
+                .collect();
+            assert_eq!(kinds, logged, "{name}");
+            assert_eq!(pending.first_seq(), n as u64 + 1, "{name}");
+            // Every key the state still names still works.
+            for meta in before.keys() {
+                assert!(key_path(dir, meta.generation).exists(), "{name}");
+            }
+
+            // A key operation on the stale handle recovers first, then runs.
+            let mut other = Store::open(dir).unwrap();
+            assert_eq!(events(dir).last().unwrap(), "aborted", "{name}");
+            assert_eq!(other.state(), &before);
+            other.revoke(&who("after the crash")).unwrap();
+            assert!(Store::verify_audit(dir).unwrap().is_ok());
+            assert!(Store::uncommitted(dir).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn a_key_operation_recovers_without_an_open_in_between() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        crash_next_commit();
+        assert!(store.stage(&who("t")).is_err());
+        store.stage(&who("t")).unwrap();
+        assert_eq!(
+            events(dir),
+            [
+                "generated",
+                "generated",
+                "staged",
+                "aborted",
+                "generated",
+                "staged"
+            ]
+        );
+        assert!(Store::uncommitted(dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_interrupted_init_is_aborted_and_its_generation_never_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        crash_next_commit();
+        assert!(Store::init(dir, "node-a", &who("t")).is_err());
+        assert!(!dir.join(STATE_FILE).exists());
+        assert_eq!(
+            Store::uncommitted(dir).unwrap().unwrap().operation(),
+            "init"
+        );
+        assert!(matches!(
+            Store::open(dir),
+            Err(StoreError::NotInitialized { .. })
+        ));
+        let store = Store::init(dir, "node-a", &who("t")).unwrap();
+        assert_eq!(store.state().active.generation, 2);
+        assert_eq!(events(dir), ["generated", "aborted", "generated"]);
+        assert!(!key_path(dir, 1).exists(), "the aborted key is destroyed");
+        assert!(Store::uncommitted(dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_second_handle_reloads_what_another_process_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut cli = Store::init(dir, "node-a", &who("t")).unwrap();
+        let mut agent = Store::open(dir).unwrap();
+        let old = agent.state().active.public_key;
+        assert!(!agent.reload_if_changed().unwrap(), "nothing changed yet");
+
+        cli.revoke(&who("key exposed")).unwrap();
+        // The agent's handle is stale until it reloads; the disk already says no.
+        assert!(agent.holds(&old));
+        assert!(!agent.holds_now(&old).unwrap());
+        assert!(agent.reload_if_changed().unwrap());
+        assert_eq!(agent.state(), cli.state());
+        assert!(!agent.holds(&old));
+        let new = agent.state().active.public_key;
+        assert!(agent.holds(&new) && agent.holds_now(&new).unwrap());
+        assert_eq!(
+            agent.active_private().unwrap().public_key(),
+            cli.state().active.public_key
+        );
+        assert!(!agent.reload_if_changed().unwrap());
+    }
+
+    #[test]
+    fn reload_sees_every_step_even_within_one_second() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut cli = Store::init(dir, "node-a", &who("t")).unwrap();
+        let mut agent = Store::open(dir).unwrap();
+        // Three commits well within a second: same mtime second, often the
+        // same length, possibly a reused inode. Content tells them apart.
+        for step in [Store::stage, Store::activate, Store::destroy_old] {
+            step(&mut cli, &who("t")).unwrap();
+            assert!(agent.reload_if_changed().unwrap());
+            assert_eq!(agent.state(), cli.state());
+        }
+        // A refused step writes nothing, so nothing to reload.
+        assert!(cli.activate(&who("t")).is_err());
+        assert!(!agent.reload_if_changed().unwrap());
+        // Rewritten but the same keys (here: another formatting): re-read, false.
+        let state = fs::read(dir.join(STATE_FILE)).unwrap();
+        let compact: serde_json::Value = serde_json::from_slice(&state).unwrap();
+        fs::write(dir.join(STATE_FILE), serde_json::to_vec(&compact).unwrap()).unwrap();
+        assert!(!agent.reload_if_changed().unwrap());
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_old_state_and_retries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut cli = Store::init(dir, "node-a", &who("t")).unwrap();
+        let mut agent = Store::open(dir).unwrap();
+        let before = agent.state().clone();
+        cli.stage(&who("t")).unwrap();
+        let staged = key_path(dir, 2);
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = agent.reload_if_changed().unwrap_err();
+        assert!(
+            matches!(err, StoreError::InsecurePermissions { .. }),
+            "{err}"
+        );
+        assert_eq!(agent.state(), &before);
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(agent.reload_if_changed().unwrap());
+        assert!(agent.state().staged.is_some());
     }
 }
