@@ -64,6 +64,8 @@ fn config() -> MeshConfig {
             8,
         ))],
         default_keepalive: Some(25),
+        local_public_key: None,
+        local_endpoint: None,
     }
 }
 
@@ -93,6 +95,7 @@ fn node(i: usize) -> NodeRecord {
             24,
         ))],
         persistent_keepalive: None,
+        node_ips: Vec::new(),
     }
 }
 

@@ -45,6 +45,8 @@ pub fn build(
             interface: String::new(),
             cluster_cidrs: cluster_cidrs.to_vec(),
             default_keepalive: None,
+            local_public_key: None,
+            local_endpoint: None,
         },
         &decoded,
     );

@@ -83,6 +83,63 @@ pub fn diff(current: &[PeerConfig], desired: &[PeerConfig]) -> Vec<PeerChange> {
     removes
 }
 
+/// Keeps endpoints the device learnt by roaming, unless the published one moved.
+///
+/// WireGuard moves a peer's endpoint to the source address of every
+/// authenticated packet from it, which is how a peer behind NAT stays reachable
+/// when its mapping changes. The planner always asks for the *published*
+/// endpoint, so without this step every pass would yank a roamed peer back to an
+/// address that may no longer reach it. For each desired peer with an endpoint:
+///
+/// - the device has no such peer, or the peer has no endpoint: the published
+///   endpoint stays (a brand-new peer starts where its Node says);
+/// - the published endpoint equals what the last pass published for that key
+///   (`previous`): the device's current endpoint is desired instead, so the diff
+///   leaves it alone;
+/// - the published endpoint is different from last pass's, or the key was not
+///   published last pass: the published one stays, so a node that really moved
+///   (or whose `force-endpoint` an operator just set) is followed at once;
+/// - `previous` is `None` (the first pass after the agent started, with no
+///   memory): the device's endpoint is kept. An agent restart must not undo
+///   roaming on a device that outlived it. The cost: a published endpoint that
+///   changed while the agent was down is not applied until it changes again or
+///   the peer sends from its new address (which the device then roams to; a
+///   persistent keepalive on the peer's side makes that happen by itself).
+///
+/// A desired endpoint of `None` ("no opinion") is left as it is.
+///
+/// Returns what to pass as `previous` next time: the published endpoint of
+/// every desired peer that has one. Commit it only once the changes built from
+/// this pass's `desired` were applied: remembering an endpoint that never
+/// reached the device would make the next pass take it as already set, and
+/// keep the old one.
+pub fn keep_roamed_endpoints(
+    current: &[PeerConfig],
+    desired: &mut [PeerConfig],
+    previous: Option<&HashMap<PublicKey, SocketAddr>>,
+) -> HashMap<PublicKey, SocketAddr> {
+    let mut device: HashMap<PublicKey, Option<SocketAddr>> = HashMap::with_capacity(current.len());
+    for peer in current {
+        // First occurrence wins, as in `diff`.
+        device.entry(peer.public_key).or_insert(peer.endpoint);
+    }
+    let mut published = HashMap::with_capacity(desired.len());
+    for peer in desired.iter_mut() {
+        let Some(want) = peer.endpoint else {
+            continue;
+        };
+        published.insert(peer.public_key, want);
+        let Some(&Some(have)) = device.get(&peer.public_key) else {
+            continue;
+        };
+        let unchanged = previous.is_none_or(|p| p.get(&peer.public_key) == Some(&want));
+        if unchanged {
+            peer.endpoint = Some(have);
+        }
+    }
+    published
+}
+
 /// Applies `changes` to `current` the way a WireGuard device would, without one:
 /// for tests and the in-memory backend.
 ///

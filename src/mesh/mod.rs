@@ -12,7 +12,7 @@
 //! plaintext and never reaches a node that merely *claims* someone else's pod
 //! CIDRs or key.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -26,7 +26,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use diff::{apply, diff, PeerChange};
+pub use diff::{apply, diff, keep_roamed_endpoints, PeerChange};
 pub use plan::plan;
 
 /// What the local agent knows that the Node objects do not.
@@ -43,6 +43,18 @@ pub struct MeshConfig {
     /// Keepalive for peers whose Node sets no `persistent-keepalive`; `None` or
     /// `Some(0)` is off.
     pub default_keepalive: Option<u16>,
+    /// This node's active public key as the key store holds it. When `Some`, it
+    /// is what remote nodes are checked against ([`Exclusion::SameKeyAsLocal`]),
+    /// not the `public-key` annotation on the local Node: that is only the API
+    /// cache's copy, which may be stale or (if someone copied another node's
+    /// value onto it) name another node's key, and planning from it would drop
+    /// that node's peer until the agent's own re-publish comes back. `None`
+    /// falls back to the annotation (tools that only read Nodes).
+    pub local_public_key: Option<PublicKey>,
+    /// The endpoint this node's agent publishes (its `--endpoint`,
+    /// `force-endpoint` or InternalIP choice), for the same reason as
+    /// [`Self::local_public_key`]; `None` falls back to the local record's.
+    pub local_endpoint: Option<SocketAddr>,
 }
 
 /// One peer as a WireGuard device sees it: what `wg show` reports and `wg set`
@@ -107,6 +119,17 @@ pub enum Exclusion {
     /// peer, and the local node always keeps its own key.
     #[error("it announces this node's own WireGuard public key")]
     SameKeyAsLocal,
+    /// Its endpoint is the local node's: a peer there would aim every handshake
+    /// for it back at this node. The local node always keeps its own endpoint.
+    #[error(
+        "its endpoint {endpoint} is the endpoint of {local}, the node this agent runs on, \
+         which keeps it whatever the ages; correct whichever of the two is wrong"
+    )]
+    SameEndpointAsLocal {
+        endpoint: SocketAddr,
+        /// The local node's name.
+        local: String,
+    },
     /// One of its pod CIDRs is outside every cluster CIDR: the cluster routes would
     /// not send that traffic into the tunnel, so it would leave unencrypted.
     #[error(
@@ -133,6 +156,19 @@ pub enum Exclusion {
         kept: String,
         kept_cidr: IpNet,
     },
+    /// Its endpoint (address and port) is already the endpoint of an older
+    /// admitted Node. Only one host can receive there, so the peer would send
+    /// this node's handshakes and traffic to the other one (a typo, a copied
+    /// `force-endpoint`, or a node aiming its peers at a third node).
+    #[error(
+        "its endpoint {endpoint} is already the endpoint of older node {with}, which keeps it; \
+         correct whichever of the two is wrong"
+    )]
+    EndpointConflict {
+        endpoint: SocketAddr,
+        /// The older node that keeps the endpoint.
+        with: String,
+    },
 }
 
 impl Exclusion {
@@ -146,10 +182,12 @@ impl Exclusion {
             },
             Exclusion::AmbiguousName { .. } => "ambiguous-name".into(),
             Exclusion::SameKeyAsLocal => "same-key-as-local".into(),
+            Exclusion::SameEndpointAsLocal { .. } => "same-endpoint-as-local".into(),
             Exclusion::OutsideClusterCidrs { .. } => "outside-cluster-cidrs".into(),
             Exclusion::OverlapsLocal { .. } => "overlaps-local".into(),
             Exclusion::DuplicateKey { .. } => "duplicate-key".into(),
             Exclusion::CidrOverlap { .. } => "cidr-overlap".into(),
+            Exclusion::EndpointConflict { .. } => "endpoint-conflict".into(),
         }
     }
 }
@@ -175,6 +213,20 @@ pub struct Plan {
     /// Every remote node that gets no peer, sorted by node name. The local node
     /// never appears here, even when its own record is invalid.
     pub excluded: Vec<Excluded>,
+    /// A host route (/32, /128) for every node address of every remote Node in
+    /// the input, admitted, excluded or invalid alike, minus the local node's
+    /// own addresses (and its endpoint's) and anything inside a cluster or local
+    /// pod CIDR; sorted, deduplicated. The agent routes these into the
+    /// tunnel so that pod traffic to a node address is either encrypted to the
+    /// peer whose allowed IPs hold it or dropped by cryptokey routing, never
+    /// sent in plaintext because that node has no (valid) peer right now.
+    ///
+    /// These addresses are normally the remote nodes' WireGuard endpoints too:
+    /// whatever routes them into the tunnel must exempt the tunnel's own UDP.
+    pub node_routes: Vec<IpNet>,
+    /// The local node's own node addresses (see [`NodeRecord::node_ips`]), from
+    /// every entry with the local name, valid or not; sorted, deduplicated.
+    pub local_node_ips: Vec<IpAddr>,
 }
 
 impl Plan {

@@ -2,6 +2,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -16,15 +17,23 @@ use crate::node::{NodeRecord, Rejected};
 ///
 /// Rules, in the order they are applied to each remote node:
 /// 1. A node that failed validation is excluded with its errors.
-/// 2. A node announcing the local node's public key, claiming a pod CIDR outside
-///    the cluster CIDRs, or overlapping the local node's pod CIDRs is excluded:
-///    the local node always keeps what is its own.
+/// 2. A node announcing the local node's public key (the key store's, see
+///    [`MeshConfig::local_public_key`]), claiming a pod CIDR outside the cluster
+///    CIDRs, overlapping the local node's pod CIDRs, or announcing the local
+///    node's endpoint is excluded: the local node always keeps what is its own.
 /// 3. Conflicts between remote nodes (one public key on two nodes; pod CIDRs where
-///    one contains the other) go to the older Node: nodes are admitted greedily in
-///    order of `created` (oldest first, a missing timestamp counting as newest),
-///    ties broken by name, and a node that conflicts with an already admitted one
-///    is excluded. An excluded node never excludes anyone else, so a newcomer
-///    cannot knock out an established node by claiming its CIDRs or key.
+///    one contains the other; one endpoint, address and port, on two nodes) go to
+///    the older Node: nodes are admitted greedily in order of `created` (oldest
+///    first, a missing timestamp counting as newest), ties broken by name, and a
+///    node that conflicts with an already admitted one is excluded. An excluded
+///    node never excludes anyone else, so a newcomer cannot knock out an
+///    established node by claiming its CIDRs, key or endpoint.
+/// 4. An admitted node's peer also allows a host route for each of its
+///    [`NodeRecord::node_ips`], so that a reply from the node's own address (a
+///    hostNetwork pod answering a pod) passes cryptokey routing. An address the
+///    local node holds, that lies in a cluster CIDR or the local pod CIDRs, or
+///    that an older admitted node already got, is left out of this peer's
+///    allowed IPs; that costs the node nothing else (it is still admitted).
 ///
 /// "Older wins" is decided from data every agent sees identically, so every agent
 /// not itself party to a conflict excludes the same node. (The two parties each
@@ -35,17 +44,24 @@ use crate::node::{NodeRecord, Rejected};
 /// with no cluster CIDRs configured every node with pod CIDRs is excluded rather
 /// than reached in plaintext.
 ///
+/// [`Plan::node_routes`] lists the node addresses of every remote entry, whatever
+/// happened to it, because a node without a peer is exactly the one whose
+/// addresses must still be routed into the tunnel and dropped there.
+///
 /// The output depends only on the *set* of entries, not their order. An entry
 /// repeated verbatim counts once; a name appearing with different contents is
 /// excluded as [`Exclusion::AmbiguousName`] (fail closed), or, for the local
 /// node, leaves [`Plan::local`] empty.
 ///
-/// Runs in O(n log n): keys go through a hash map and CIDR conflicts through an
-/// ordered map of the (disjoint) address ranges admitted so far.
+/// Runs in O(n log n): keys, endpoints and node addresses go through hash maps
+/// and CIDR conflicts through an ordered map of the (disjoint) address ranges
+/// admitted so far.
 pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
     let mut local = None;
     let mut excluded = Vec::new();
     let mut candidates: Vec<&NodeRecord> = Vec::with_capacity(nodes.len());
+    let mut local_node_ips: Vec<IpAddr> = Vec::new();
+    let mut remote_node_ips: Vec<IpAddr> = Vec::new();
 
     // Group entries by name. The map's iteration order does not reach the output:
     // candidates are sorted by age and exclusions by name below, both total
@@ -53,8 +69,18 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
     // name, which is most of the string comparing a plan would otherwise do.)
     let mut by_name: HashMap<&str, Group<'_>> = HashMap::with_capacity(nodes.len());
     for entry in nodes {
+        let name = entry_name(entry);
+        // Every entry's addresses, even a contradicting one's: they only ever
+        // widen what is routed into the tunnel (remote) or kept from peers
+        // (local), which is the fail-closed direction either way.
+        let ips = entry_node_ips(entry).iter().map(|ip| ip.to_canonical());
+        if name == cfg.local_node {
+            local_node_ips.extend(ips);
+        } else {
+            remote_node_ips.extend(ips);
+        }
         by_name
-            .entry(entry_name(entry))
+            .entry(name)
             .and_modify(|group| {
                 group.entries += 1;
                 group.consistent &= group.first == entry;
@@ -91,27 +117,41 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
     }
 
     candidates.sort_unstable_by(|a, b| age_order(a, b));
+    local_node_ips.sort_unstable();
+    local_node_ips.dedup();
 
     let routes = routes(cfg);
     let cluster: Vec<IpNet> = routes.iter().map(|r| r.destination).collect();
     let mut admission = Admission {
-        local_key: local.as_ref().map(|r: &NodeRecord| r.public_key),
+        local_name: &cfg.local_node,
+        // The key store's key, not the API cache's copy of it, when the agent
+        // has one (see `MeshConfig::local_public_key`).
+        local_key: cfg
+            .local_public_key
+            .or(local.as_ref().map(|r: &NodeRecord| r.public_key)),
+        local_endpoint: cfg.local_endpoint.or(local.as_ref().map(|r| r.endpoint)),
         local_cidrs: local.as_ref().map_or(&[][..], |r| &r.pod_cidrs[..]),
+        local_ips: &local_node_ips,
         cluster: &cluster,
         keys: HashMap::with_capacity(candidates.len()),
+        endpoints: HashMap::with_capacity(candidates.len()),
         claims: Claims::default(),
+        node_ips: HashMap::new(),
     };
+    let node_routes = admission.node_routes(remote_node_ips);
     let mut peers = Vec::with_capacity(candidates.len());
     for record in candidates {
         let mut allowed_ips = record.pod_cidrs.clone();
         normalize_ips(&mut allowed_ips);
-        match admission.check(record.public_key, &allowed_ips) {
+        match admission.check(record, &allowed_ips) {
             Err(reason) => excluded.push(Excluded {
                 node: record.name.clone(),
                 reason,
             }),
             Ok(()) => {
-                admission.admit(&record.name, record.public_key, &allowed_ips);
+                admission.admit(record, &allowed_ips);
+                allowed_ips.extend(admission.claim_node_ips(record));
+                normalize_ips(&mut allowed_ips);
                 peers.push(DesiredPeer {
                     node: record.name.clone(),
                     config: PeerConfig {
@@ -134,6 +174,8 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
         peers,
         routes,
         excluded,
+        node_routes,
+        local_node_ips,
     }
 }
 
@@ -162,6 +204,13 @@ fn entry_name(entry: &Result<NodeRecord, Rejected>) -> &str {
     }
 }
 
+fn entry_node_ips(entry: &Result<NodeRecord, Rejected>) -> &[IpAddr] {
+    match entry {
+        Ok(record) => &record.node_ips,
+        Err(rejected) => &rejected.node_ips,
+    }
+}
+
 /// All the entries that share one name.
 struct Group<'a> {
     first: &'a Result<NodeRecord, Rejected>,
@@ -179,19 +228,26 @@ fn age_order(a: &NodeRecord, b: &NodeRecord) -> Ordering {
 /// The state of greedy admission: what the local node holds and what the remote
 /// nodes admitted so far hold.
 struct Admission<'a> {
+    local_name: &'a str,
     local_key: Option<PublicKey>,
+    local_endpoint: Option<SocketAddr>,
     local_cidrs: &'a [IpNet],
+    /// Sorted.
+    local_ips: &'a [IpAddr],
     cluster: &'a [IpNet],
     keys: HashMap<PublicKey, &'a str>,
+    endpoints: HashMap<SocketAddr, &'a str>,
     claims: Claims<'a>,
+    /// Node addresses given to admitted peers so far, and to whom.
+    node_ips: HashMap<IpAddr, &'a str>,
 }
 
 impl<'a> Admission<'a> {
-    /// Why a node with this key and these (canonical, sorted) CIDRs may not be
+    /// Why this node, with these (canonical, sorted) pod CIDRs, may not be
     /// admitted now, if it may not. Checks about the node alone and the local node
     /// come before conflicts with other remote nodes.
-    fn check(&self, key: PublicKey, cidrs: &[IpNet]) -> Result<(), Exclusion> {
-        if self.local_key == Some(key) {
+    fn check(&self, record: &NodeRecord, cidrs: &[IpNet]) -> Result<(), Exclusion> {
+        if self.local_key == Some(record.public_key) {
             return Err(Exclusion::SameKeyAsLocal);
         }
         if let Some(cidr) = cidrs
@@ -206,7 +262,13 @@ impl<'a> Admission<'a> {
         {
             return Err(Exclusion::OverlapsLocal { cidr: *cidr });
         }
-        if let Some(kept) = self.keys.get(&key) {
+        if self.local_endpoint == Some(record.endpoint) {
+            return Err(Exclusion::SameEndpointAsLocal {
+                endpoint: record.endpoint,
+                local: self.local_name.to_owned(),
+            });
+        }
+        if let Some(kept) = self.keys.get(&record.public_key) {
             return Err(Exclusion::DuplicateKey {
                 kept: (*kept).to_owned(),
             });
@@ -220,11 +282,19 @@ impl<'a> Admission<'a> {
                 });
             }
         }
+        if let Some(with) = self.endpoints.get(&record.endpoint) {
+            return Err(Exclusion::EndpointConflict {
+                endpoint: record.endpoint,
+                with: (*with).to_owned(),
+            });
+        }
         Ok(())
     }
 
-    fn admit(&mut self, node: &'a str, key: PublicKey, cidrs: &[IpNet]) {
-        self.keys.insert(key, node);
+    fn admit(&mut self, record: &'a NodeRecord, cidrs: &[IpNet]) {
+        let node = record.name.as_str();
+        self.keys.insert(record.public_key, node);
+        self.endpoints.insert(record.endpoint, node);
         // A node may list a CIDR inside another of its own; only the wider one is
         // recorded, to keep the claims disjoint. In sorted order everything a CIDR
         // contains follows it directly, so comparing with the last one kept is
@@ -237,6 +307,53 @@ impl<'a> Admission<'a> {
             self.claims.insert(node, *cidr);
             kept = Some(cidr);
         }
+    }
+
+    /// The host routes of an admitted node's addresses that it may have: not
+    /// reserved (see [`Self::reserved`]) and not given to an older node
+    /// already. A device gives an allowed IP to one peer only, so without this
+    /// rule the newer node would silently take the address over.
+    fn claim_node_ips(&mut self, record: &'a NodeRecord) -> Vec<IpNet> {
+        let mut routes = Vec::new();
+        for ip in record.node_ips.iter().map(|ip| ip.to_canonical()) {
+            if self.reserved(ip) {
+                continue;
+            }
+            let owner = *self.node_ips.entry(ip).or_insert(record.name.as_str());
+            if owner == record.name {
+                routes.push(IpNet::from(ip));
+            }
+        }
+        routes
+    }
+
+    /// Host routes for the remote nodes' addresses (canonical), sorted and
+    /// deduplicated, minus the reserved ones.
+    fn node_routes(&self, mut remote: Vec<IpAddr>) -> Vec<IpNet> {
+        remote.sort_unstable();
+        remote.dedup();
+        // `IpAddr` and host `IpNet`s order alike (family, then address), so the
+        // result stays sorted.
+        remote
+            .into_iter()
+            .filter(|ip| !self.reserved(*ip))
+            .map(IpNet::from)
+            .collect()
+    }
+
+    /// True for an address no remote node may have as a node address: the
+    /// local node's own (its addresses, its endpoint's), and anything inside a
+    /// cluster or local pod CIDR, which pod CIDR routing owns (a host route
+    /// there would pull one pod's traffic away from where it lives). Decoding
+    /// drops cluster-CIDR addresses already; this also covers records built
+    /// another way and a local pod CIDR outside the cluster CIDRs.
+    fn reserved(&self, ip: IpAddr) -> bool {
+        self.local_ips.binary_search(&ip).is_ok()
+            || self
+                .local_endpoint
+                .is_some_and(|e| e.ip().to_canonical() == ip)
+            || self.cluster.iter().any(|c| c.contains(&ip))
+            || self.local_cidrs.iter().any(|c| c.contains(&ip))
     }
 }
 

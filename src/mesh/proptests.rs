@@ -4,8 +4,8 @@
 //! slots per family, four creation times) so that duplicate keys, overlapping and
 //! identical CIDRs, equal ages and missing ages all happen often.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use jiff::Timestamp;
@@ -33,8 +33,24 @@ fn cidr() -> impl Strategy<Value = IpNet> {
     ]
 }
 
+/// Node addresses from a small pool, so that two nodes (or a node and the local
+/// one) often list the same; 10.0.9.x lies inside the cluster CIDR.
+fn node_ips() -> impl Strategy<Value = Vec<IpAddr>> {
+    let ip = prop_oneof![
+        6 => (1u8..8).prop_map(|h| IpAddr::from([198, 51, 100, h])),
+        2 => (1u16..4).prop_map(|h| IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, h])),
+        1 => (1u8..3).prop_map(|h| IpAddr::from([10, 0, 9, h])),
+    ];
+    prop::collection::vec(ip, 0..3).prop_map(|mut ips| {
+        ips.sort_unstable();
+        ips.dedup();
+        ips
+    })
+}
+
 fn endpoint() -> impl Strategy<Value = SocketAddr> {
-    (1u8..20, 51820u16..51823).prop_map(|(host, port)| SocketAddr::from(([192, 0, 2, host], port)))
+    // Few enough that two admitted nodes often share one.
+    (1u8..8, 51820u16..51822).prop_map(|(host, port)| SocketAddr::from(([192, 0, 2, host], port)))
 }
 
 /// One Node entry; the name is assigned by position afterwards.
@@ -45,51 +61,64 @@ fn entry() -> impl Strategy<Value = Entry> {
         prop::option::of(0i64..4),
         endpoint(),
         prop::option::of(1u16..3),
+        node_ips(),
     )
-        .prop_map(|(k, mut pod_cidrs, created, endpoint, keepalive)| {
-            pod_cidrs.sort_unstable();
-            pod_cidrs.dedup();
-            Ok(NodeRecord {
-                name: String::new(),
-                created: created.map(|s| Timestamp::from_second(s).unwrap()),
-                public_key: key(k),
-                key_generation: 1,
-                key_created: None,
-                next_public_key: None,
-                endpoint,
-                endpoint_forced: false,
-                pod_cidrs,
-                persistent_keepalive: keepalive,
-            })
-        });
-    let invalid = prop::option::of(0i64..4).prop_map(|created| {
-        Err(rejected(
-            "",
-            created.map(|s| Timestamp::from_second(s).unwrap()),
-        ))
+        .prop_map(
+            |(k, mut pod_cidrs, created, endpoint, keepalive, node_ips)| {
+                pod_cidrs.sort_unstable();
+                pod_cidrs.dedup();
+                Ok(NodeRecord {
+                    name: String::new(),
+                    created: created.map(|s| Timestamp::from_second(s).unwrap()),
+                    public_key: key(k),
+                    key_generation: 1,
+                    key_created: None,
+                    next_public_key: None,
+                    endpoint,
+                    endpoint_forced: false,
+                    pod_cidrs,
+                    persistent_keepalive: keepalive,
+                    node_ips,
+                })
+            },
+        );
+    let invalid = (prop::option::of(0i64..4), node_ips()).prop_map(|(created, node_ips)| {
+        let mut rejected = rejected("", created.map(|s| Timestamp::from_second(s).unwrap()));
+        rejected.node_ips = node_ips;
+        Err(rejected)
     });
     prop_oneof![9 => record, 1 => invalid]
 }
 
 /// Entries named `n0`, `n1`, ...; `n0` is the local node, but when `local` is
-/// false the config names a node that is not in the list.
+/// false the config names a node that is not in the list. The config sometimes
+/// carries the key store's key and the agent's endpoint, which may differ from
+/// the local entry's.
 fn node_set() -> impl Strategy<Value = (MeshConfig, Vec<Entry>)> {
-    (prop::collection::vec(entry(), 0..14), any::<bool>()).prop_map(|(mut entries, local)| {
-        for (i, entry) in entries.iter_mut().enumerate() {
-            let name = format!("n{i}");
-            match entry {
-                Ok(record) => record.name = name,
-                Err(rejected) => rejected.node = name,
+    (
+        prop::collection::vec(entry(), 0..14),
+        any::<bool>(),
+        prop::option::of(1u8..=6),
+        prop::option::of(endpoint()),
+    )
+        .prop_map(|(mut entries, local, store_key, agent_endpoint)| {
+            for (i, entry) in entries.iter_mut().enumerate() {
+                let name = format!("n{i}");
+                match entry {
+                    Ok(record) => record.name = name,
+                    Err(rejected) => rejected.node = name,
+                }
             }
-        }
-        let cfg = MeshConfig {
-            local_node: if local { LOCAL } else { "absent" }.to_owned(),
-            interface: "wgmesh0".to_owned(),
-            cluster_cidrs: vec![net("10.0.0.0/16"), net("fd00::/48")],
-            default_keepalive: Some(25),
-        };
-        (cfg, entries)
-    })
+            let cfg = MeshConfig {
+                local_node: if local { LOCAL } else { "absent" }.to_owned(),
+                interface: "wgmesh0".to_owned(),
+                cluster_cidrs: vec![net("10.0.0.0/16"), net("fd00::/48")],
+                default_keepalive: Some(25),
+                local_public_key: store_key.map(key),
+                local_endpoint: agent_endpoint,
+            };
+            (cfg, entries)
+        })
 }
 
 /// A node set, and the same set shuffled with some entries repeated verbatim.
@@ -184,11 +213,24 @@ proptest! {
         let plan = plan(&cfg, &entries);
         let local_cidrs = plan.local.as_ref().map_or(&[][..], |r| &r.pod_cidrs[..]);
         for (i, a) in plan.peers.iter().enumerate() {
+            let record = entries
+                .iter()
+                .flatten()
+                .find(|r| r.name == a.node)
+                .expect("a peer comes from a valid entry");
             for cidr in &a.config.allowed_ips {
-                prop_assert!(
-                    cfg.cluster_cidrs.iter().any(|c| c.contains(cidr)),
-                    "{cidr} of {} outside the cluster", a.node
-                );
+                // Either one of its pod CIDRs (inside the cluster) or a host
+                // route for one of its own node addresses (outside it).
+                if record.node_ips.iter().any(|ip| IpNet::from(*ip) == *cidr) {
+                    prop_assert!(!cfg.cluster_cidrs.iter().any(|c| c.contains(cidr)));
+                    prop_assert!(!plan.local_node_ips.contains(&cidr.addr()));
+                    prop_assert!(plan.node_routes.contains(cidr));
+                } else {
+                    prop_assert!(
+                        cfg.cluster_cidrs.iter().any(|c| c.contains(cidr)),
+                        "{cidr} of {} outside the cluster", a.node
+                    );
+                }
                 prop_assert!(!local_cidrs.iter().any(|l| overlaps(l, cidr)));
                 for b in &plan.peers[i + 1..] {
                     prop_assert!(
@@ -200,8 +242,45 @@ proptest! {
         }
         let keys: Vec<_> = plan.peers.iter().map(|p| p.config.public_key).collect();
         prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "peers not sorted by unique key");
-        let local_key = plan.local.as_ref().map(|r| r.public_key);
+        let local_key = cfg.local_public_key.or(plan.local.as_ref().map(|r| r.public_key));
         prop_assert!(local_key.is_none_or(|k| !keys.contains(&k)));
+
+        let mut endpoints: Vec<_> = plan.peers.iter().filter_map(|p| p.config.endpoint).collect();
+        let local_endpoint = cfg.local_endpoint.or(plan.local.as_ref().map(|r| r.endpoint));
+        prop_assert!(local_endpoint.is_none_or(|e| !endpoints.contains(&e)));
+        endpoints.sort_unstable();
+        prop_assert!(endpoints.windows(2).all(|w| w[0] != w[1]), "two peers share an endpoint");
+    }
+
+    /// Every remote entry's node addresses are routed into the tunnel, whatever
+    /// became of the entry, and nothing else is.
+    #[test]
+    fn node_routes_cover_every_remote_node_address((cfg, entries) in node_set()) {
+        let plan = plan(&cfg, &entries);
+        let ips = |entry: &Entry| match entry {
+            Ok(r) => r.node_ips.clone(),
+            Err(r) => r.node_ips.clone(),
+        };
+        let mut local: Vec<IpAddr> = entries
+            .iter()
+            .filter(|e| name(e) == cfg.local_node)
+            .flat_map(ips)
+            .collect();
+        local.sort_unstable();
+        local.dedup();
+        prop_assert_eq!(&plan.local_node_ips, &local);
+        let local_endpoint = cfg.local_endpoint.or(plan.local.as_ref().map(|r| r.endpoint));
+        let local_cidrs = plan.local.as_ref().map_or(&[][..], |r| &r.pod_cidrs[..]);
+        let expected: BTreeSet<IpNet> = entries
+            .iter()
+            .filter(|e| name(e) != cfg.local_node)
+            .flat_map(ips)
+            .filter(|ip| !local.contains(ip))
+            .filter(|ip| local_endpoint.is_none_or(|e| e.ip() != *ip))
+            .filter(|ip| !cfg.cluster_cidrs.iter().chain(local_cidrs).any(|c| c.contains(ip)))
+            .map(IpNet::from)
+            .collect();
+        prop_assert_eq!(plan.node_routes.clone(), expected.into_iter().collect::<Vec<_>>());
     }
 
     #[test]
@@ -286,6 +365,45 @@ proptest! {
     }
 
     #[test]
+    fn roamed_endpoints_are_kept_exactly_while_the_published_one_is_unchanged(
+        current in device_peers(),
+        desired in desired_peers(false),
+        previous in prop::option::of(prop::collection::hash_map(
+            (1u8..=8).prop_map(key),
+            endpoint(),
+            0..8,
+        )),
+    ) {
+        let mut rewritten = desired.clone();
+        let memory = keep_roamed_endpoints(&current, &mut rewritten, previous.as_ref());
+        let published: HashMap<PublicKey, SocketAddr> = desired
+            .iter()
+            .filter_map(|p| p.endpoint.map(|e| (p.public_key, e)))
+            .collect();
+        prop_assert_eq!(memory, published);
+
+        let after = apply(&current, &diff(&current, &rewritten));
+        prop_assert_eq!(after.len(), desired.len());
+        for (got, want) in after.iter().zip(&desired) {
+            prop_assert_eq!(got.public_key, want.public_key);
+            let device = current
+                .iter()
+                .find(|p| p.public_key == want.public_key)
+                .and_then(|p| p.endpoint);
+            let unchanged = previous
+                .as_ref()
+                .is_none_or(|p| p.get(&want.public_key) == want.endpoint.as_ref());
+            let expected = match (want.endpoint, device) {
+                (None, device) => device,
+                (Some(_), Some(device)) if unchanged => Some(device),
+                (Some(published), _) => Some(published),
+            };
+            prop_assert_eq!(got.endpoint, expected);
+            prop_assert_eq!(&got.allowed_ips, &want.allowed_ips);
+        }
+    }
+
+    #[test]
     fn a_plan_diffed_against_itself_applied_is_stable((cfg, entries) in node_set()) {
         let desired = plan(&cfg, &entries).peer_configs();
         prop_assert_eq!(diff(&[], &desired).len(), desired.len());
@@ -309,11 +427,34 @@ fn generated_node_sets_hit_every_rule() {
         let plan = plan(&cfg, &entries);
         *seen.entry("peer").or_default() += usize::from(!plan.peers.is_empty());
         *seen.entry("local").or_default() += usize::from(plan.local.is_some());
+        let node_ip_routes = plan
+            .peers
+            .iter()
+            .flat_map(|p| &p.config.allowed_ips)
+            .filter(|c| plan.node_routes.contains(c))
+            .count();
+        *seen.entry("node ip allowed").or_default() += usize::from(node_ip_routes > 0);
+        // An admitted node listed an address its peer did not get: held by the
+        // local node or an older peer, or inside the cluster CIDR.
+        let withheld = plan.peers.iter().any(|p| {
+            entries
+                .iter()
+                .flatten()
+                .filter(|r| r.name == p.node)
+                .any(|r| {
+                    r.node_ips
+                        .iter()
+                        .any(|ip| !p.config.allowed_ips.contains(&IpNet::from(*ip)))
+                })
+        });
+        *seen.entry("node ip withheld").or_default() += usize::from(withheld);
         for excluded in &plan.excluded {
             let kind = match excluded.reason {
                 Exclusion::Invalid(_) => "invalid",
                 Exclusion::AmbiguousName { .. } => "ambiguous",
                 Exclusion::SameKeyAsLocal => "same key as local",
+                Exclusion::SameEndpointAsLocal { .. } => "same endpoint as local",
+                Exclusion::EndpointConflict { .. } => "endpoint conflict",
                 Exclusion::OutsideClusterCidrs { .. } => "outside cluster",
                 Exclusion::OverlapsLocal { .. } => "overlaps local",
                 Exclusion::DuplicateKey { .. } => "duplicate key",
@@ -331,6 +472,10 @@ fn generated_node_sets_hit_every_rule() {
         "overlaps local",
         "duplicate key",
         "cidr overlap",
+        "same endpoint as local",
+        "endpoint conflict",
+        "node ip allowed",
+        "node ip withheld",
     ] {
         assert!(
             seen.get(kind).copied().unwrap_or(0) >= 20,

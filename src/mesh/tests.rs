@@ -1,6 +1,7 @@
 //! Unit tests: one per planner rule, then the diff and its device model.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use jiff::Timestamp;
@@ -25,6 +26,19 @@ fn endpoint(n: u8) -> SocketAddr {
     SocketAddr::from(([192, 0, 2, n], 51820))
 }
 
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn ips(texts: &[&str]) -> Vec<IpAddr> {
+    texts.iter().map(|t| ip(t)).collect()
+}
+
+fn with_ips(mut record: NodeRecord, addresses: &[&str]) -> NodeRecord {
+    record.node_ips = ips(addresses);
+    record
+}
+
 fn ts(seconds: i64) -> Timestamp {
     Timestamp::from_second(seconds).unwrap()
 }
@@ -42,6 +56,7 @@ fn node(name: &str, created: Option<i64>, k: u8, cidrs: &[&str]) -> NodeRecord {
         endpoint_forced: false,
         pod_cidrs: nets(cidrs),
         persistent_keepalive: None,
+        node_ips: Vec::new(),
     }
 }
 
@@ -58,6 +73,7 @@ pub(super) fn rejected(name: &str, created: Option<Timestamp>) -> Rejected {
             missing(annotations::PUBLIC_KEY),
             missing(annotations::ENDPOINT),
         ],
+        node_ips: Vec::new(),
     }
 }
 
@@ -67,6 +83,8 @@ fn config(local: &str) -> MeshConfig {
         interface: "wgmesh0".to_owned(),
         cluster_cidrs: nets(&["10.0.0.0/8", "fd00::/48"]),
         default_keepalive: None,
+        local_public_key: None,
+        local_endpoint: None,
     }
 }
 
@@ -513,6 +531,279 @@ fn exclusion_reasons_name_the_other_node() {
     assert!(local.to_string().contains("10.0.0.0/16"));
 }
 
+#[test]
+fn an_endpoint_already_used_by_an_older_node_is_excluded() {
+    let mut old = node("z-old", Some(1), 2, &["10.0.1.0/24"]);
+    let mut new = node("a-new", Some(2), 3, &["10.0.2.0/24"]);
+    let mut undated = node("m-undated", None, 4, &["10.0.3.0/24"]);
+    let shared = SocketAddr::from(([192, 0, 2, 50], 51820));
+    old.endpoint = shared;
+    new.endpoint = shared;
+    undated.endpoint = shared;
+    // The same address on another port is another socket: no conflict.
+    let mut other_port = node("other-port", Some(3), 5, &["10.0.4.0/24"]);
+    other_port.endpoint = SocketAddr::from(([192, 0, 2, 50], 51821));
+    for nodes in [
+        vec![
+            old.clone(),
+            new.clone(),
+            undated.clone(),
+            other_port.clone(),
+        ],
+        vec![
+            other_port.clone(),
+            undated.clone(),
+            new.clone(),
+            old.clone(),
+        ],
+    ] {
+        let plan = plan(&config("me"), &ok(nodes));
+        assert_eq!(peer_names(&plan), ["other-port", "z-old"]);
+        for loser in ["a-new", "m-undated"] {
+            assert_eq!(
+                reason(&plan, loser),
+                &Exclusion::EndpointConflict {
+                    endpoint: shared,
+                    with: "z-old".into(),
+                }
+            );
+        }
+    }
+}
+
+#[test]
+fn an_excluded_node_does_not_hold_its_endpoint() {
+    let first = node("first", Some(1), 2, &["10.0.0.0/24"]);
+    // Excluded for its CIDR, so its endpoint is not taken...
+    let mut second = node("second", Some(2), 3, &["10.0.0.0/23"]);
+    second.endpoint = endpoint(9);
+    // ...and a newer node may use it.
+    let mut third = node("third", Some(3), 4, &["10.0.2.0/24"]);
+    third.endpoint = endpoint(9);
+    let plan = plan(&config("me"), &ok(vec![first, second, third]));
+    assert_eq!(peer_names(&plan), ["first", "third"]);
+    assert!(matches!(
+        reason(&plan, "second"),
+        Exclusion::CidrOverlap { .. }
+    ));
+}
+
+#[test]
+fn the_local_endpoint_is_never_a_peer_endpoint_even_for_an_older_node() {
+    let me = node("me", Some(10), 1, &["10.0.0.0/24"]);
+    let mut old = node("old", Some(1), 2, &["10.0.1.0/24"]);
+    old.endpoint = me.endpoint;
+    let plan = plan(&config("me"), &ok(vec![me.clone(), old]));
+    assert!(plan.peers.is_empty());
+    assert_eq!(
+        reason(&plan, "old"),
+        &Exclusion::SameEndpointAsLocal {
+            endpoint: me.endpoint,
+            local: "me".into(),
+        }
+    );
+}
+
+#[test]
+fn the_agents_own_endpoint_wins_over_the_cached_annotation() {
+    // The API cache still shows this node's previous endpoint, which another
+    // node has legitimately taken over; the agent knows its current one.
+    let now_mine = SocketAddr::from(([192, 0, 2, 77], 51820));
+    let me = node("me", Some(10), 1, &["10.0.0.0/24"]);
+    let mut took_over = node("b", Some(2), 2, &["10.0.1.0/24"]);
+    took_over.endpoint = me.endpoint;
+    let mut hostile = node("c", Some(3), 3, &["10.0.2.0/24"]);
+    hostile.endpoint = now_mine;
+    let mut cfg = config("me");
+    cfg.local_endpoint = Some(now_mine);
+    let plan = plan(&cfg, &ok(vec![me, took_over, hostile]));
+    assert_eq!(peer_names(&plan), ["b"]);
+    assert_eq!(
+        reason(&plan, "c"),
+        &Exclusion::SameEndpointAsLocal {
+            endpoint: now_mine,
+            local: "me".into(),
+        }
+    );
+}
+
+#[test]
+fn the_key_stores_key_wins_over_the_cached_annotation() {
+    // The local Node's annotation (API cache) shows node b's key: stale, or
+    // copied there by someone. The key store says this node's key is key(1).
+    let mut stale_me = node("me", Some(10), 2, &["10.0.0.0/24"]);
+    stale_me.endpoint = endpoint(1);
+    let b = node("b", Some(1), 2, &["10.0.1.0/24"]);
+    let c = node("c", Some(3), 3, &["10.0.2.0/24"]);
+    let mut cfg = config("me");
+    cfg.local_public_key = Some(key(1));
+    let plan1 = plan(&cfg, &ok(vec![stale_me.clone(), b.clone(), c.clone()]));
+    assert_eq!(peer_names(&plan1), ["b", "c"]);
+    assert!(plan1.excluded.is_empty(), "{plan1:#?}");
+
+    // A node announcing the store's key is the one excluded, whatever the
+    // annotation says.
+    let mine = node("d", Some(0), 1, &["10.0.3.0/24"]);
+    let plan2 = plan(&cfg, &ok(vec![stale_me.clone(), b.clone(), mine]));
+    assert_eq!(peer_names(&plan2), ["b"]);
+    assert_eq!(reason(&plan2, "d"), &Exclusion::SameKeyAsLocal);
+
+    // Without the store's key the annotation is all there is (`wgmesh status`).
+    let plan3 = plan(&config("me"), &ok(vec![stale_me, b, c]));
+    assert_eq!(reason(&plan3, "b"), &Exclusion::SameKeyAsLocal);
+}
+
+#[test]
+fn node_addresses_become_host_routes_of_their_peer() {
+    let b = with_ips(
+        node("b", Some(2), 2, &["10.0.1.0/24", "fd00:0:0:1::/64"]),
+        &["2001:db8::2", "198.51.100.2", "198.51.100.12"],
+    );
+    let plan = plan(&config("me"), &ok(vec![b]));
+    assert_eq!(
+        plan.peers[0].config.allowed_ips,
+        nets(&[
+            "10.0.1.0/24",
+            "198.51.100.2/32",
+            "198.51.100.12/32",
+            "2001:db8::2/128",
+            "fd00:0:0:1::/64",
+        ])
+    );
+    assert_eq!(
+        plan.node_routes,
+        nets(&["198.51.100.2/32", "198.51.100.12/32", "2001:db8::2/128"])
+    );
+}
+
+#[test]
+fn a_node_address_held_by_an_older_node_or_the_local_node_is_withheld() {
+    let me = with_ips(node("me", Some(10), 1, &["10.0.0.0/24"]), &["198.51.100.1"]);
+    let old = with_ips(
+        node("old", Some(1), 2, &["10.0.1.0/24"]),
+        &["198.51.100.2", "198.51.100.5"],
+    );
+    let new = with_ips(
+        node("new", Some(2), 3, &["10.0.2.0/24"]),
+        // Another node's, this node's, this node's endpoint address, inside
+        // the cluster CIDR, and its own.
+        &[
+            "198.51.100.5",
+            "198.51.100.1",
+            "192.0.2.1",
+            "10.0.0.7",
+            "10.0.9.9",
+            "198.51.100.3",
+        ],
+    );
+    for nodes in [
+        vec![me.clone(), old.clone(), new.clone()],
+        vec![new.clone(), old.clone(), me.clone()],
+    ] {
+        let plan = plan(&config("me"), &ok(nodes));
+        // Withheld addresses cost the node nothing else.
+        assert_eq!(peer_names(&plan), ["new", "old"]);
+        assert!(plan.excluded.is_empty());
+        let allowed = |name: &str| {
+            &plan
+                .peers
+                .iter()
+                .find(|p| p.node == name)
+                .unwrap()
+                .config
+                .allowed_ips
+        };
+        assert_eq!(
+            allowed("old"),
+            &nets(&["10.0.1.0/24", "198.51.100.2/32", "198.51.100.5/32"])
+        );
+        assert_eq!(allowed("new"), &nets(&["10.0.2.0/24", "198.51.100.3/32"]));
+        assert_eq!(plan.local_node_ips, ips(&["198.51.100.1"]));
+        // Still routed into the tunnel, except the local node's own addresses
+        // and pod addresses.
+        assert_eq!(
+            plan.node_routes,
+            nets(&["198.51.100.2/32", "198.51.100.3/32", "198.51.100.5/32"])
+        );
+    }
+}
+
+#[test]
+fn an_invalid_local_node_still_keeps_its_addresses_from_peers() {
+    let mut me = rejected("me", None);
+    me.node_ips = ips(&["198.51.100.1"]);
+    let b = with_ips(
+        node("b", Some(2), 2, &["10.0.1.0/24"]),
+        &["198.51.100.1", "198.51.100.2"],
+    );
+    let plan = plan(&config("me"), &[Err(me), Ok(b)]);
+    assert_eq!(plan.local, None);
+    assert_eq!(plan.local_node_ips, ips(&["198.51.100.1"]));
+    assert_eq!(
+        plan.peers[0].config.allowed_ips,
+        nets(&["10.0.1.0/24", "198.51.100.2/32"])
+    );
+    assert_eq!(plan.node_routes, nets(&["198.51.100.2/32"]));
+}
+
+#[test]
+fn node_routes_cover_excluded_invalid_and_ambiguous_nodes() {
+    let admitted = with_ips(node("a", Some(1), 2, &["10.0.1.0/24"]), &["198.51.100.1"]);
+    let overlapping = with_ips(
+        node("b", Some(2), 3, &["10.0.1.0/24"]),
+        &["198.51.100.2", "198.51.100.1"],
+    );
+    let mut invalid = rejected("c", None);
+    invalid.node_ips = ips(&["2001:db8::3"]);
+    let ambiguous1 = with_ips(node("d", Some(4), 5, &["10.0.4.0/24"]), &["198.51.100.4"]);
+    let ambiguous2 = with_ips(node("d", Some(4), 6, &["10.0.5.0/24"]), &["198.51.100.5"]);
+    let plan = plan(
+        &config("me"),
+        &[
+            Ok(admitted),
+            Ok(overlapping),
+            Err(invalid),
+            Ok(ambiguous1),
+            Ok(ambiguous2),
+        ],
+    );
+    assert_eq!(peer_names(&plan), ["a"]);
+    assert_eq!(plan.excluded.len(), 3);
+    assert_eq!(
+        plan.node_routes,
+        nets(&[
+            "198.51.100.1/32",
+            "198.51.100.2/32",
+            "198.51.100.4/32",
+            "198.51.100.5/32",
+            "2001:db8::3/128",
+        ])
+    );
+    assert!(plan.local_node_ips.is_empty());
+}
+
+#[test]
+fn new_exclusion_reasons_name_the_other_node_and_the_winner() {
+    let conflict = Exclusion::EndpointConflict {
+        endpoint: endpoint(7),
+        with: "node-a".into(),
+    };
+    let text = conflict.to_string();
+    for part in ["192.0.2.7:51820", "older node node-a", "keeps it"] {
+        assert!(text.contains(part), "{text}");
+    }
+    assert_eq!(conflict.kind(), "endpoint-conflict");
+    let local = Exclusion::SameEndpointAsLocal {
+        endpoint: endpoint(7),
+        local: "node-me".into(),
+    };
+    let text = local.to_string();
+    for part in ["192.0.2.7:51820", "node-me", "keeps it"] {
+        assert!(text.contains(part), "{text}");
+    }
+    assert_eq!(local.kind(), "same-endpoint-as-local");
+}
+
 // --- diff and apply ---------------------------------------------------------
 
 fn peer(k: u8, ep: Option<u8>, ips: &[&str], keepalive: Option<u16>) -> PeerConfig {
@@ -677,4 +968,229 @@ fn apply_of_a_diff_reaches_the_desired_set() {
         peer(5, Some(5), &["10.0.3.0/24"], None),
     ];
     assert_eq!(apply(&current, &diff(&current, &desired)), desired);
+}
+
+// --- clusters without spec.podCIDRs -------------------------------------------
+
+/// A Node as the API serves it on a cluster that does not allocate node CIDRs:
+/// empty `spec.podCIDRs`, the claim only in the `pod-cidrs` annotation.
+fn unallocated_node(
+    name: &str,
+    created: i64,
+    seed: u8,
+    claim: &str,
+) -> k8s_openapi::api::core::v1::Node {
+    use k8s_openapi::api::core::v1::{Node, NodeSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    let key = crate::keys::PrivateKey::from_bytes([seed; 32])
+        .unwrap()
+        .public_key();
+    let annotations = [
+        (annotations::PUBLIC_KEY, key.to_base64()),
+        (annotations::ENDPOINT, format!("192.0.2.{seed}:51820")),
+        (annotations::POD_CIDRS, claim.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            creation_timestamp: Some(Time(ts(created))),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidrs: Some(Vec::new()),
+            ..NodeSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[test]
+fn without_spec_pod_cidrs_claims_decode_and_the_older_claim_wins() {
+    let vcfg = crate::node::ValidationConfig {
+        cluster_cidrs: nets(&["10.0.0.0/8", "fd00::/48"]),
+    };
+    let nodes = [
+        unallocated_node("me", 5, 1, "10.0.0.0/24"),
+        unallocated_node("z-old", 1, 2, "10.0.1.0/24,fd00:0:0:1::/64"),
+        // Overlaps z-old's claim (contains it): newer, so excluded.
+        unallocated_node("a-new", 2, 3, "10.0.0.0/16"),
+        // Identical to z-old's v6 claim.
+        unallocated_node("b-newer", 3, 4, "10.0.4.0/24,fd00:0:0:1::/64"),
+        unallocated_node("c-fine", 4, 5, "10.0.5.0/24"),
+    ];
+    let decoded: Vec<_> = nodes
+        .iter()
+        .map(|n| crate::node::decode(n, &vcfg))
+        .collect();
+    for entry in &decoded {
+        assert!(entry.is_ok(), "{entry:?}");
+    }
+    assert_eq!(
+        decoded[1].as_ref().unwrap().pod_cidrs,
+        nets(&["10.0.1.0/24", "fd00:0:0:1::/64"])
+    );
+
+    let mut cfg = config("me");
+    cfg.local_endpoint = Some(endpoint(1));
+    let mesh = plan(&cfg, &decoded);
+    assert_eq!(peer_names(&mesh), ["c-fine", "z-old"]);
+    // a-new's /16 also contains the local node's 10.0.0.0/24: the local node
+    // always keeps its own, before any age comparison.
+    assert_eq!(
+        reason(&mesh, "a-new"),
+        &Exclusion::OverlapsLocal {
+            cidr: net("10.0.0.0/16")
+        }
+    );
+    let newer = reason(&mesh, "b-newer");
+    assert_eq!(
+        newer,
+        &Exclusion::CidrOverlap {
+            cidr: net("fd00:0:0:1::/64"),
+            kept: "z-old".into(),
+            kept_cidr: net("fd00:0:0:1::/64"),
+        }
+    );
+    assert!(newer.to_string().contains("older node z-old"), "{newer}");
+
+    // And between two remote nodes only, the older one wins either way round.
+    let two = [
+        unallocated_node("p-new", 9, 6, "10.0.8.0/22"),
+        unallocated_node("q-old", 8, 7, "10.0.9.0/24"),
+    ];
+    let decoded: Vec<_> = two.iter().map(|n| crate::node::decode(n, &vcfg)).collect();
+    let pair = plan(&config("me"), &decoded);
+    assert_eq!(peer_names(&pair), ["q-old"]);
+    assert_eq!(
+        reason(&pair, "p-new"),
+        &Exclusion::CidrOverlap {
+            cidr: net("10.0.8.0/22"),
+            kept: "q-old".into(),
+            kept_cidr: net("10.0.9.0/24"),
+        }
+    );
+}
+
+// --- roamed endpoints ---------------------------------------------------------
+
+fn published(pairs: &[(u8, u8)]) -> HashMap<PublicKey, SocketAddr> {
+    pairs.iter().map(|&(k, e)| (key(k), endpoint(e))).collect()
+}
+
+#[test]
+fn a_roamed_endpoint_is_kept_while_the_published_one_is_unchanged() {
+    // The device roamed peer 1 from 192.0.2.1 to 192.0.2.91 (NAT rebinding).
+    let device = vec![peer(1, Some(91), &["10.0.1.0/24"], None)];
+    let mut desired = vec![peer(1, Some(1), &["10.0.1.0/24"], None)];
+    let memory = keep_roamed_endpoints(&device, &mut desired, Some(&published(&[(1, 1)])));
+    assert_eq!(desired, vec![peer(1, Some(91), &["10.0.1.0/24"], None)]);
+    assert_eq!(diff(&device, &desired), vec![]);
+    // What is remembered is the published endpoint, not the roamed one.
+    assert_eq!(memory, published(&[(1, 1)]));
+}
+
+#[test]
+fn a_changed_published_endpoint_is_set() {
+    let device = vec![peer(1, Some(91), &["10.0.1.0/24"], None)];
+    let mut desired = vec![peer(1, Some(2), &["10.0.1.0/24"], None)];
+    let memory = keep_roamed_endpoints(&device, &mut desired, Some(&published(&[(1, 1)])));
+    assert_eq!(desired[0].endpoint, Some(endpoint(2)));
+    assert_eq!(
+        diff(&device, &desired),
+        vec![PeerChange::Update {
+            public_key: key(1),
+            endpoint: Some(endpoint(2)),
+            allowed_ips: None,
+            persistent_keepalive: None,
+        }]
+    );
+    assert_eq!(memory, published(&[(1, 2)]));
+}
+
+#[test]
+fn a_key_not_published_last_pass_gets_its_published_endpoint() {
+    // On the device already (e.g. left from before it was excluded), but new
+    // to the plan: nothing says its device endpoint is one it roamed to.
+    let device = vec![peer(1, Some(91), &["10.0.1.0/24"], None)];
+    let mut desired = vec![peer(1, Some(1), &["10.0.1.0/24"], None)];
+    keep_roamed_endpoints(&device, &mut desired, Some(&HashMap::new()));
+    assert_eq!(desired[0].endpoint, Some(endpoint(1)));
+}
+
+#[test]
+fn a_new_peer_or_one_without_an_endpoint_gets_the_published_one() {
+    let device = vec![peer(2, None, &["10.0.2.0/24"], None)];
+    let mut desired = vec![
+        peer(1, Some(1), &["10.0.1.0/24"], None),
+        peer(2, Some(2), &["10.0.2.0/24"], None),
+    ];
+    let before = desired.clone();
+    for previous in [None, Some(published(&[(1, 1), (2, 2)]))] {
+        let mut rewritten = before.clone();
+        keep_roamed_endpoints(&device, &mut rewritten, previous.as_ref());
+        assert_eq!(rewritten, before);
+    }
+    keep_roamed_endpoints(&device, &mut desired, None);
+    assert_eq!(
+        diff(&device, &desired),
+        vec![
+            PeerChange::Update {
+                public_key: key(2),
+                endpoint: Some(endpoint(2)),
+                allowed_ips: None,
+                persistent_keepalive: None,
+            },
+            PeerChange::Add(peer(1, Some(1), &["10.0.1.0/24"], None)),
+        ]
+    );
+}
+
+#[test]
+fn the_first_pass_after_a_restart_keeps_the_device_endpoint() {
+    let device = vec![peer(1, Some(91), &["10.0.1.0/24"], None)];
+    let mut desired = vec![peer(1, Some(1), &["10.0.1.0/24"], None)];
+    let memory = keep_roamed_endpoints(&device, &mut desired, None);
+    assert_eq!(desired[0].endpoint, Some(endpoint(91)));
+    assert_eq!(memory, published(&[(1, 1)]));
+}
+
+#[test]
+fn no_opinion_stays_no_opinion_and_is_not_remembered() {
+    let device = vec![peer(1, Some(91), &["10.0.1.0/24"], None)];
+    let mut desired = vec![peer(1, None, &["10.0.1.0/24"], None)];
+    let memory = keep_roamed_endpoints(&device, &mut desired, Some(&published(&[(1, 1)])));
+    assert_eq!(desired[0].endpoint, None);
+    assert!(memory.is_empty());
+}
+
+#[test]
+fn roaming_over_several_passes() {
+    let want = |e: u8| vec![peer(1, Some(e), &["10.0.1.0/24"], None)];
+    let mut device: Vec<PeerConfig> = Vec::new();
+    let mut memory: Option<HashMap<PublicKey, SocketAddr>> = None;
+    let mut pass = |device: &mut Vec<PeerConfig>, published: u8| {
+        let mut desired = want(published);
+        let next = keep_roamed_endpoints(device, &mut desired, memory.as_ref());
+        *device = apply(device, &diff(device, &desired));
+        memory = Some(next);
+    };
+
+    pass(&mut device, 1);
+    assert_eq!(device[0].endpoint, Some(endpoint(1)));
+    // The peer's NAT mapping changes; the device follows its packets.
+    device[0].endpoint = Some(endpoint(91));
+    pass(&mut device, 1);
+    pass(&mut device, 1);
+    assert_eq!(device[0].endpoint, Some(endpoint(91)), "not yanked back");
+    // The node publishes a new endpoint: followed at once, and then kept.
+    pass(&mut device, 2);
+    assert_eq!(device[0].endpoint, Some(endpoint(2)));
+    device[0].endpoint = Some(endpoint(92));
+    pass(&mut device, 2);
+    assert_eq!(device[0].endpoint, Some(endpoint(92)));
 }

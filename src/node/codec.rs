@@ -187,6 +187,11 @@ pub struct Rejected {
     /// `pod-cidrs`, and list entries in their written order — so that repeated
     /// decodes of the same Node produce identical messages (and Events dedupe).
     pub errors: Vec<NodeError>,
+    /// The node's usable `InternalIP`s, as in [`NodeRecord::node_ips`]. Kept on
+    /// a rejected Node too: it gets no peer, but traffic to its addresses must
+    /// still be routed into the tunnel (and dropped there by cryptokey routing)
+    /// rather than leave in plaintext.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl Rejected {
@@ -285,6 +290,7 @@ pub fn decode(node: &Node, cfg: &ValidationConfig) -> Result<NodeRecord, Rejecte
         .filter(|&seconds| seconds != 0);
 
     let pod_cidrs = d.pod_cidrs(node, cfg);
+    let node_ips = node_ips(node, cfg);
 
     match (name, public_key, endpoint) {
         (Some(name), Some(public_key), Some(endpoint)) if d.errors.is_empty() => Ok(NodeRecord {
@@ -298,6 +304,7 @@ pub fn decode(node: &Node, cfg: &ValidationConfig) -> Result<NodeRecord, Rejecte
             endpoint_forced,
             pod_cidrs,
             persistent_keepalive,
+            node_ips,
         }),
         (name, _, _) => {
             // Every `None` above was recorded as an error, so `errors` is not
@@ -307,9 +314,36 @@ pub fn decode(node: &Node, cfg: &ValidationConfig) -> Result<NodeRecord, Rejecte
                 node: name.unwrap_or_default(),
                 created,
                 errors: d.errors,
+                node_ips,
             })
         }
     }
+}
+
+/// The node's own addresses from `status.addresses` entries of type
+/// `InternalIP`, as [`NodeRecord::node_ips`] holds them. These are written by
+/// the kubelet, not by people, and never make a Node invalid: an entry that
+/// does not parse as an IP address is skipped, and so is one that cannot name
+/// this node from elsewhere (loopback, link-local, multicast, unspecified,
+/// broadcast) or that lies inside a cluster pod CIDR (there it would compete
+/// with pod routes and other peers' allowed IPs). IPv4-mapped IPv6 addresses
+/// are turned into IPv4, the form packets carry. Sorted, deduplicated.
+pub fn node_ips(node: &Node, cfg: &ValidationConfig) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or(&[])
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| trim(&a.address).parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .filter(|ip| unusable_address(*ip).is_none())
+        .filter(|ip| !cfg.cluster_cidrs.iter().any(|c| c.contains(ip)))
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
 }
 
 /// The agent-owned annotations describing `local`, in the exact text [`decode`]
@@ -644,6 +678,13 @@ fn is_rfc3339_shape(b: &[u8]) -> bool {
     }
 }
 
+/// Whether `addr` is an endpoint every peer would accept: the checks
+/// [`decode`] applies to `wgmesh.dev/endpoint`, for the agent to run on its
+/// own choice before publishing it.
+pub fn check_endpoint(addr: &SocketAddr) -> Result<(), Reason> {
+    parse_endpoint(&addr.to_string()).map(|_| ())
+}
+
 fn parse_endpoint(text: &str) -> Result<SocketAddr, Reason> {
     let addr: SocketAddr = text
         .parse()
@@ -657,37 +698,96 @@ fn parse_endpoint(text: &str) -> Result<SocketAddr, Reason> {
             why,
         });
     }
-    if addr.to_string() != text {
+    // An IPv4-mapped IPv6 endpoint is the IPv4 one spelt differently; one
+    // spelling per value keeps the planner's endpoint-conflict check (which
+    // compares addresses) from being dodged by the other spelling.
+    let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+    if canonical != addr || addr.to_string() != text {
         return Err(Reason::NonCanonicalEndpoint {
             given: echo(text),
-            canonical: addr,
+            canonical,
         });
     }
     Ok(addr)
 }
 
-/// Addresses that parse but cannot name one remote host.
+/// The advice every endpoint problem ends with: where the value comes from.
+/// (A macro, not a const, so that `concat!` can build `&'static str`s.)
+macro_rules! endpoint_fix {
+    () => {
+        "; publish an address of that node that the other nodes can reach (its \
+         underlay address): correct wgmesh.dev/force-endpoint if it is set, else the \
+         agent's --endpoint or the Node InternalIP the agent defaults to"
+    };
+}
+
+/// Addresses that parse but cannot name one remote host. Each answer says what
+/// is wrong and how to fix it.
 fn unusable_endpoint(addr: &SocketAddr) -> Option<&'static str> {
     if let SocketAddr::V6(v6) = addr {
         if v6.scope_id() != 0 {
-            return Some(
+            return Some(concat!(
                 "it carries an IPv6 zone index (%…), which names an interface on the node \
                  that wrote it and means nothing on its peers",
-            );
+                endpoint_fix!()
+            ));
         }
     }
-    // `::ffff:0.0.0.0` is 0.0.0.0 in disguise, and so on.
-    let ip = addr.ip().to_canonical();
+    // `::ffff:127.0.0.1` is 127.0.0.1 in disguise, and so on: a socket sends to
+    // an IPv4-mapped address as to the IPv4 one.
+    unusable_address(addr.ip().to_canonical())
+}
+
+/// Why an address cannot name one remote node, if it cannot: shared by
+/// endpoints and by node addresses (which only skip such entries). Expects an
+/// address already passed through `to_canonical`.
+fn unusable_address(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
-        return Some("the unspecified address means \"this host\" to every peer");
+        return Some(concat!(
+            "the unspecified address means \"this host\" to every peer, so each would \
+             send to itself",
+            endpoint_fix!()
+        ));
+    }
+    if ip.is_loopback() {
+        return Some(concat!(
+            "a loopback address reaches only the host that sends to it, so every peer \
+             would send this node's handshakes to itself",
+            endpoint_fix!()
+        ));
     }
     if ip.is_multicast() {
-        return Some("a multicast address does not name one node");
+        return Some(concat!(
+            "a multicast address names a group of hosts, not one node",
+            endpoint_fix!()
+        ));
     }
-    if let IpAddr::V4(v4) = ip {
-        if v4.is_broadcast() {
-            return Some("the broadcast address does not name one node");
+    let link_local = match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_broadcast() {
+                return Some(concat!(
+                    "the broadcast address names every host on a link, not one node",
+                    endpoint_fix!()
+                ));
+            }
+            // 0.0.0.0/8 other than 0.0.0.0 itself: "this network", a source
+            // address only (RFC 1122 3.2.1.3), which no packet can be sent to.
+            if v4.octets()[0] == 0 {
+                return Some(concat!(
+                    "addresses in 0.0.0.0/8 mean \"this network\" and cannot be sent to",
+                    endpoint_fix!()
+                ));
+            }
+            v4.is_link_local()
         }
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if link_local {
+        return Some(concat!(
+            "a link-local address (169.254.0.0/16, fe80::/10) is only meaningful on one \
+             link and, without a zone, on no interface in particular",
+            endpoint_fix!()
+        ));
     }
     None
 }
@@ -720,7 +820,7 @@ mod tests {
 
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
-    use k8s_openapi::api::core::v1::NodeSpec;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     use proptest::prelude::*;
 
@@ -804,6 +904,26 @@ mod tests {
         )
     }
 
+    /// Sets `status.addresses` to these (type, address) pairs.
+    fn with_addresses(mut node: Node, addresses: &[(&str, &str)]) -> Node {
+        let addresses = addresses
+            .iter()
+            .map(|(type_, address)| NodeAddress {
+                type_: type_.to_string(),
+                address: address.to_string(),
+            })
+            .collect();
+        node.status = Some(NodeStatus {
+            addresses: Some(addresses),
+            ..NodeStatus::default()
+        });
+        node
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
     fn rejected(node: &Node) -> Rejected {
         decode(node, &cfg()).expect_err("node should be rejected")
     }
@@ -834,8 +954,76 @@ mod tests {
                 endpoint_forced: false,
                 pod_cidrs: vec![net("10.244.1.0/24"), net("fd00:10:244:1::/64")],
                 persistent_keepalive: Some(25),
+                node_ips: vec![],
             }
         );
+    }
+
+    #[test]
+    fn node_ips_are_the_usable_internal_ips_outside_the_cluster() {
+        let node = with_addresses(
+            valid_node(&[], &[]),
+            &[
+                ("Hostname", "node-a"),
+                ("ExternalIP", "203.0.113.9"),
+                ("InternalIP", "2001:db8::7"),
+                ("InternalIP", "192.0.2.7"),
+                ("InternalIP", " 10.1.2.3\n"),
+                ("InternalIP", "192.0.2.7"),
+                ("InternalIP", "::ffff:192.0.2.8"),
+                // Unparsable: skipped, never a reason to reject the Node.
+                ("InternalIP", "not-an-ip"),
+                ("InternalIP", "10.1.2.4/24"),
+                ("InternalIP", "fe80::1%eth0"),
+                ("InternalIP", ""),
+                // Cannot name this node from elsewhere.
+                ("InternalIP", "127.0.0.1"),
+                ("InternalIP", "::1"),
+                ("InternalIP", "::ffff:127.0.0.1"),
+                ("InternalIP", "169.254.3.4"),
+                ("InternalIP", "fe80::1"),
+                ("InternalIP", "224.0.0.1"),
+                ("InternalIP", "ff02::1"),
+                ("InternalIP", "0.0.0.0"),
+                ("InternalIP", "::"),
+                ("InternalIP", "255.255.255.255"),
+                // Inside the cluster pod CIDRs.
+                ("InternalIP", "10.244.3.4"),
+                ("InternalIP", "fd00:10:244::5"),
+            ],
+        );
+        let record = decode(&node, &cfg()).unwrap();
+        assert_eq!(
+            record.node_ips,
+            [
+                ip("10.1.2.3"),
+                ip("192.0.2.7"),
+                ip("192.0.2.8"),
+                ip("2001:db8::7"),
+            ]
+        );
+        assert_eq!(node_ips(&node, &cfg()), record.node_ips);
+
+        let everything = ValidationConfig {
+            cluster_cidrs: vec![net("0.0.0.0/0")],
+        };
+        assert_eq!(
+            node_ips(&node, &everything),
+            [ip("2001:db8::7"), ip("fd00:10:244::5")]
+        );
+        let none = with_addresses(valid_node(&[], &[]), &[]);
+        assert!(decode(&none, &cfg()).unwrap().node_ips.is_empty());
+    }
+
+    #[test]
+    fn a_rejected_node_keeps_its_node_ips() {
+        let node = with_addresses(
+            valid_node(&[(ann::PUBLIC_KEY, "garbage")], &[ann::ENDPOINT]),
+            &[("InternalIP", "192.0.2.7"), ("InternalIP", "127.0.0.1")],
+        );
+        let rejected = rejected(&node);
+        assert_eq!(rejected.errors.len(), 2, "{rejected}");
+        assert_eq!(rejected.node_ips, [ip("192.0.2.7")]);
     }
 
     #[test]
@@ -1185,10 +1373,10 @@ mod tests {
 
     #[test]
     fn ipv6_endpoints() {
-        let node = valid_node(&[(ann::ENDPOINT, "[::1]:51820")], &[]);
+        let node = valid_node(&[(ann::ENDPOINT, "[2001:db8::1]:51820")], &[]);
         assert_eq!(
             decode(&node, &cfg()).unwrap().endpoint,
-            "[::1]:51820".parse().unwrap()
+            "[2001:db8::1]:51820".parse().unwrap()
         );
         for bad in ["::1:51820", "[2001:DB8::1]:51820", "192.0.2.10:051820"] {
             let node = valid_node(&[(ann::ENDPOINT, bad)], &[]);
@@ -1209,19 +1397,86 @@ mod tests {
 
     #[test]
     fn unusable_endpoints() {
-        for bad in [
-            "0.0.0.0:51820",
-            "[::]:51820",
-            "255.255.255.255:51820",
-            "224.0.0.1:51820",
-            "[fe80::1%2]:51820",
-        ] {
-            let node = valid_node(&[(ann::ENDPOINT, bad)], &[]);
-            let reason = only_error(&node, ann::ENDPOINT);
-            assert!(
-                matches!(reason, Reason::UnusableEndpoint { .. }),
-                "{bad}: {reason}"
+        // (endpoint, a word the reason must name)
+        let cases = [
+            ("0.0.0.0:51820", "unspecified"),
+            ("[::]:51820", "unspecified"),
+            ("[::ffff:0.0.0.0]:51820", "unspecified"),
+            ("0.1.2.3:51820", "this network"),
+            ("127.0.0.1:51820", "loopback"),
+            ("127.255.0.9:51820", "loopback"),
+            ("[::1]:51820", "loopback"),
+            ("[::ffff:127.0.0.1]:51820", "loopback"),
+            ("224.0.0.1:51820", "multicast"),
+            ("239.255.255.250:51820", "multicast"),
+            ("[ff02::1]:51820", "multicast"),
+            ("[ff0e::1]:51820", "multicast"),
+            ("[::ffff:224.0.0.5]:51820", "multicast"),
+            ("255.255.255.255:51820", "broadcast"),
+            ("[::ffff:255.255.255.255]:51820", "broadcast"),
+            ("169.254.0.1:51820", "link-local"),
+            ("169.254.169.254:51820", "link-local"),
+            ("[fe80::1]:51820", "link-local"),
+            ("[febf:ffff::1]:51820", "link-local"),
+            ("[::ffff:169.254.1.1]:51820", "link-local"),
+            ("[fe80::1%2]:51820", "zone index"),
+        ];
+        for (bad, word) in cases {
+            for field in [ann::ENDPOINT, ann::FORCE_ENDPOINT] {
+                let node = valid_node(&[(field, bad)], &[]);
+                let reason = only_error(&node, field);
+                let Reason::UnusableEndpoint { endpoint, why } = &reason else {
+                    panic!("{field}={bad}: {reason}");
+                };
+                assert_eq!(*endpoint, bad.parse::<SocketAddr>().unwrap());
+                assert!(why.contains(word), "{bad}: {why}");
+                // Every reason ends with the fix, naming where the value comes from.
+                assert!(why.contains("force-endpoint"), "{bad}: {why}");
+                assert!(why.contains("--endpoint"), "{bad}: {why}");
+                assert!(reason.to_string().contains(bad.trim_end_matches(":51820")));
+            }
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_endpoints_must_be_written_as_ipv4() {
+        for field in [ann::ENDPOINT, ann::FORCE_ENDPOINT] {
+            let node = valid_node(&[(field, "[::ffff:192.0.2.1]:51820")], &[]);
+            let reason = only_error(&node, field);
+            assert_eq!(
+                reason,
+                Reason::NonCanonicalEndpoint {
+                    given: "[::ffff:192.0.2.1]:51820".to_owned(),
+                    canonical: "192.0.2.1:51820".parse().unwrap(),
+                }
             );
+            assert!(reason.to_string().contains("write it as 192.0.2.1:51820"));
+        }
+    }
+
+    #[test]
+    fn endpoints_next_to_the_unusable_ranges_are_fine() {
+        for good in [
+            "1.0.0.1:51820",
+            "126.255.255.255:51820",
+            "128.0.0.1:51820",
+            "169.253.255.255:51820",
+            "169.255.0.1:51820",
+            "223.255.255.255:51820",
+            "255.255.255.254:51820",
+            "10.0.0.1:51820",
+            "192.168.1.1:51820",
+            "100.64.0.1:51820",
+            "[::2]:51820",
+            "[fec0::1]:51820",
+            "[fe7f::1]:51820",
+            "[fd00::1]:51820",
+            "[2001:db8::1]:51820",
+        ] {
+            let addr: SocketAddr = good.parse().unwrap();
+            assert_eq!(unusable_endpoint(&addr), None, "{good}");
+            let node = valid_node(&[(ann::ENDPOINT, good)], &[]);
+            assert_eq!(decode(&node, &cfg()).map(|r| r.endpoint), Ok(addr));
         }
     }
 
@@ -1430,7 +1685,9 @@ mod tests {
         let v6 = (any::<[u8; 16]>(), 1..=u16::MAX).prop_map(|(ip, port)| {
             SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, 0, 0))
         });
-        prop_oneof![v4, v6].prop_filter("usable", |a| unusable_endpoint(a).is_none())
+        prop_oneof![v4, v6]
+            .prop_filter("usable", |a| unusable_endpoint(a).is_none())
+            .prop_filter("canonical", |a| a.ip().to_canonical() == a.ip())
     }
 
     fn arb_cidr() -> impl Strategy<Value = IpNet> {
@@ -1506,6 +1763,39 @@ mod tests {
                 prop_assert!(!rejected.errors.is_empty());
                 let _ = rejected.to_string();
                 let _ = rejected.not_ready();
+            }
+        }
+
+        #[test]
+        fn node_ips_are_usable_sorted_unique_and_outside_the_cluster(
+            addresses in proptest::collection::vec(
+                (
+                    prop_oneof![Just("InternalIP"), Just("ExternalIP")],
+                    prop_oneof![
+                        any::<[u8; 4]>().prop_map(|b| Ipv4Addr::from(b).to_string()),
+                        any::<[u8; 16]>().prop_map(|b| Ipv6Addr::from(b).to_string()),
+                        any::<[u8; 4]>().prop_map(|b| Ipv4Addr::from(b).to_ipv6_mapped().to_string()),
+                        any::<String>(),
+                    ],
+                ),
+                0..8,
+            ),
+            cluster in proptest::collection::vec(arb_cidr(), 0..3),
+        ) {
+            let pairs: Vec<(&str, &str)> =
+                addresses.iter().map(|(t, a)| (*t, a.as_str())).collect();
+            let node = with_addresses(valid_node(&[], &[]), &pairs);
+            let cfg = ValidationConfig { cluster_cidrs: cluster };
+            let ips = node_ips(&node, &cfg);
+            prop_assert!(ips.windows(2).all(|w| w[0] < w[1]), "{ips:?}");
+            for ip in &ips {
+                prop_assert_eq!(ip.to_canonical(), *ip);
+                prop_assert!(unusable_address(*ip).is_none(), "{ip}");
+                prop_assert!(!cfg.cluster_cidrs.iter().any(|c| c.contains(ip)), "{ip}");
+                let listed = addresses.iter().any(|(t, a)| {
+                    *t == "InternalIP" && a.parse::<IpAddr>().is_ok_and(|p| p.to_canonical() == *ip)
+                });
+                prop_assert!(listed, "{ip} was not an InternalIP");
             }
         }
 

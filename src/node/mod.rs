@@ -5,7 +5,7 @@
 //! annotations fail validation yields a [`Rejected`] value naming the annotation
 //! and the reason; it never panics.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use jiff::Timestamp;
@@ -69,4 +69,8 @@ pub struct NodeRecord {
     pub pod_cidrs: Vec<IpNet>,
     /// `persistent-keepalive` in seconds; `None` when absent or 0.
     pub persistent_keepalive: Option<u16>,
+    /// The node's own addresses (`status.addresses` of type `InternalIP`) that
+    /// can name it: unicast only, none inside a cluster pod CIDR; IPv4-mapped
+    /// IPv6 written as IPv4. Sorted, deduplicated. See [`node_ips`].
+    pub node_ips: Vec<IpAddr>,
 }
