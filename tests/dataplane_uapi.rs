@@ -283,3 +283,40 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
     backend.apply(&changes).unwrap();
     assert!(reconcile(&backend.state().unwrap(), &local, &next).is_empty());
 }
+
+#[test]
+fn a_deleted_tun_makes_the_dataplane_exit_non_zero_and_remove_its_socket() {
+    let Some(mut fx) = setup("g") else { return };
+    let iface = "wgmug0";
+    let sock = fx.start(iface);
+    assert!(get(&sock).ends_with("errno=0\n\n"));
+
+    let ok = Command::new("ip")
+        .args(["-n", &fx.netns, "link", "del", iface])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ip link del {iface} failed");
+
+    // It used to spin on EBADFD for ever; now it exits within a poll round.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = fx.children[0].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the data plane still runs 5 s after its TUN was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(fx.dir.path().join(format!("{iface}.log"))).unwrap();
+    assert_eq!(status.code(), Some(1), "exit status {status}; log:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "TUN device {iface} went away; exiting so the supervisor restarts the data plane"
+        )),
+        "{log}"
+    );
+    assert!(!sock.exists(), "the UAPI socket file must be removed");
+}

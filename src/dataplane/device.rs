@@ -177,6 +177,12 @@ struct Peer {
     rx_bytes: u64,
     tx_bytes: u64,
     last_handshake: Option<SystemTime>,
+    /// Send a handshake initiation on the next tick, without waiting for
+    /// traffic. Set for a new peer: after a data plane restart the other
+    /// side still holds a session this device forgot, keeps encrypting into
+    /// it, and would only notice after 15 s without replies (keepalive +
+    /// rekey timeout); an initiation from here replaces it at once.
+    handshake_due: bool,
 }
 
 struct Session {
@@ -278,6 +284,7 @@ impl Device {
                     rx_bytes: 0,
                     tx_bytes: 0,
                     last_handshake: None,
+                    handshake_due: true,
                 };
                 if slot == self.peers.len() {
                     self.peers.push(Some(peer));
@@ -567,6 +574,20 @@ impl Device {
         let mut buf = [0u8; MAX_CONTROL_LEN + DATA_OVERHEAD];
         for peer in self.peers.iter_mut().flatten() {
             let endpoint = peer.settings.endpoint;
+            // A peer that completed a handshake meanwhile (it initiated)
+            // needs none from here.
+            peer.handshake_due &= peer.last_handshake.is_none();
+            if let (true, Some(dst), Some(s)) =
+                (peer.handshake_due, endpoint, peer.sessions.first_mut())
+            {
+                peer.handshake_due = false;
+                if let TunnResult::WriteToNetwork(datagram) =
+                    s.tunn.format_handshake_initiation(&mut buf, false)
+                {
+                    peer.tx_bytes += datagram.len() as u64;
+                    sink.send_udp(dst, datagram);
+                }
+            }
             for s in &mut peer.sessions {
                 if let TunnResult::WriteToNetwork(datagram) = s.tunn.update_timers(&mut buf) {
                     if let Some(dst) = endpoint {

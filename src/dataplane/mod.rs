@@ -31,8 +31,10 @@ pub enum Error {
     Setup(#[from] std::io::Error),
 }
 
-/// Runs the device in the foreground until SIGTERM or SIGINT. The TUN device
-/// disappears with the process; the UAPI socket file is removed.
+/// Runs the device in the foreground until SIGTERM or SIGINT (Ok), or until
+/// its TUN device is deleted under it (an error naming the interface, so the
+/// process exits non-zero and its supervisor restarts it). The TUN device
+/// disappears with the process; the UAPI socket file is removed either way.
 pub fn run(opts: Options, uapi_dir: PathBuf) -> Result<(), Error> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -53,8 +55,12 @@ pub fn run(opts: Options, uapi_dir: PathBuf) -> Result<(), Error> {
         .name("uapi".into())
         .spawn(move || server.serve(tx, wake_tx))?;
     let result = rt.run();
-    tracing::info!(%interface, "stopping");
-    // The listener thread still holds a reference; remove the file ourselves.
+    // On failure the caller reports the error (`wgmesh dataplane` prints it).
+    if result.is_ok() {
+        tracing::info!(%interface, "stopping");
+    }
+    // The listener thread still holds a reference; remove the file ourselves,
+    // also on failure, so the agent sees at once that no device serves it.
     let _ = std::fs::remove_file(socket.path());
     result.map_err(Error::from)
 }

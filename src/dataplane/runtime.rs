@@ -59,6 +59,8 @@ pub enum RuntimeError {
         #[source]
         source: io::Error,
     },
+    #[error("TUN device {interface} went away; exiting so the supervisor restarts the data plane ({detail})")]
+    TunGone { interface: String, detail: String },
     #[error("data plane I/O failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -184,7 +186,8 @@ impl Runtime {
         })
     }
 
-    /// Runs until `stop` is set.
+    /// Runs until `stop` is set, or fails when the TUN device is deleted
+    /// ([`RuntimeError::TunGone`]).
     pub fn run(&mut self) -> Result<(), RuntimeError> {
         self.tun.set_nonblocking(true)?;
         self.wake.set_nonblocking(true)?;
@@ -207,6 +210,15 @@ impl Runtime {
                     continue;
                 }
                 return Err(err.into());
+            }
+            // A deleted TUN device (`ip link del`) leaves our fd detached: poll
+            // reports POLLERR at once and every read fails with EBADFD, so
+            // without this check the loop would spin. The device cannot come
+            // back on this fd; exiting lets the supervisor start a fresh one.
+            // (Only the TUN's error bits are fatal: POLLERR on the UDP socket is
+            // a queued ICMP error that the next receive consumes.)
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return Err(self.tun_gone(poll_flags(fds[0].revents)));
             }
             if fds[2].revents != 0 {
                 self.drain_control();
@@ -248,6 +260,7 @@ impl Runtime {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if tun_is_dead(&e) => return Err(self.tun_gone(e.to_string())),
                 Err(e) => {
                     // A malformed offload packet must not kill the device.
                     tracing::debug!(error = %e, "TUN read dropped");
@@ -342,6 +355,13 @@ impl Runtime {
             self.flush_control();
         }
         Ok(())
+    }
+
+    fn tun_gone(&self, detail: String) -> RuntimeError {
+        RuntimeError::TunGone {
+            interface: self.opts.interface.clone(),
+            detail,
+        }
     }
 
     fn flush_control(&mut self) {
@@ -664,10 +684,66 @@ fn set_mark(socket: &UdpSocket, mark: u32) -> io::Result<()> {
     socket2::SockRef::from(socket).set_mark(mark)
 }
 
+/// A TUN read error that no later read recovers from: the device was
+/// deleted (EBADFD, the fd is detached), is going away (ENODEV), or the fd
+/// broke (EIO). Anything else (a malformed offload packet) drops one read.
+fn tun_is_dead(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::EIO)
+    )
+}
+
+/// The error bits of a poll result, for the exit message.
+fn poll_flags(revents: libc::c_short) -> String {
+    let names = [
+        (libc::POLLERR, "POLLERR"),
+        (libc::POLLHUP, "POLLHUP"),
+        (libc::POLLNVAL, "POLLNVAL"),
+    ];
+    let set: Vec<&str> = names
+        .iter()
+        .filter(|(bit, _)| revents & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    format!("poll reported {} on it", set.join("|"))
+}
+
 fn pollfd(fd: i32) -> libc::pollfd {
     libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_detached_or_broken_tun_is_fatal() {
+        for errno in [libc::EBADFD, libc::ENODEV, libc::EIO] {
+            assert!(tun_is_dead(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [libc::EAGAIN, libc::EINTR, libc::EINVAL, libc::EMSGSIZE] {
+            assert!(
+                !tun_is_dead(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(!tun_is_dead(&io::Error::other("short virtio header")));
+    }
+
+    #[test]
+    fn the_exit_message_names_the_interface_and_the_cause() {
+        let e = RuntimeError::TunGone {
+            interface: "wgmesh0".into(),
+            detail: poll_flags(libc::POLLERR | libc::POLLHUP),
+        };
+        assert_eq!(
+            e.to_string(),
+            "TUN device wgmesh0 went away; exiting so the supervisor restarts the data plane (poll reported POLLERR|POLLHUP on it)"
+        );
     }
 }

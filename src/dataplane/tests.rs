@@ -465,3 +465,46 @@ fn a_second_local_identity_accepts_handshakes_beside_the_first() {
     assert_eq!(b.wire.tun.len(), 2);
     assert_eq!(&b.wire.tun[1][20..], b"new key");
 }
+
+#[test]
+fn a_restarted_device_replaces_the_session_its_peer_still_holds() {
+    let (mut a, mut b) = pair();
+    let p = ipv4_packet([10, 0, 1, 5].into(), [10, 0, 2, 7].into(), b"one");
+    send(&mut a, &p);
+    pump(&mut a, &mut b);
+    assert_eq!(b.wire.tun.pop_front().as_deref(), Some(&p[..]));
+
+    // B restarts: same key, no sessions; the agent programs its peer again.
+    let kb = b.dev.private_key().unwrap().clone();
+    let mut fresh = Device::new();
+    fresh.set_identities(vec![kb]);
+    fresh.upsert_peer(
+        PeerSettings {
+            public_key: a.key,
+            preshared_key: None,
+            endpoint: Some(a.addr),
+            persistent_keepalive: 0,
+            allowed_ips: vec![net("10.0.1.0/24")],
+        },
+        true,
+    );
+    b.dev = fresh;
+    // Without traffic, B's first tick initiates; A answers and replaces the
+    // session it held with the old B.
+    b.dev.tick(&mut b.wire);
+    let (_, first) = b
+        .wire
+        .udp
+        .front()
+        .cloned()
+        .expect("an initiation on the first tick");
+    assert_eq!(first[0], 1, "handshake initiation");
+    pump(&mut a, &mut b);
+    let p = ipv4_packet([10, 0, 1, 5].into(), [10, 0, 2, 7].into(), b"two");
+    assert!(matches!(send(&mut a, &p), TunOutcome::Send { .. }));
+    pump(&mut a, &mut b);
+    assert_eq!(b.wire.tun.pop_front().as_deref(), Some(&p[..]));
+    // Once a session exists, later ticks send no further initiations.
+    b.dev.tick(&mut b.wire);
+    assert!(b.wire.udp.iter().all(|(_, d)| d[0] != 1));
+}
