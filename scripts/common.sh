@@ -10,9 +10,11 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 # Debian packages the build and tests need: a C compiler for ring, pkg-config;
 # for the network-namespace tests and scripts/bench-dataplane: ip (iproute2),
 # ping, wg, wireguard-go (the reference peer), iperf3, jq, ps/procfs tools;
-# tcpdump for the testbed's underlay capture (wgmesh-testbed check).
+# tcpdump for the testbed's underlay capture (wgmesh-testbed check); nftables
+# (`nft`) for the agent's egress masquerade.
 DEB_PACKAGES=(gcc libc6-dev pkg-config ca-certificates
-    iproute2 iputils-ping wireguard-tools wireguard-go iperf3 jq procps util-linux tcpdump)
+    iproute2 iputils-ping wireguard-tools wireguard-go iperf3 jq procps util-linux tcpdump
+    nftables)
 
 ensure_packages() {
     local missing=()

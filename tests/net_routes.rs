@@ -30,7 +30,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_json::Value;
-use wgmesh::net::{ClusterRoute, Net, NetError, RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL};
+use wgmesh::net::{
+    ensure_masquerade, Bypass, ClusterRoute, MasqChange, MasqSpec, Net, NetError, PolicySpec,
+    RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL,
+};
 
 const WG: &str = "wgm0";
 const OTHER: &str = "other0";
@@ -109,7 +112,7 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         // The kernel refuses routes through a down device: a clear error.
         // The backstops went in before it, so the CIDRs are closed already.
         let wanted = [v4, v6, contested];
-        let err = net.ensure_routes(WG, &wanted).await.unwrap_err();
+        let err = net.ensure_routes(Some(WG), &wanted, &[]).await.unwrap_err();
         assert!(
             err.to_string().starts_with(&format!(
                 "adding route {v4} dev {WG} proto {ROUTE_PROTOCOL}"
@@ -119,7 +122,7 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         ns.assert_ours_exactly(&[], &[v4, v6]);
         net.ensure_link_up(WG, 1420).await.unwrap();
 
-        let changes = net.ensure_routes(WG, &wanted).await.unwrap();
+        let changes = net.ensure_routes(Some(WG), &wanted, &[]).await.unwrap();
         assert_eq!(
             changes.added,
             vec![ClusterRoute::device(v4), ClusterRoute::device(v6)]
@@ -140,7 +143,7 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
 
         // Steady state: same answer, and not one route message in the kernel.
         let monitor = Monitor::start(&ns);
-        let again = net.ensure_routes(WG, &wanted).await.unwrap();
+        let again = net.ensure_routes(Some(WG), &wanted, &[]).await.unwrap();
         let again_link = net.ensure_link_up(WG, 1420).await.unwrap();
         let written = monitor.ours_between_markers(&ns);
         assert!(again.is_empty(), "{again:?}");
@@ -153,7 +156,7 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         // back is put back, and that shows.
         ns.ip(&format!("route del {v4} dev {WG} proto {OUR_PROTO}"));
         let monitor = Monitor::start(&ns);
-        let healed = net.ensure_routes(WG, &wanted).await.unwrap();
+        let healed = net.ensure_routes(Some(WG), &wanted, &[]).await.unwrap();
         let written = monitor.ours_between_markers(&ns);
         assert_eq!(healed.added, vec![ClusterRoute::device(v4)]);
         assert_eq!(written.len(), 1, "{written:?}");
@@ -167,7 +170,7 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
             "-6 route del blackhole {v6} metric {BACKSTOP_METRIC} proto {OUR_PROTO}"
         ));
         let monitor = Monitor::start(&ns);
-        let healed = net.ensure_routes(WG, &wanted).await.unwrap();
+        let healed = net.ensure_routes(Some(WG), &wanted, &[]).await.unwrap();
         let written = monitor.ours_between_markers(&ns);
         assert_eq!(healed.added, vec![ClusterRoute::backstop(v6)]);
         assert_eq!(written.len(), 1, "{written:?}");
@@ -175,7 +178,10 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         ns.assert_ours(&[v4, v6]);
 
         // A CIDR leaves the wanted set: only our two routes go.
-        let changes = net.ensure_routes(WG, &[v6, contested]).await.unwrap();
+        let changes = net
+            .ensure_routes(Some(WG), &[v6, contested], &[])
+            .await
+            .unwrap();
         assert_eq!(
             changes.removed,
             vec![ClusterRoute::device(v4), ClusterRoute::backstop(v4)]
@@ -190,7 +196,10 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         ns.ip(&format!(
             "route add {moved} dev {OTHER} proto {OUR_PROTO} scope link"
         ));
-        let changes = net.ensure_routes(WG, &[v6, moved]).await.unwrap();
+        let changes = net
+            .ensure_routes(Some(WG), &[v6, moved], &[])
+            .await
+            .unwrap();
         assert_eq!(changes.replaced, vec![ClusterRoute::device(moved)]);
         assert_eq!(changes.added, vec![ClusterRoute::backstop(moved)]);
         assert!(changes.removed.is_empty());
@@ -198,7 +207,7 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
 
         // Nothing wanted: all of ours go, backstops last, every foreign
         // route stays.
-        let changes = net.ensure_routes(WG, &[]).await.unwrap();
+        let changes = net.ensure_routes(Some(WG), &[], &[]).await.unwrap();
         assert_eq!(
             changes.removed,
             vec![
@@ -211,13 +220,17 @@ fn cluster_routes_are_ours_and_foreign_routes_are_never_touched() {
         assert!(changes.conflicts.is_empty());
         ns.assert_ours(&[]);
         ns.assert_survived(&foreign_before);
-        let changes = net.ensure_routes(WG, &[]).await.unwrap();
+        let changes = net.ensure_routes(Some(WG), &[], &[]).await.unwrap();
         assert!(changes.is_empty(), "{changes:?}");
 
-        assert!(matches!(
-            net.ensure_routes("nonexistent0", &[v4]).await,
-            Err(NetError::LinkNotFound { .. })
-        ));
+        // No such interface: the backstop alone goes in, and the caller is told.
+        let changes = net
+            .ensure_routes(Some("nonexistent0"), &[v4], &[])
+            .await
+            .unwrap();
+        assert!(changes.interface_missing, "{changes:?}");
+        assert_eq!(changes.added, vec![ClusterRoute::backstop(v4)]);
+        net.ensure_routes(Some(WG), &[], &[]).await.unwrap();
     });
     eprintln!("ok cluster_routes_are_ours_and_foreign_routes_are_never_touched ({link} links)");
 }
@@ -253,7 +266,7 @@ fn cluster_traffic_fails_closed_when_the_interface_goes_away() {
         }
 
         net.ensure_link_up(WG, 1420).await.unwrap();
-        let changes = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        let changes = net.ensure_routes(Some(WG), &[v4, v6], &[]).await.unwrap();
         assert_eq!(
             changes.added,
             vec![
@@ -280,10 +293,8 @@ fn cluster_traffic_fails_closed_when_the_interface_goes_away() {
         for pod in pods {
             ns.assert_dropped(pod);
         }
-        assert!(matches!(
-            net.ensure_routes(WG, &[v4, v6]).await,
-            Err(NetError::LinkNotFound { .. })
-        ));
+        let gone = net.ensure_routes(Some(WG), &[v4, v6], &[]).await.unwrap();
+        assert!(gone.interface_missing && gone.is_empty(), "{gone:?}");
         ns.assert_ours_exactly(&[], &[v4, v6]);
 
         // A new device (a new index): the device routes come back, the
@@ -291,7 +302,7 @@ fn cluster_traffic_fails_closed_when_the_interface_goes_away() {
         ns.add_link(WG);
         net.ensure_link_up(WG, 1420).await.unwrap();
         let monitor = Monitor::start(&ns);
-        let changes = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        let changes = net.ensure_routes(Some(WG), &[v4, v6], &[]).await.unwrap();
         let written = monitor.ours_between_markers(&ns);
         assert_eq!(
             changes.added,
@@ -317,7 +328,7 @@ fn cluster_traffic_fails_closed_when_the_interface_goes_away() {
             ns.assert_dropped(pod);
         }
         net.ensure_link_up(WG, 1420).await.unwrap();
-        let changes = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        let changes = net.ensure_routes(Some(WG), &[v4, v6], &[]).await.unwrap();
         assert_eq!(
             changes.added,
             vec![ClusterRoute::device(v4), ClusterRoute::device(v6)]
@@ -326,7 +337,7 @@ fn cluster_traffic_fails_closed_when_the_interface_goes_away() {
 
         // Steady state again.
         let monitor = Monitor::start(&ns);
-        let again = net.ensure_routes(WG, &[v4, v6]).await.unwrap();
+        let again = net.ensure_routes(Some(WG), &[v4, v6], &[]).await.unwrap();
         let written = monitor.ours_between_markers(&ns);
         assert!(again.is_empty(), "{again:?}");
         assert!(written.is_empty(), "steady state wrote: {written:?}");
@@ -379,6 +390,358 @@ fn underlay_mtu_follows_the_route() {
         assert!(addrs
             .iter()
             .any(|a| a.interface == "lo" && a.address.is_loopback()));
+    });
+}
+
+#[test]
+fn policy_routes_pod_and_host_traffic_to_nodes_into_the_tunnel() {
+    let Some(ns) = Netns::create("policy") else {
+        return;
+    };
+    ns.ip("link set lo up");
+    // The underlay, on which the remote node 192.0.2.2 / 2001:db8::2 is
+    // on-link: without policy routing, everything to it leaves here.
+    ns.ip(&format!(
+        "link add {UNDERLAY} type veth peer name {UNDERLAY}p"
+    ));
+    ns.ip(&format!("link set {UNDERLAY}p up"));
+    ns.ip(&format!("link set {UNDERLAY} up"));
+    ns.ip(&format!("addr add 192.0.2.1/24 dev {UNDERLAY}"));
+    ns.ip(&format!("-6 addr add 2001:db8::1/64 dev {UNDERLAY} nodad"));
+    // The local pods' gateway address, as a source to look up from.
+    ns.add_link("pod0");
+    ns.ip("link set pod0 up");
+    ns.ip("addr add 10.99.1.1/24 dev pod0");
+    ns.ip("-6 addr add fd00:99:0:1::1/64 dev pod0 nodad");
+    // Someone else's rule at our priority and route in our table.
+    ns.ip("rule add from 10.99.200.0/24 lookup 51820 pref 5210 proto static");
+    ns.ip(&format!(
+        "route add 198.51.100.0/24 dev {UNDERLAY} table 51820 proto static"
+    ));
+
+    ns.run(|ns| async move {
+        let net = Net::connect().expect("connect");
+        let mut spec = PolicySpec {
+            local_pod_cidrs: vec![net4("10.99.1.0/24"), net4("fd00:99:0:1::/64")],
+            remote_node_ips: vec![ip("192.0.2.2"), ip("2001:db8::2")],
+            exempt: vec!["192.0.2.2:6443".parse().unwrap()],
+            ..PolicySpec::new(WG)
+        };
+        let (pod4, pod6) = ("10.99.1.1", "fd00:99:0:1::1");
+        let (node4, node6) = ("192.0.2.2", "2001:db8::2");
+        ns.assert_route_get(&format!("{node4} from {pod4}"), UNDERLAY);
+        ns.assert_route_get(&format!("{node6} from {pod6}"), UNDERLAY);
+
+        // At agent start, before any device: backstops and rules only, and
+        // pod → node traffic is dropped rather than sent in plaintext.
+        let changes = net.ensure_policy(&spec).await.unwrap();
+        assert!(changes.interface_missing, "{changes:?}");
+        assert_eq!(
+            changes.routes.added,
+            vec![
+                ClusterRoute::backstop(net4("192.0.2.2/32")),
+                ClusterRoute::backstop(net4("2001:db8::2/128")),
+            ]
+        );
+        assert_eq!(changes.rules_added, spec.rules());
+        ns.assert_dropped_from(pod4, node4);
+        ns.assert_dropped_from(pod6, node6);
+        // Host traffic keeps its path without host encryption.
+        ns.assert_route_get(node4, UNDERLAY);
+        let rules = ns.rules();
+        assert!(
+            rules.iter().any(|r| r["priority"] == 5210
+                && r["src"] == "10.99.1.0"
+                && r["srclen"] == 24
+                && r["table"] == "51820"
+                && r["protocol"] == OUR_PROTO),
+            "{rules:?}"
+        );
+
+        // The device appears: the device routes follow.
+        ns.add_link(WG);
+        net.ensure_link_up(WG, 1420).await.unwrap();
+        let changes = net.ensure_policy(&spec).await.unwrap();
+        assert!(!changes.interface_missing);
+        assert_eq!(
+            changes.routes.added,
+            vec![
+                ClusterRoute::device(net4("192.0.2.2/32")),
+                ClusterRoute::device(net4("2001:db8::2/128")),
+            ]
+        );
+        assert!(changes.rules_added.is_empty() && changes.rules_removed.is_empty());
+        ns.assert_route_get(&format!("{node4} from {pod4}"), WG);
+        ns.assert_route_get(&format!("{node6} from {pod6}"), WG);
+        ns.assert_route_get(node4, UNDERLAY);
+
+        // Steady state: nothing written.
+        let monitor = Monitor::start(&ns);
+        let again = net.ensure_policy(&spec).await.unwrap();
+        let written = monitor.ours_between_markers(&ns);
+        assert!(again.is_empty(), "{again:?}");
+        assert!(written.is_empty(), "steady state wrote: {written:?}");
+
+        // The interface goes away: the backstops keep pod → node closed.
+        ns.ip(&format!("link del {WG}"));
+        ns.assert_dropped_from(pod4, node4);
+        ns.assert_dropped_from(pod6, node6);
+        ns.add_link(WG);
+        net.ensure_link_up(WG, 1420).await.unwrap();
+        let changes = net.ensure_policy(&spec).await.unwrap();
+        assert_eq!(changes.routes.added.len(), 2, "{changes:?}");
+
+        // Host encryption: every source, with WireGuard's UDP and the API
+        // exempt; the pod CIDR rules stay ahead of the exemptions.
+        spec.encrypt_host = true;
+        let changes = net.ensure_policy(&spec).await.unwrap();
+        assert_eq!(changes.rules_added.len(), 5, "{changes:?}");
+        assert!(changes.rules_removed.is_empty(), "{changes:?}");
+        ns.assert_route_get(node4, WG);
+        ns.assert_route_get(node6, WG);
+        ns.assert_route_get(&format!("{node4} from {pod4}"), WG);
+        ns.assert_route_get(&format!("{node4} ipproto udp sport 51820"), UNDERLAY);
+        ns.assert_route_get(&format!("{node6} ipproto udp sport 51820"), UNDERLAY);
+        ns.assert_route_get(&format!("{node4} ipproto tcp dport 6443"), UNDERLAY);
+        ns.assert_route_get(&format!("{node4} ipproto tcp dport 22"), WG);
+        // Traffic elsewhere still takes the main table.
+        ns.assert_route_get("192.0.2.77", UNDERLAY);
+        let again = net.ensure_policy(&spec).await.unwrap();
+        assert!(again.is_empty(), "{again:?}");
+
+        // And back.
+        spec.encrypt_host = false;
+        let changes = net.ensure_policy(&spec).await.unwrap();
+        assert_eq!(
+            (changes.rules_added.len(), changes.rules_removed.len()),
+            (0, 5)
+        );
+        ns.assert_route_get(node4, UNDERLAY);
+
+        // Nothing wanted: all of ours goes, nothing of anyone else's.
+        let changes = net.ensure_policy(&PolicySpec::new(WG)).await.unwrap();
+        assert_eq!(changes.routes.removed.len(), 4, "{changes:?}");
+        assert_eq!(changes.rules_removed.len(), 2, "{changes:?}");
+        assert!(ns.rules().iter().all(|r| r["protocol"] != OUR_PROTO));
+        assert!(ns
+            .rules()
+            .iter()
+            .any(|r| r["src"] == "10.99.200.0" && r["priority"] == 5210));
+        let table = ns.json("route show table 51820");
+        assert_eq!(table.len(), 1, "{table:?}");
+        assert_eq!(table[0]["dst"], "198.51.100.0/24");
+        assert!(net
+            .ensure_policy(&PolicySpec::new(WG))
+            .await
+            .unwrap()
+            .is_empty());
+
+        let err = net
+            .ensure_policy(&PolicySpec {
+                table: 254,
+                ..PolicySpec::new(WG)
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NetError::InvalidPolicy { .. }), "{err}");
+    });
+}
+
+#[test]
+fn routes_and_rules_that_bypass_the_tunnel_are_reported() {
+    let Some(ns) = Netns::create("bypass") else {
+        return;
+    };
+    ns.ip("link set lo up");
+    for link in [WG, OTHER, "pod0"] {
+        ns.add_link(link);
+        ns.ip(&format!("link set {link} up"));
+    }
+    ns.ip("addr add 10.99.1.1/24 dev pod0");
+    ns.ip("-6 addr add fd00:99:0:1::1/64 dev pod0 nodad");
+    ns.ip(&format!(
+        "route add 10.99.0.0/16 dev {WG} proto {OUR_PROTO}"
+    ));
+    ns.ip(&format!(
+        "-6 route add fd00:99::/48 dev {WG} proto {OUR_PROTO}"
+    ));
+    // Legitimate: this node's own pods, and a foreign route into wgm0.
+    ns.ip("route add 10.99.1.128/25 dev pod0 proto static");
+    ns.ip(&format!("route add 10.99.9.0/24 dev {WG} proto static"));
+
+    ns.run(|ns| async move {
+        let net = Net::connect().expect("connect");
+        let cluster = [net4("10.99.0.0/16"), net4("fd00:99::/48")];
+        let local = [net4("10.99.1.0/24"), net4("fd00:99:0:1::/64")];
+        // Our own policy table and rules are no bypass either.
+        let spec = PolicySpec {
+            local_pod_cidrs: local.to_vec(),
+            remote_node_ips: vec![ip("192.0.2.2")],
+            ..PolicySpec::new(WG)
+        };
+        net.ensure_policy(&spec).await.unwrap();
+        let found = net.bypasses(WG, &cluster, &local).await.unwrap();
+        assert!(found.is_empty(), "{found:?}");
+
+        ns.ip(&format!("route add 10.99.7.0/24 dev {OTHER} proto static"));
+        ns.ip(&format!(
+            "-6 route add fd00:99:0:7::/64 dev {OTHER} proto static"
+        ));
+        ns.ip("rule add to 10.99.8.0/24 lookup 100 pref 1000");
+        ns.ip("rule add from all lookup 200 pref 1100");
+        ns.ip(&format!(
+            "route add default dev {OTHER} table 200 proto static"
+        ));
+        let found = net.bypasses(WG, &cluster, &local).await.unwrap();
+        let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 4, "{shown:#?}");
+        assert!(
+            matches!(&found[0], Bypass::MainTable { route, .. }
+                if route.to_string() == "10.99.7.0/24 dev other0 proto static table main"),
+            "{shown:#?}"
+        );
+        assert!(
+            matches!(&found[1], Bypass::Rule { rule, .. }
+                if rule.to_string() == "1000: from all to 10.99.8.0/24 lookup 100"),
+            "{shown:#?}"
+        );
+        assert!(
+            matches!(&found[2], Bypass::OtherTable { route, rule_priority: 1100, .. }
+                if route.to_string() == "default dev other0 proto static table 200"),
+            "{shown:#?}"
+        );
+        assert!(
+            matches!(&found[3], Bypass::MainTable { route, cluster_cidr, .. }
+                if route.destination == net4("fd00:99:0:7::/64")
+                    && *cluster_cidr == net4("fd00:99::/48")),
+            "{shown:#?}"
+        );
+        // Reading is all it does.
+        assert_eq!(net.bypasses(WG, &cluster, &local).await.unwrap(), found);
+    });
+}
+
+#[test]
+fn pod_egress_is_masqueraded_except_towards_the_cluster_and_nodes() {
+    if Command::new("nft").arg("--version").output().is_err() {
+        skip("masquerade", "nft (Debian package nftables)");
+        return;
+    }
+    let (Some(node), Some(pod), Some(outside)) = (
+        Netns::create("masq-node"),
+        Netns::create("masq-pod"),
+        Netns::create("masq-out"),
+    ) else {
+        return;
+    };
+    for ns in [&node, &pod, &outside] {
+        ns.ip("link set lo up");
+    }
+    // pod (10.99.1.2) ── node (10.99.1.1 | 203.0.113.1) ── outside (203.0.113.2)
+    node.ip(&format!(
+        "link add pod1 type veth peer name eth0 netns {}",
+        pod.name
+    ));
+    node.ip(&format!(
+        "link add up0 type veth peer name up0 netns {}",
+        outside.name
+    ));
+    for (ns, link, v4, v6) in [
+        (&node, "pod1", "10.99.1.1/24", "fd00:99:0:1::1/64"),
+        (&pod, "eth0", "10.99.1.2/24", "fd00:99:0:1::2/64"),
+        (&node, "up0", "203.0.113.1/24", "2001:db8:113::1/64"),
+        (&outside, "up0", "203.0.113.2/24", "2001:db8:113::2/64"),
+    ] {
+        ns.ip(&format!("link set {link} up"));
+        ns.ip(&format!("addr add {v4} dev {link}"));
+        ns.ip(&format!("-6 addr add {v6} dev {link} nodad"));
+    }
+    pod.ip("route add default via 10.99.1.1");
+    pod.ip("-6 route add default via fd00:99:0:1::1");
+    // Behind "outside" also sit a remote pod and another node's address,
+    // reached here by plain routes (in a cluster: through the tunnel).
+    outside.add_link("stub0");
+    outside.ip("link set stub0 up");
+    for a in ["10.99.5.5/32", "198.51.100.7/32"] {
+        outside.ip(&format!("addr add {a} dev stub0"));
+    }
+    outside.ip("-6 addr add fd00:99:0:5::5/128 dev stub0 nodad");
+    outside.ip("route add 10.99.0.0/16 via 203.0.113.1");
+    outside.ip("-6 route add fd00:99::/48 via 2001:db8:113::1");
+    for a in ["10.99.5.0/24", "198.51.100.7/32"] {
+        node.ip(&format!("route add {a} via 203.0.113.2"));
+    }
+    node.ip("-6 route add fd00:99:0:5::/64 via 2001:db8:113::2");
+    node.add_link(WG);
+    node.ip(&format!("link set {WG} up"));
+    for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        node.exec(&["sysctl", "-qw", key]);
+    }
+    // Someone else's table, which must survive everything.
+    node.exec(&["nft", "add table inet other"]);
+    node.exec(&[
+        "nft",
+        "add chain inet other c { type filter hook postrouting priority 0; }",
+    ]);
+
+    // The namespaces themselves stay alive (and are deleted) with this
+    // frame; the body gets names.
+    let (pod_ns, out_ns) = (pod.ns.clone(), outside.ns.clone());
+    node.run(move |node| async move {
+        let mut spec = MasqSpec {
+            enabled: true,
+            interface: WG.to_owned(),
+            local_pod_cidrs: vec![net4("10.99.1.0/24"), net4("fd00:99:0:1::/64")],
+            cluster_cidrs: vec![net4("10.99.0.0/16"), net4("fd00:99::/48")],
+            node_ips: vec![ip("203.0.113.1"), ip("198.51.100.7")],
+        };
+        let rx = [out_ns.udp("0.0.0.0:4000"), out_ns.udp("[::]:4006")];
+        let seen = |to: &str| seen_source(&pod_ns, &rx, to);
+        // The path works, unmasqueraded.
+        assert_eq!(seen("203.0.113.2"), ip("10.99.1.2"));
+
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Written);
+        assert_eq!(seen("203.0.113.2"), ip("203.0.113.1"));
+        assert_eq!(seen("2001:db8:113::2"), ip("2001:db8:113::1"));
+        // Towards the cluster and the nodes, the pod address stays.
+        assert_eq!(seen("10.99.5.5"), ip("10.99.1.2"));
+        assert_eq!(seen("198.51.100.7"), ip("10.99.1.2"));
+        assert_eq!(seen("fd00:99:0:5::5"), ip("fd00:99:0:1::2"));
+        let listing = node.exec(&["nft", "list table inet wgmesh"]);
+        assert!(
+            listing.contains(&format!("oifname != \"{WG}\" masquerade")),
+            "{listing}"
+        );
+
+        // Steady state: nothing written (the table keeps its handle).
+        let handle = table_handle(&node);
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Unchanged);
+        assert_eq!(table_handle(&node), handle);
+
+        // Tampered with: put back.
+        node.exec(&["nft", "flush chain inet wgmesh postrouting"]);
+        assert_eq!(seen("203.0.113.2"), ip("10.99.1.2"));
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Written);
+        assert_eq!(seen("203.0.113.2"), ip("203.0.113.1"));
+
+        // The set of cluster destinations changes.
+        spec.cluster_cidrs = vec![net4("10.99.0.0/20"), net4("fd00:99::/48")];
+        spec.node_ips.retain(|a| *a != ip("198.51.100.7"));
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Written);
+        assert_eq!(seen("198.51.100.7"), ip("203.0.113.1"));
+        assert_eq!(seen("10.99.5.5"), ip("10.99.1.2"));
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Unchanged);
+
+        // Disabled: our table goes, the other one stays.
+        spec.enabled = false;
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Deleted);
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Unchanged);
+        let tables = node.exec(&["nft", "list tables"]);
+        assert!(
+            !tables.contains("wgmesh") && tables.contains("inet other"),
+            "{tables}"
+        );
+        assert_eq!(seen("203.0.113.2"), ip("10.99.1.2"));
     });
 }
 
@@ -715,7 +1078,7 @@ struct Monitor {
 impl Monitor {
     fn start(ns: &Ns) -> Monitor {
         let mut child = Command::new("ip")
-            .args(["-n", &ns.name, "-N", "monitor", "route"])
+            .args(["-n", &ns.name, "-N", "monitor", "route", "rule"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -784,5 +1147,114 @@ impl Drop for Monitor {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---- policy routing and masquerade helpers ---------------------------------
+
+fn net4(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// The source address `rx` (bound in "outside": IPv4 port 4000, IPv6 port
+/// 4006) sees on a datagram the pod sends to `to`, from a fresh socket each
+/// time (a new conntrack entry, so the NAT decision is made anew).
+fn seen_source(pod: &Ns, rx: &[UdpSocket; 2], to: &str) -> IpAddr {
+    let to = ip(to);
+    let (any, port, rx) = if to.is_ipv4() {
+        ("0.0.0.0", 4000, &rx[0])
+    } else {
+        ("[::]", 4006, &rx[1])
+    };
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx = pod.udp(&format!("{any}:0"));
+    let probe = format!("from {}", tx.local_addr().unwrap());
+    tx.send_to(probe.as_bytes(), (to, port)).expect("send");
+    let mut buf = [0; 64];
+    loop {
+        let (n, from) = rx.recv_from(&mut buf).expect("datagram arrives");
+        // Only this probe's datagram counts.
+        if buf[..n] == *probe.as_bytes() {
+            return from.ip();
+        }
+    }
+}
+
+fn table_handle(node: &Ns) -> Value {
+    let out = node.exec(&["nft", "-j", "list", "table", "inet", "wgmesh"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o.get("table").map(|t| t["handle"].clone()))
+        .unwrap()
+}
+
+impl Ns {
+    /// Runs `f` on a thread inside this namespace; sockets it opens belong
+    /// to the namespace for good.
+    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    fn udp(&self, bind: &str) -> UdpSocket {
+        let bind: SocketAddr = bind.parse().unwrap();
+        self.within(move || UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}")))
+    }
+
+    /// `ip netns exec NS args…`, its stdout; panics on failure.
+    fn exec(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(
+            out.status.success(),
+            "{args:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Both families' rules.
+    fn rules(&self) -> Vec<Value> {
+        let mut all = self.json("-4 rule show");
+        all.extend(self.json("-6 rule show"));
+        all
+    }
+
+    /// `ip route get <query>` leaves through `dev`.
+    fn assert_route_get(&self, query: &str, dev: &str) {
+        let out = self
+            .try_ip(&format!("route get {query}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.contains(&format!(" dev {dev} ")), "{query}: {out}");
+    }
+
+    /// Like [`Ns::assert_dropped`], from the local address `src`.
+    fn assert_dropped_from(&self, src: &str, addr: &str) {
+        match self.try_ip(&format!("route get {addr} from {src}")) {
+            Ok(out) => assert!(out.starts_with("blackhole"), "{addr} is routed: {out}"),
+            Err(e) => assert!(e.contains("Invalid argument"), "{addr}: {e}"),
+        }
+        let socket = UdpSocket::bind((ip(src), 0)).expect("bind");
+        let err = socket
+            .send_to(b"plaintext?", (ip(addr), 9))
+            .expect_err("a datagram to a node address was sent");
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENETUNREACH)),
+            "{addr}: {err}"
+        );
     }
 }

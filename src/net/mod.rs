@@ -21,6 +21,8 @@
 //! never deletes or modifies a route of any other protocol; see
 //! [`Net::ensure_routes`].
 
+mod masq;
+mod policy;
 mod routes;
 
 use std::fmt;
@@ -37,6 +39,12 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use routes::RouteEntry;
+
+pub use masq::{ensure_masquerade, MasqChange, MasqSpec, MASQ_TABLE};
+pub use policy::{
+    Bypass, PolicyChanges, PolicyRule, PolicySpec, RouteView, RuleSelector, RuleView,
+    DEFAULT_POLICY_PRIORITY, DEFAULT_POLICY_TABLE,
+};
 
 /// The route protocol (`rtm_protocol`, `ip route … proto N`) that marks the
 /// routes wgmesh created: 87, 0x57, ASCII `W`.
@@ -135,11 +143,59 @@ pub enum NetError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error("adding address {address} to {interface}: {source}")]
+    AddressAdd {
+        address: IpNet,
+        interface: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
     #[error("listing interface addresses: {source}")]
     AddressDump {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error("invalid policy routing configuration: {reason}")]
+    InvalidPolicy { reason: String },
+    #[error("{op} route {route} table {table} proto {ROUTE_PROTOCOL}: {source}")]
+    PolicyRoute {
+        op: &'static str,
+        route: String,
+        table: u32,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("{op} rule {rule}: {source}")]
+    Rule {
+        op: &'static str,
+        rule: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("listing the {family} rules: {source}")]
+    RuleDump {
+        family: &'static str,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    #[error(
+        "host encryption needs Linux 4.17 or later: this kernel keeps no rule protocol, \
+         so it would also drop the ipproto/sport/dport selectors that exempt WireGuard \
+         and API traffic"
+    )]
+    HostEncryptionUnsupported,
+    #[error("nft (nftables) not found: install nftables or pass --masquerade false")]
+    NftMissing,
+    #[error("running nft to {op}: {source}")]
+    NftSpawn {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nft failed to {op}: {stderr}")]
+    Nft { op: &'static str, stderr: String },
+    #[error("nft's output for {op} is not what wgmesh understands: {reason}")]
+    NftOutput { op: &'static str, reason: String },
 }
 
 impl NetError {
@@ -153,12 +209,23 @@ impl NetError {
             | NetError::RouteDump { source, .. }
             | NetError::RouteGet { source, .. }
             | NetError::UnderlayLink { source, .. }
-            | NetError::AddressDump { source } => errno(source),
-            NetError::Connect { source } => source.raw_os_error(),
+            | NetError::AddressAdd { source, .. }
+            | NetError::AddressDump { source }
+            | NetError::PolicyRoute { source, .. }
+            | NetError::Rule { source, .. }
+            | NetError::RuleDump { source, .. } => errno(source),
+            NetError::Connect { source } | NetError::NftSpawn { source, .. } => {
+                source.raw_os_error()
+            }
             NetError::NoRuntime
             | NetError::InvalidName { .. }
             | NetError::LinkNotFound { .. }
-            | NetError::NoRouteTowards { .. } => None,
+            | NetError::NoRouteTowards { .. }
+            | NetError::InvalidPolicy { .. }
+            | NetError::HostEncryptionUnsupported
+            | NetError::NftMissing
+            | NetError::Nft { .. }
+            | NetError::NftOutput { .. } => None,
         }
     }
 }
@@ -245,6 +312,9 @@ pub struct RouteChanges {
     /// writes nothing at such a destination; someone has to resolve it.
     /// Reported on every call for as long as the conflict lasts.
     pub conflicts: Vec<RouteConflict>,
+    /// The interface was not given or does not exist: only the backstops
+    /// were planned.
+    pub interface_missing: bool,
 }
 
 impl RouteChanges {
@@ -479,6 +549,45 @@ impl Net {
         Ok(u16::try_from(mtu).unwrap_or(u16::MAX))
     }
 
+    /// Adds each of `addresses` (host addresses: `/32`, `/128`) to
+    /// interface `name` unless it is there; returns the ones added. Other
+    /// addresses on the interface are left alone. The agent puts the node's
+    /// pod gateway address here so the device routes can carry it as their
+    /// preferred source before any pod (and so the CNI bridge) exists.
+    pub async fn ensure_addresses(&self, name: &str, addresses: &[IpNet]) -> Result<Vec<IpNet>> {
+        let index = self
+            .link_index(name)
+            .await?
+            .ok_or_else(|| NetError::LinkNotFound {
+                name: name.to_owned(),
+            })?;
+        let have: Vec<(IpAddr, u8)> = self
+            .interface_addresses()
+            .await?
+            .into_iter()
+            .filter(|a| a.index == index)
+            .map(|a| (a.address, a.prefix_len))
+            .collect();
+        let mut added = Vec::new();
+        for net in addresses {
+            if have.contains(&(net.addr(), net.prefix_len())) {
+                continue;
+            }
+            self.handle
+                .address()
+                .add(index, net.addr(), net.prefix_len())
+                .execute()
+                .await
+                .map_err(|source| NetError::AddressAdd {
+                    address: *net,
+                    interface: name.to_owned(),
+                    source: Box::new(source),
+                })?;
+            added.push(*net);
+        }
+        Ok(added)
+    }
+
     /// Every address on every interface, for picking the node's endpoint.
     pub async fn interface_addresses(&self) -> Result<Vec<InterfaceAddress>> {
         let links = self
@@ -536,15 +645,29 @@ impl Net {
     /// written before the device routes, so they are in place even when the
     /// device route then fails. Stops at the first failed write; the next
     /// call picks up from whatever was applied.
-    pub async fn ensure_routes(&self, interface: &str, cidrs: &[IpNet]) -> Result<RouteChanges> {
-        let oif = self
-            .link_index(interface)
-            .await?
-            .ok_or_else(|| NetError::LinkNotFound {
-                name: interface.to_owned(),
-            })?;
+    ///
+    /// `interface: None` (the agent starting, before any device exists), or
+    /// an interface that does not exist (yet): only the backstops are
+    /// written, and [`RouteChanges::interface_missing`] says so. `prefsrc`
+    /// gives, per family, the source address the device routes carry.
+    pub async fn ensure_routes(
+        &self,
+        interface: Option<&str>,
+        cidrs: &[IpNet],
+        prefsrc: &[IpAddr],
+    ) -> Result<RouteChanges> {
+        let oif = match interface {
+            Some(name) => self.link_index(name).await?,
+            None => None,
+        };
+        let device = oif.map(|oif| routes::Device {
+            oif,
+            prefsrc: prefsrc.to_vec(),
+        });
+        let interface = interface.unwrap_or("-");
         let existing = self.main_table().await?;
-        let plan = routes::plan(&existing, cidrs, oif);
+        let plan = routes::plan(&existing, cidrs, device.as_ref());
+        let oif = device.unwrap_or_default();
         let route_error = |op, route: ClusterRoute| {
             move |source| match route.kind {
                 RouteKind::Device => NetError::Route {
@@ -562,6 +685,7 @@ impl Net {
         };
         let mut changes = RouteChanges {
             conflicts: plan.conflicts.clone(),
+            interface_missing: oif.oif == 0,
             ..RouteChanges::default()
         };
         if plan.is_empty() {
@@ -571,7 +695,7 @@ impl Net {
         for route in plan.add {
             self.handle
                 .route()
-                .add(routes::add_message(route, oif))
+                .add(routes::add_message(route, &oif))
                 .execute()
                 .await
                 .map_err(route_error("adding", route))?;
@@ -581,7 +705,7 @@ impl Net {
         for route in plan.replace {
             self.handle
                 .route()
-                .add(routes::add_message(route, oif))
+                .add(routes::add_message(route, &oif))
                 .replace()
                 .execute()
                 .await
@@ -826,6 +950,7 @@ mod tests {
             replaced: vec![ClusterRoute::device(v4)],
             removed: vec![ClusterRoute::device(v6), ClusterRoute::backstop(v6)],
             conflicts: vec![],
+            interface_missing: false,
         };
         assert_eq!(
             changes.to_string(),

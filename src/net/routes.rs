@@ -43,6 +43,8 @@ pub(crate) struct RouteEntry {
     pub tos: u8,
     pub oif: Option<u32>,
     pub priority: Option<u32>,
+    /// `src`: the preferred source address for locally originated packets.
+    pub prefsrc: Option<IpAddr>,
     /// A gateway, a via, multipath next hops, a nexthop object or an
     /// encapsulation: anything that makes the route more than "dev X".
     pub indirect: bool,
@@ -57,6 +59,7 @@ impl RouteEntry {
         let mut destination = None;
         let mut oif = None;
         let mut priority = None;
+        let mut prefsrc = None;
         let mut indirect = false;
         for attr in &msg.attributes {
             match attr {
@@ -69,6 +72,10 @@ impl RouteEntry {
                 }
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 RouteAttribute::Priority(p) => priority = Some(*p),
+                RouteAttribute::PrefSource(RouteAddress::Inet(a)) => prefsrc = Some(IpAddr::V4(*a)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => {
+                    prefsrc = Some(IpAddr::V6(*a))
+                }
                 RouteAttribute::Gateway(_)
                 | RouteAttribute::Via(_)
                 | RouteAttribute::MultiPath(_)
@@ -96,6 +103,7 @@ impl RouteEntry {
             tos: header.tos,
             oif,
             priority,
+            prefsrc,
             indirect,
         })
     }
@@ -105,13 +113,14 @@ impl RouteEntry {
     }
 
     /// Whether this is exactly the route [`add_message`] creates for its
-    /// destination, `kind` and `oif`, as the kernel reports it back. Anything
-    /// else of ours at a wanted destination gets replaced or deleted.
-    fn is_exactly(&self, kind: RouteKind, oif: u32) -> bool {
+    /// destination, `kind` and `device`, as the kernel reports it back.
+    /// Anything else of ours at a wanted destination gets replaced or deleted.
+    fn is_exactly(&self, kind: RouteKind, device: &Device) -> bool {
         let v4 = self.destination.addr().is_ipv4();
         let shape = match kind {
             RouteKind::Device => {
-                self.oif == Some(oif)
+                self.oif == Some(device.oif)
+                    && self.prefsrc == device.prefsrc_for(&self.destination)
                     && self.kind == RouteType::Unicast
                     // The kernel always reports IPv6 routes as scope universe.
                     && (!v4 || self.scope == RouteScope::Link)
@@ -186,8 +195,28 @@ impl RoutePlan {
     }
 }
 
-/// Plans the main table: per wanted CIDR, a device route of ours to `oif`
-/// and a backstop of ours.
+/// Where the device routes point: the interface and, per family, the
+/// preferred source for packets the node itself sends into the tunnel (an
+/// address inside the node's own pod CIDR, so the remote peer's cryptokey
+/// routing accepts it and the reply comes back through the tunnel).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Device {
+    pub oif: u32,
+    pub prefsrc: Vec<IpAddr>,
+}
+
+impl Device {
+    /// The preferred source for `destination`'s family, if any.
+    pub fn prefsrc_for(&self, destination: &IpNet) -> Option<IpAddr> {
+        self.prefsrc
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == destination.addr().is_ipv4())
+    }
+}
+
+/// Plans the main table: per wanted CIDR, a device route of ours to
+/// `device` and a backstop of ours; with no device, the backstops alone.
 ///
 /// Ownership is by protocol number alone: a route whose protocol is not
 /// [`ROUTE_PROTOCOL`] is never deleted or replaced. A destination that
@@ -205,10 +234,16 @@ impl RoutePlan {
 ///
 /// Only an operator can tell which of these is intended, so the metric does
 /// not matter: every foreign route at a wanted prefix is a conflict.
-pub(crate) fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> RoutePlan {
+pub(crate) fn plan(
+    existing: &[RouteEntry],
+    wanted: &[IpNet],
+    device: Option<&Device>,
+) -> RoutePlan {
     // The kernel rejects host bits in a destination; compare canonical forms.
     let wanted: BTreeSet<IpNet> = wanted.iter().map(IpNet::trunc).collect();
     let mut plan = RoutePlan::default();
+    // A backstop's shape does not depend on the device.
+    let no_device = Device::default();
 
     for &destination in &wanted {
         let at = || {
@@ -231,7 +266,20 @@ pub(crate) fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> Route
         let mut spared = vec![false; ours.len()];
         for kind in [RouteKind::Backstop, RouteKind::Device] {
             let route = ClusterRoute { destination, kind };
-            if let Some(keep) = ours.iter().position(|r| r.is_exactly(kind, oif)) {
+            let device = match (kind, device) {
+                (RouteKind::Device, None) => {
+                    // No interface (yet): only the backstop can go in, and a
+                    // device route of ours there is dead already; leave it
+                    // to the pass that has the interface.
+                    for (i, r) in ours.iter().enumerate() {
+                        spared[i] |= r.in_slot(kind);
+                    }
+                    continue;
+                }
+                (_, Some(d)) => d,
+                (RouteKind::Backstop, None) => &no_device,
+            };
+            if let Some(keep) = ours.iter().position(|r| r.is_exactly(kind, device)) {
                 // Anything else of ours in its slot is superfluous.
                 spared[keep] = true;
             } else if ours.iter().any(|r| r.in_slot(kind)) {
@@ -273,7 +321,7 @@ pub(crate) fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> Route
 ///   has no scope for IPv6 routes), the kernel's default metric;
 /// - [`RouteKind::Backstop`]: blackhole, no device, scope universe, metric
 ///   [`BACKSTOP_METRIC`]. (`oif` is not used.)
-pub(crate) fn add_message(route: ClusterRoute, oif: u32) -> RouteMessage {
+pub(crate) fn add_message(route: ClusterRoute, device: &Device) -> RouteMessage {
     let ClusterRoute { destination, kind } = route;
     let mut msg = RouteMessage::default();
     let h = &mut msg.header;
@@ -290,7 +338,10 @@ pub(crate) fn add_message(route: ClusterRoute, oif: u32) -> RouteMessage {
                 IpNet::V4(_) => RouteScope::Link,
                 IpNet::V6(_) => RouteScope::Universe,
             };
-            msg.attributes.push(RouteAttribute::Oif(oif));
+            msg.attributes.push(RouteAttribute::Oif(device.oif));
+            if let Some(src) = device.prefsrc_for(&destination) {
+                msg.attributes.push(RouteAttribute::PrefSource(src.into()));
+            }
         }
         RouteKind::Backstop => {
             h.kind = RouteType::BlackHole;
@@ -337,6 +388,22 @@ fn family(net: &IpNet) -> AddressFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device `oif` with no preferred source.
+    fn d(oif: u32) -> Device {
+        Device {
+            oif,
+            prefsrc: Vec::new(),
+        }
+    }
+
+    fn plan(existing: &[RouteEntry], wanted: &[IpNet], oif: u32) -> RoutePlan {
+        super::plan(existing, wanted, Some(&d(oif)))
+    }
+
+    fn add_message(route: ClusterRoute, oif: u32) -> RouteMessage {
+        super::add_message(route, &d(oif))
+    }
 
     const WG: u32 = 7;
     const OTHER: u32 = 3;
@@ -444,15 +511,15 @@ mod tests {
         let v6 = backstop("fd00::/48");
         assert_eq!(v6.oif, Some(LO));
         assert_eq!(v6.priority, Some(BACKSTOP_METRIC));
-        assert!(v6.is_exactly(RouteKind::Backstop, WG));
-        assert!(!v6.is_exactly(RouteKind::Device, WG));
+        assert!(v6.is_exactly(RouteKind::Backstop, &d(WG)));
+        assert!(!v6.is_exactly(RouteKind::Device, &d(WG)));
         assert_eq!(v6.role(), RouteKind::Backstop);
         let v4 = backstop("10.244.0.0/16");
         assert_eq!(v4.oif, None);
-        assert!(v4.is_exactly(RouteKind::Backstop, WG));
+        assert!(v4.is_exactly(RouteKind::Backstop, &d(WG)));
         let device = ours("10.244.0.0/16", WG);
-        assert!(device.is_exactly(RouteKind::Device, WG));
-        assert!(!device.is_exactly(RouteKind::Backstop, WG));
+        assert!(device.is_exactly(RouteKind::Device, &d(WG)));
+        assert!(!device.is_exactly(RouteKind::Backstop, &d(WG)));
         assert_eq!(device.role(), RouteKind::Device);
     }
 
@@ -744,5 +811,71 @@ mod tests {
                 .attributes
                 .contains(&RouteAttribute::Priority(BACKSTOP_METRIC)));
         }
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn dumped(msg: RouteMessage) -> RouteEntry {
+        let mut msg = msg;
+        msg.attributes.push(RouteAttribute::Table(254));
+        RouteEntry::from_message(&msg).unwrap()
+    }
+
+    fn wg(src: &str) -> Device {
+        Device {
+            oif: 7,
+            prefsrc: vec![src.parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn without_an_interface_only_backstops_are_planned() {
+        let p = plan(&[], &[net("10.244.0.0/16"), net("fd00::/48")], None);
+        assert_eq!(
+            p.add,
+            vec![
+                ClusterRoute::backstop(net("10.244.0.0/16")),
+                ClusterRoute::backstop(net("fd00::/48"))
+            ]
+        );
+        assert!(p.replace.is_empty() && p.delete.is_empty());
+    }
+
+    #[test]
+    fn without_an_interface_a_dead_device_route_is_left_for_later() {
+        let dev = dumped(add_message(
+            ClusterRoute::device(net("10.244.0.0/16")),
+            &wg("10.244.1.1"),
+        ));
+        let p = plan(&[dev], &[net("10.244.0.0/16")], None);
+        assert_eq!(p.add, vec![ClusterRoute::backstop(net("10.244.0.0/16"))]);
+        assert!(p.delete.is_empty());
+    }
+
+    #[test]
+    fn the_preferred_source_is_part_of_the_device_route() {
+        let device = wg("10.244.1.1");
+        let route = ClusterRoute::device(net("10.244.0.0/16"));
+        let entry = dumped(add_message(route, &device));
+        assert_eq!(entry.prefsrc, Some("10.244.1.1".parse().unwrap()));
+        let backstop = dumped(add_message(
+            ClusterRoute::backstop(net("10.244.0.0/16")),
+            &device,
+        ));
+        let existing = [entry.clone(), backstop.clone()];
+        assert!(plan(&existing, &[net("10.244.0.0/16")], Some(&device)).is_empty());
+        // A new source (the pod CIDR changed) replaces the route in place.
+        let p = plan(&existing, &[net("10.244.0.0/16")], Some(&wg("10.244.2.1")));
+        assert_eq!(p.replace, vec![route]);
+        // An IPv4 source is never put on an IPv6 route.
+        let v6 = dumped(add_message(ClusterRoute::device(net("fd00::/48")), &device));
+        assert_eq!(v6.prefsrc, None);
     }
 }
