@@ -1,12 +1,31 @@
 //! `wgmesh agent`: the reconcile loop that turns Node objects into a working
 //! encrypted mesh on one node.
 //!
-//! Each pass: read every Node from the reflector's cache, publish this node's
-//! annotations if a value changed, decode and plan, raise an Event for each
-//! newly rejected Node, diff the plan against the device's actual peers and
-//! apply only the difference in one transaction, then make sure the link is up
-//! with its MTU and the fail-closed routes exist. A pass that finds everything
-//! in place writes nothing: not to the API, not to the device, not to netlink.
+//! The order of a pass is the order of what matters when something is broken:
+//!
+//! 1. the key store, re-read when it changed on disk (a `wgmesh keys revoke`
+//!    or rotate step takes effect at once, and a destroyed key is never
+//!    written to the device again);
+//! 2. the plan: a pure function of every Node and the local config;
+//! 3. the data path: the device's peers (a diff), then the link, the pod
+//!    gateway address, the fail-closed cluster routes, the policy routes for
+//!    node addresses and the egress masquerade. A failure in one step does
+//!    not skip the next: the routes are repaired even while the device is
+//!    gone, and their blackhole backstops keep traffic dropped meanwhile;
+//! 4. the CNI config, only once the routes close the cluster CIDRs;
+//! 5. the API side, best effort: this node's annotations, then Events. An
+//!    RBAC denial, a 429 or an admission rejection is logged and retried
+//!    within seconds; it never stops the data path from being repaired.
+//!
+//! A pass that finds everything in place writes nothing: not to the API, not
+//! to the device, not to netlink.
+//!
+//! Before the API is reachable at all the agent writes the backstops (a
+//! blackhole per cluster CIDR), so a booting node never sends pod traffic in
+//! plaintext; `--backstops-only` does only that, for an init container.
+//! Between passes a half-second watch notices a re-created interface, a
+//! restarted data plane (a new UAPI socket) and key store changes, and runs a
+//! pass at once instead of waiting for the resync.
 //!
 //! On SIGTERM the agent just exits: annotations, device and routes stay, so a
 //! rolling update never drops the node from anyone's mesh. When the API server
@@ -15,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,9 +47,9 @@ use tokio::sync::Notify;
 
 use crate::k8s::{K8sError, Publisher};
 use crate::keys::store::{Attribution, Store, StoreError};
-use crate::keys::PrivateKey;
+use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
-use crate::net::Net;
+use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec};
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
 use crate::telemetry::{self, PassState, Telemetry};
 use crate::wg::kernel::{select_backend, BackendKind};
@@ -42,6 +61,15 @@ const DEFAULT_MTU: u16 = 1420;
 /// The VirtualBox NAT address every Vagrant VM has: never a usable endpoint.
 const VIRTUALBOX_NAT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 2, 15));
 
+/// How often the agent looks for a re-created interface, a new UAPI socket
+/// or a changed key store between passes.
+const WATCH_TICK: Duration = Duration::from_millis(500);
+
+/// The first retry after a failed pass or API write, doubled up to
+/// [`RETRY_MAX`] while failures last.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(16);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node_name: String,
@@ -52,11 +80,22 @@ pub struct AgentConfig {
     /// Overrides every other endpoint source.
     pub endpoint: Option<SocketAddr>,
     pub cluster_cidrs: Vec<IpNet>,
+    /// This node's pod CIDRs when its Node has no `spec.podCIDRs`.
+    pub pod_cidrs: Vec<IpNet>,
     /// `None`: underlay MTU − 80.
     pub mtu: Option<u16>,
     pub persistent_keepalive: Option<u16>,
     /// Program the link (up, MTU) and the fail-closed routes.
     pub manage_network: bool,
+    /// Node-to-node host traffic through the tunnel too.
+    pub encrypt_host_traffic: bool,
+    /// Masquerade pod egress to outside the cluster (nftables).
+    pub masquerade: bool,
+    /// The routing table and `ip rule` priority for node-address routes.
+    pub route_table: u32,
+    pub rule_priority: u32,
+    /// The API server's addresses: exempt from host encryption.
+    pub api_servers: Vec<SocketAddr>,
     /// How long to wait for more Node events before a pass (coalescing bursts).
     pub debounce: Duration,
     /// Re-check the device this often even without Node events (drift).
@@ -85,6 +124,14 @@ pub enum AgentError {
     NoOwnNode(String),
     #[error("no endpoint for this node: pass --endpoint, set the wgmesh.dev/force-endpoint annotation, or give the Node an InternalIP")]
     NoEndpoint,
+    #[error(
+        "this node's endpoint {endpoint} (from {origin}) would be rejected by every peer: {reason}"
+    )]
+    BadEndpoint {
+        endpoint: SocketAddr,
+        origin: &'static str,
+        reason: node::Reason,
+    },
     #[error("the Node watch ended")]
     WatchEnded,
     #[error("CNI config: {0}")]
@@ -108,6 +155,11 @@ pub struct PassReport {
     pub link_changed: bool,
     pub routes_changed: usize,
     pub cni_written: bool,
+    /// The key store changed on disk since the last pass and was re-read.
+    pub store_reloaded: bool,
+    /// A write to the API (annotations or an Event) failed; the data path
+    /// was programmed anyway and the write is retried within seconds.
+    pub api_failed: bool,
 }
 
 impl PassReport {
@@ -134,9 +186,17 @@ pub struct Agent {
     net: Option<Arc<Net>>,
     /// (node, reason) already reported, so an Event is raised once per problem.
     reported: HashMap<String, String>,
+    /// The bypasses last reported in an Event, and those the last check
+    /// found (to be reported in the API step).
+    reported_bypasses: Vec<String>,
+    pending_bypasses: Option<Vec<String>>,
+    /// Each peer's endpoint as the previous pass published it, so that a
+    /// peer that roamed (NAT rebinding) keeps its new address until its Node
+    /// publishes a different one.
+    last_endpoints: HashMap<PublicKey, SocketAddr>,
     last_endpoint: Option<SocketAddr>,
     last_mtu: Option<u16>,
-    announced_key: bool,
+    announced_key: Option<PublicKey>,
     telemetry: Telemetry,
     warned_foreign_cni: bool,
 }
@@ -190,9 +250,12 @@ impl Agent {
             backend,
             net,
             reported: HashMap::new(),
+            reported_bypasses: Vec::new(),
+            pending_bypasses: None,
+            last_endpoints: HashMap::new(),
             last_endpoint: None,
             last_mtu: None,
-            announced_key: false,
+            announced_key: None,
             telemetry: Telemetry::new(),
             warned_foreign_cni: false,
         })
@@ -215,58 +278,36 @@ impl Agent {
         self.telemetry
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
-        match &result {
-            Err(AgentError::Device(_)) => self.telemetry.set_device_ok(false),
-            Err(AgentError::K8s(_)) => {
-                self.telemetry.api_errors.inc();
-            }
-            _ => {}
+        if let Err(AgentError::K8s(_)) = &result {
+            self.telemetry.api_errors.inc();
         }
         result
     }
 
     async fn pass_inner(&mut self, nodes: &[Arc<Node>]) -> Result<PassReport> {
-        let mut report = PassReport::default();
+        let mut report = PassReport {
+            store_reloaded: self.reload_store()?,
+            ..PassReport::default()
+        };
         let own = nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
             .ok_or_else(|| AgentError::NoOwnNode(self.cfg.node_name.clone()))?;
 
-        // 1. This node's annotations.
+        // 1. What this node is: its key (from the store, never from the API
+        //    cache), endpoint and pod CIDRs.
         let private = self.store.active_private()?;
         let endpoint = self.endpoint(own)?;
         let state = self.store.state().clone();
+        let own_cidrs = self.own_pod_cidrs(own);
         let desired = LocalAnnotations {
             public_key: state.active.public_key,
             key_generation: state.active.generation,
             key_created: state.active.created,
             next_public_key: state.staged.as_ref().map(|k| k.public_key),
             endpoint,
-            pod_cidrs: own_pod_cidrs(own),
+            pod_cidrs: own_cidrs.clone(),
         };
-        let published_key = own
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(annotations::PUBLIC_KEY))
-            .cloned();
-        if self.publisher.publish(own, &desired).await? {
-            report.published = true;
-            tracing::info!(node = %self.cfg.node_name, "published annotations");
-        }
-        if published_key.as_deref() != Some(desired.public_key.to_base64().as_str())
-            && !self.announced_key
-        {
-            let note = format!(
-                "wgmesh published public key {} (fingerprint {}, generation {})",
-                desired.public_key, state.active.fingerprint, state.active.generation
-            );
-            self.publisher
-                .event(own, false, "KeyPublished", "Publish", note)
-                .await?;
-            self.announced_key = true;
-            report.events += 1;
-        }
 
         // 2. Plan.
         let vcfg = ValidationConfig {
@@ -278,45 +319,186 @@ impl Agent {
             interface: self.cfg.interface.clone(),
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
             default_keepalive: self.cfg.persistent_keepalive,
+            local_public_key: Some(state.active.public_key),
+            local_endpoint: Some(endpoint),
         };
         let plan = mesh::plan(&mcfg, &decoded);
         report.peers = plan.peers.len();
         report.excluded = plan.excluded.len();
-        report.events += self.report_exclusions(&plan, nodes).await?;
-
         self.telemetry.set_pass(PassState::from_plan(
             &plan,
             state.active.generation,
             Some(state.active.created),
         ));
 
-        // 3. The device.
-        report.device_changes = self.program_device(&private, &plan).await?;
-        self.telemetry.set_device_ok(true);
-
-        // 4. Link and routes.
+        // 3. The data path. Each step runs whatever the one before did.
+        let device = self.program_device(&private, &plan).await;
+        match &device {
+            Ok(n) => report.device_changes = *n,
+            Err(e) => {
+                tracing::warn!(error = %e, "device not configured; routes and backstops are still repaired")
+            }
+        }
+        self.telemetry.set_device_ok(device.is_ok());
         let mtu = match (self.cfg.mtu, self.net.clone()) {
             (Some(m), _) => m,
             (None, Some(net)) => self.tunnel_mtu(&net, endpoint, &plan).await,
             (None, None) => DEFAULT_MTU,
         };
-        if let Some(net) = self.net.clone() {
-            // The routes are attempted even when the link step fails (the data
-            // plane not running yet): their blackhole backstops go in first and
-            // keep cluster traffic from leaving in plaintext meanwhile.
-            let link = net.ensure_link_up(&self.cfg.interface, mtu).await;
-            if let Ok(l) = &link {
-                if !l.is_empty() {
-                    tracing::info!(interface = %self.cfg.interface, mtu, "link set up");
-                    report.link_changed = true;
+        let network = match self.net.clone() {
+            Some(net) => {
+                let r = self
+                    .program_network(&net, mtu, &plan, &own_cidrs, &mut report)
+                    .await;
+                self.telemetry.set_routes_ok(r.is_ok());
+                r
+            }
+            None => Ok(()),
+        };
+
+        // 4. The CNI config: pods only start once their traffic is closed.
+        let cni = match (&network, self.cfg.cni_dir.clone()) {
+            (Ok(()), Some(dir)) => self.write_cni(&dir, &own_cidrs, mtu).map(|w| {
+                report.cni_written = w;
+            }),
+            _ => Ok(()),
+        };
+
+        // 5. The API side, best effort.
+        match self.publisher.publish(own, &desired).await {
+            Ok(true) => {
+                report.published = true;
+                tracing::info!(node = %self.cfg.node_name, "published annotations");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                report.api_failed = true;
+                self.telemetry.api_errors.inc();
+                tracing::warn!(error = %e, "publishing this node's annotations failed; the data path is programmed anyway, retrying shortly");
+            }
+        }
+        if self.announced_key != Some(desired.public_key) && !report.api_failed {
+            let note = format!(
+                "wgmesh published public key {} (fingerprint {}, generation {})",
+                desired.public_key, state.active.fingerprint, state.active.generation
+            );
+            match self
+                .publisher
+                .event(own, false, "KeyPublished", "Publish", note)
+                .await
+            {
+                Ok(()) => {
+                    self.announced_key = Some(desired.public_key);
+                    report.events += 1;
+                }
+                Err(e) => self.event_failed(&mut report, "KeyPublished", &e),
+            }
+        }
+        report.events += self.report_exclusions(&plan, nodes, &mut report).await;
+        if let Some(found) = self.pending_bypasses.take() {
+            if found != self.reported_bypasses {
+                let sent = if found.is_empty() {
+                    true
+                } else {
+                    let note = format!(
+                        "traffic to the cluster CIDRs can bypass the WireGuard tunnel on {}: {}",
+                        self.cfg.node_name,
+                        found.join("; ")
+                    );
+                    match self
+                        .publisher
+                        .event(own, true, "RouteBypass", "CheckRoutes", note)
+                        .await
+                    {
+                        Ok(()) => {
+                            report.events += 1;
+                            true
+                        }
+                        Err(e) => {
+                            self.event_failed(&mut report, "RouteBypass", &e);
+                            false
+                        }
+                    }
+                };
+                if sent {
+                    self.reported_bypasses = found;
                 }
             }
-            let routes: Vec<IpNet> = plan.routes.iter().map(|r| r.destination).collect();
-            let changes = net.ensure_routes(&self.cfg.interface, &routes).await;
-            link?;
-            let changes = changes?;
+        }
+
+        device?;
+        network?;
+        cni?;
+        Ok(report)
+    }
+
+    /// Re-reads the key store when `state.json` changed on disk (a revoke or
+    /// a rotate step through the CLI); returns whether it did.
+    fn reload_store(&mut self) -> Result<bool> {
+        let before = self.store.state().active.public_key;
+        if !self.store.reload_if_changed()? {
+            return Ok(false);
+        }
+        let after = self.store.state();
+        if after.active.public_key != before {
+            tracing::warn!(
+                fingerprint = %after.active.fingerprint,
+                generation = after.active.generation,
+                phase = %after.phase(),
+                "the key store changed on disk: a new active key; the device gets it in this pass"
+            );
+        } else {
+            tracing::info!(phase = %after.phase(), "key store re-read");
+        }
+        Ok(true)
+    }
+
+    /// The link (up, MTU), the pod gateway address on it, the cluster
+    /// routes with that address as their source, then the checks for routes
+    /// that bypass the tunnel. Every step is attempted; the first error is
+    /// returned.
+    async fn program_network(
+        &mut self,
+        net: &Net,
+        mtu: u16,
+        plan: &Plan,
+        own_cidrs: &[IpNet],
+        report: &mut PassReport,
+    ) -> Result<()> {
+        let iface = self.cfg.interface.clone();
+        let link = net.ensure_link_up(&iface, mtu).await;
+        if let Ok(l) = &link {
+            if !l.is_empty() {
+                tracing::info!(interface = %iface, mtu, "link set up");
+                report.link_changed = true;
+            }
+        }
+        // Host-originated packets into the tunnel (hostNetwork pods, the
+        // kubelet, the API server calling a webhook) take the pod gateway
+        // address as their source: the remote peer accepts it (it is inside
+        // this node's allowed IPs) and the reply comes back through the
+        // tunnel. It goes on the WireGuard interface itself, so it exists
+        // before the first pod (and its CNI bridge) does.
+        let gateways: Vec<IpNet> = own_cidrs.iter().filter_map(gateway_host).collect();
+        let addresses = match &link {
+            Ok(_) => net.ensure_addresses(&iface, &gateways).await,
+            Err(_) => Ok(Vec::new()),
+        };
+        let prefsrc: Vec<IpAddr> = match &addresses {
+            Ok(added) => {
+                if !added.is_empty() {
+                    tracing::info!(interface = %iface, addresses = ?added, "pod gateway address added");
+                    report.link_changed = true;
+                }
+                gateways.iter().map(IpNet::addr).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        let routes: Vec<IpNet> = plan.routes.iter().map(|r| r.destination).collect();
+        let changes = net.ensure_routes(Some(&iface), &routes, &prefsrc).await;
+        if let Ok(changes) = &changes {
             if !changes.is_empty() {
-                tracing::info!(interface = %self.cfg.interface, %changes, "routes updated");
+                tracing::info!(interface = %iface, %changes, "routes updated");
             }
             report.routes_changed =
                 changes.added.len() + changes.replaced.len() + changes.removed.len();
@@ -325,18 +507,104 @@ impl Agent {
             }
         }
 
-        // 5. The CNI config for this node's pods.
-        if let Some(dir) = self.cfg.cni_dir.clone() {
-            report.cni_written = self.write_cni(&dir, own, mtu)?;
+        // Pod → other nodes' addresses (and, with host encryption, host →
+        // host) through the tunnel: every remote Node's addresses, valid or
+        // not, so a rejected node's are dropped in the tunnel.
+        let local_ips: Vec<IpAddr> = match net.interface_addresses().await {
+            Ok(have) => plan
+                .local_node_ips
+                .iter()
+                .copied()
+                .filter(|ip| have.iter().any(|a| a.address == *ip))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let spec = PolicySpec {
+            interface: iface.clone(),
+            table: self.cfg.route_table,
+            priority: self.cfg.rule_priority,
+            local_pod_cidrs: own_cidrs.to_vec(),
+            remote_node_ips: plan.node_routes.iter().map(IpNet::addr).collect(),
+            local_node_ips: local_ips,
+            encrypt_host: self.cfg.encrypt_host_traffic,
+            listen_port: self.cfg.listen_port,
+            exempt: self.cfg.api_servers.clone(),
+        };
+        let policy = net.ensure_policy(&spec).await;
+        if let Ok(p) = &policy {
+            if !p.is_empty() {
+                tracing::info!(table = spec.table, changes = %p, "node-address routes and rules updated");
+                report.routes_changed += 1;
+            }
+            for conflict in &p.routes.conflicts {
+                tracing::warn!(route = %conflict, table = spec.table, "a route not created by wgmesh sits in wgmesh's table; left alone");
+            }
         }
-        Ok(report)
+
+        // Pod egress to outside the cluster, masqueraded (or our table
+        // removed when turned off).
+        let masq = MasqSpec {
+            enabled: self.cfg.masquerade && !own_cidrs.is_empty(),
+            interface: iface.clone(),
+            local_pod_cidrs: own_cidrs.to_vec(),
+            cluster_cidrs: self.cfg.cluster_cidrs.clone(),
+            node_ips: plan
+                .local_node_ips
+                .iter()
+                .copied()
+                .chain(plan.node_routes.iter().map(IpNet::addr))
+                .collect(),
+        };
+        let masq = tokio::task::spawn_blocking(move || ensure_masquerade(&masq)).await?;
+        if let Ok(change) = &masq {
+            if change.is_changed() {
+                tracing::info!(
+                    ?change,
+                    table = crate::net::MASQ_TABLE,
+                    "egress masquerade updated"
+                );
+                report.routes_changed += 1;
+            }
+        }
+
+        // Someone else's routes or rules that take cluster traffic around
+        // the tunnel: not ready, counted, logged and raised as an Event.
+        match net
+            .bypasses(&iface, &self.cfg.cluster_cidrs, own_cidrs)
+            .await
+        {
+            Ok(found) => {
+                let found: Vec<String> = found.iter().map(ToString::to_string).collect();
+                if found != self.reported_bypasses {
+                    for b in &found {
+                        tracing::warn!(bypass = %b, "a route or rule not created by wgmesh lets cluster traffic bypass the tunnel");
+                    }
+                }
+                self.telemetry.set_bypasses(found.clone());
+                self.pending_bypasses = Some(found);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check for routes that bypass the tunnel"),
+        }
+
+        link?;
+        addresses?;
+        changes?;
+        policy?;
+        masq?;
+        Ok(())
+    }
+
+    fn event_failed(&self, report: &mut PassReport, reason: &str, e: &K8sError) {
+        report.api_failed = true;
+        self.telemetry.api_errors.inc();
+        tracing::warn!(event = reason, error = %e, "raising an Event failed; retrying shortly");
     }
 
     /// Writes the conflist for this node's pod CIDRs and the tunnel MTU; a
     /// file wgmesh did not write is left alone (with one warning) unless
     /// `cni_overwrite`.
-    fn write_cni(&mut self, dir: &std::path::Path, own: &Node, mtu: u16) -> Result<bool> {
-        let cidrs = own_pod_cidrs(own);
+    fn write_cni(&mut self, dir: &Path, own_cidrs: &[IpNet], mtu: u16) -> Result<bool> {
+        let cidrs = own_cidrs.to_vec();
         if cidrs.is_empty() {
             return Ok(false);
         }
@@ -392,20 +660,33 @@ impl Agent {
         let backend = self.backend.clone();
         let key = private.clone();
         let port = self.cfg.listen_port;
-        let changes = tokio::task::spawn_blocking(move || -> wg::Result<wg::ChangeSet> {
-            // A poisoned lock only means an earlier pass panicked mid-call;
-            // the device itself is the source of truth, so carry on.
-            let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
-            let state = backend.state()?;
-            let local = LocalDevice {
-                private_key: &key,
-                listen_port: port,
-            };
-            let changes = wg::reconcile(&state, &local, &desired);
-            backend.apply(&changes)?;
-            Ok(changes)
-        })
+        // After a restart the agent has no memory of what it published: the
+        // published endpoints win once (a Node that moved while the agent was
+        // down must not keep a stale address); from then on a peer that
+        // roamed keeps its new address until its Node publishes another.
+        let previous = std::mem::take(&mut self.last_endpoints);
+        let (changes, published) = tokio::task::spawn_blocking(
+            move || -> wg::Result<(wg::ChangeSet, HashMap<PublicKey, SocketAddr>)> {
+                // A poisoned lock only means an earlier pass panicked mid-call;
+                // the device itself is the source of truth, so carry on.
+                let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
+                let state = backend.state()?;
+                let mut desired = desired;
+                let published =
+                    mesh::keep_roamed_endpoints(&state.peers, &mut desired, Some(&previous));
+                let local = LocalDevice {
+                    private_key: &key,
+                    listen_port: port,
+                };
+                let changes = wg::reconcile(&state, &local, &desired);
+                backend.apply(&changes)?;
+                Ok((changes, published))
+            },
+        )
         .await??;
+        // Only once applied: an endpoint that never reached the device must
+        // not count as set.
+        self.last_endpoints = published;
         if changes.is_empty() {
             return Ok(0);
         }
@@ -432,7 +713,12 @@ impl Agent {
 
     /// Logs and raises one Event per rejected Node and reason; a Node that is
     /// merely not ready yet (no key published) is only logged at debug.
-    async fn report_exclusions(&mut self, plan: &Plan, nodes: &[Arc<Node>]) -> Result<usize> {
+    async fn report_exclusions(
+        &mut self,
+        plan: &Plan,
+        nodes: &[Arc<Node>],
+        report: &mut PassReport,
+    ) -> usize {
         let by_name: BTreeMap<&str, &Arc<Node>> = nodes
             .iter()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n)))
@@ -441,27 +727,37 @@ impl Agent {
         let mut raised = 0;
         for ex in &plan.excluded {
             let reason = ex.reason.to_string();
-            still.insert(ex.node.clone(), reason.clone());
             if self.reported.get(&ex.node) == Some(&reason) {
+                still.insert(ex.node.clone(), reason);
                 continue;
             }
             if let mesh::Exclusion::Invalid(rejected) = &ex.reason {
                 if rejected.not_ready() {
                     tracing::debug!(node = %ex.node, %reason, "node has not published its key yet");
+                    still.insert(ex.node.clone(), reason);
                     continue;
                 }
             }
             tracing::warn!(node = %ex.node, %reason, "node rejected: no peer");
-            if let Some(node) = by_name.get(ex.node.as_str()) {
-                let note = format!("rejected by wgmesh on {}: {reason}", self.cfg.node_name);
-                self.publisher
-                    .event(node, true, "PeerRejected", "Validate", note)
-                    .await?;
-                raised += 1;
+            let Some(node) = by_name.get(ex.node.as_str()) else {
+                continue;
+            };
+            let note = format!("rejected by wgmesh on {}: {reason}", self.cfg.node_name);
+            match self
+                .publisher
+                .event(node, true, "PeerRejected", "Validate", note)
+                .await
+            {
+                Ok(()) => {
+                    raised += 1;
+                    still.insert(ex.node.clone(), reason);
+                }
+                // Not remembered as reported: the next pass tries again.
+                Err(e) => self.event_failed(report, "PeerRejected", &e),
             }
         }
         self.reported = still;
-        Ok(raised)
+        raised
     }
 
     /// `--endpoint`, else `force-endpoint`, else the first InternalIP (never
@@ -484,6 +780,11 @@ impl Agent {
                 .ok_or(AgentError::NoEndpoint)?;
             (SocketAddr::new(ip, self.cfg.listen_port), "Node InternalIP")
         };
+        node::check_endpoint(&addr).map_err(|reason| AgentError::BadEndpoint {
+            endpoint: addr,
+            origin: source,
+            reason,
+        })?;
         if self.last_endpoint != Some(addr) {
             tracing::info!(endpoint = %addr, source, "endpoint chosen");
             self.last_endpoint = Some(addr);
@@ -492,8 +793,30 @@ impl Agent {
     }
 }
 
+/// Writes the fail-closed backstops (a blackhole per cluster CIDR) without
+/// the device or the API: what the agent does first of all, and all that
+/// `--backstops-only` does.
+pub async fn write_backstops(cfg: &AgentConfig) -> Result<()> {
+    if !cfg.manage_network {
+        return Ok(());
+    }
+    let net = Net::connect()?;
+    let changes = net.ensure_routes(None, &cfg.cluster_cidrs, &[]).await?;
+    if changes.is_empty() {
+        tracing::info!(cidrs = ?cfg.cluster_cidrs, "backstops in place");
+    } else {
+        tracing::info!(cidrs = ?cfg.cluster_cidrs, %changes, "backstops written: cluster traffic is dropped until the tunnel is up");
+    }
+    for conflict in &changes.conflicts {
+        tracing::warn!(route = %conflict, "a route not created by wgmesh covers a cluster CIDR; no backstop there");
+    }
+    Ok(())
+}
+
 /// Runs the agent: one pass (`once`) or the watch loop until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
+    // Before anything that needs the API server or the device.
+    write_backstops(&cfg).await?;
     let api: Api<Node> = Api::all(client.clone());
     let debounce = cfg.debounce;
     let resync = cfg.resync;
@@ -564,30 +887,166 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     }
     tracing::info!("Node cache synced; reconciling");
     telemetry.set_synced(true);
+    let mut retry = RETRY_MIN;
+    let mut seen = agent.local_stamp().await;
     loop {
         let nodes = reader.state();
-        match agent.pass(&nodes).await {
-            Ok(report) if report.wrote() => tracing::info!(?report, "pass"),
-            Ok(report) => tracing::debug!(?report, "pass: nothing to change"),
+        // After a failure the next pass comes soon (and sooner than the
+        // resync): a 429 or an outage must not leave the mesh stale.
+        let again = match agent.pass(&nodes).await {
+            Ok(report) if report.api_failed => {
+                tracing::info!(?report, "pass done but an API write failed");
+                Some(retry)
+            }
+            Ok(report) if report.wrote() => {
+                tracing::info!(?report, "pass");
+                None
+            }
+            Ok(report) => {
+                tracing::debug!(?report, "pass: nothing to change");
+                None
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "pass failed; retrying on the next change or resync")
+                tracing::warn!(error = %e, retry_in = ?retry, "pass failed; retrying");
+                Some(retry)
             }
-        }
-        tokio::select! {
-            _ = changed.notified() => {
-                // Coalesce a burst of events into one pass.
-                tokio::time::sleep(debounce).await;
+        };
+        retry = match again {
+            Some(r) => (r * 2).min(RETRY_MAX),
+            None => RETRY_MIN,
+        };
+        let wait = again.unwrap_or(resync).min(resync);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut tick = tokio::time::interval(WATCH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {
+                    // Coalesce a burst of events into one pass.
+                    tokio::time::sleep(debounce).await;
+                    break;
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tick.tick() => {
+                    let now = agent.local_stamp().await;
+                    if now != seen {
+                        tracing::info!(before = ?seen, after = ?now, "the interface, the data plane's socket or the key store changed; reconciling now");
+                        break;
+                    }
+                }
+                _ = term.recv() => {
+                    tracing::info!("stopping; annotations, device and routes are left in place");
+                    return Ok(());
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("stopping; annotations, device and routes are left in place");
+                    return Ok(());
+                }
             }
-            _ = tokio::time::sleep(resync) => {}
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
         }
         if watch.is_finished() {
             return Err(AgentError::WatchEnded);
         }
+        seen = agent.local_stamp().await;
     }
-    tracing::info!("stopping; annotations, device and routes are left in place");
-    Ok(())
+}
+
+/// The node-local things whose change calls for a pass at once: the
+/// interface's index (re-created), the UAPI socket file (a restarted data
+/// plane), and the key store's state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalStamp {
+    link: Option<u32>,
+    socket: Option<FileStamp>,
+    store: Option<FileStamp>,
+}
+
+impl Agent {
+    /// Reads the [`LocalStamp`] (a netlink dump of one link and two stats).
+    pub async fn local_stamp(&self) -> LocalStamp {
+        let link = match &self.net {
+            Some(net) => net.link_index(&self.cfg.interface).await.ok().flatten(),
+            None => None,
+        };
+        LocalStamp {
+            link,
+            socket: FileStamp::of(
+                &self
+                    .cfg
+                    .uapi_dir
+                    .join(format!("{}.sock", self.cfg.interface)),
+            ),
+            store: FileStamp::of(&state_file(&self.cfg.store)),
+        }
+    }
+
+    /// `spec.podCIDRs` (with `spec.podCIDR`) when the Node has them; else
+    /// `--pod-cidrs`; else whatever `wgmesh.dev/pod-cidrs` already says (set
+    /// by a person or another IPAM), so the agent's patch never removes it.
+    fn own_pod_cidrs(&self, own: &Node) -> Vec<IpNet> {
+        let from_spec = own_pod_cidrs(own);
+        if !from_spec.is_empty() {
+            return from_spec;
+        }
+        let mut cidrs: Vec<IpNet> = if !self.cfg.pod_cidrs.is_empty() {
+            self.cfg.pod_cidrs.clone()
+        } else {
+            own.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(annotations::POD_CIDRS))
+                .map(|v| {
+                    v.split(',')
+                        .filter_map(|c| c.trim().parse::<IpNet>().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        cidrs.iter_mut().for_each(|c| *c = c.trunc());
+        cidrs.sort();
+        cidrs.dedup();
+        cidrs
+    }
+}
+
+/// A cheap sign that a file changed: a rename onto the path (how every
+/// store write lands) changes the inode, an in-place write the length or
+/// mtime. Only a trigger: the store itself compares content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+fn state_file(store: &Path) -> PathBuf {
+    store.join(crate::keys::store::STATE_FILE)
+}
+
+/// The pod gateway of `cidr` (its first host address, as the bridge CNI
+/// plugin assigns it) as a host prefix.
+fn gateway_host(cidr: &IpNet) -> Option<IpNet> {
+    let net = cidr.trunc();
+    let addr = match net.network() {
+        IpAddr::V4(a) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(a).checked_add(1)?)),
+        IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a).checked_add(1)?)),
+    };
+    if !net.contains(&addr) || net.prefix_len() >= net.max_prefix_len() - 1 {
+        return None;
+    }
+    IpNet::new(addr, net.max_prefix_len()).ok()
 }
 
 fn own_pod_cidrs(own: &Node) -> Vec<IpNet> {

@@ -87,10 +87,12 @@ pub enum KeysCommand {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Rotate the static key. Without a step flag, runs all three steps at once,
-    /// which cuts traffic until peers learn the new key: in a running cluster use
-    /// the steps, waiting for peers between them.
-    #[command(group(clap::ArgGroup::new("step").args(["stage", "activate", "destroy_old"])))]
+    /// Rotate the static key, one step at a time: --stage, then --activate, then
+    /// --destroy-old, waiting between them for peers to pre-accept the next key
+    /// and confirm it. Exactly one step flag is needed; --all-steps runs the
+    /// three at once, which cuts traffic until peers learn the new key, so it is
+    /// only for a standalone host without peers.
+    #[command(group(clap::ArgGroup::new("step").args(["stage", "activate", "destroy_old", "all_steps"])))]
     Rotate {
         /// Step 1: generate the next key; peers are asked to pre-accept it.
         #[arg(long, env = "WGMESH_ROTATE_STAGE")]
@@ -101,6 +103,10 @@ pub enum KeysCommand {
         /// Step 3: destroy the previous key (file overwritten and removed).
         #[arg(long, env = "WGMESH_ROTATE_DESTROY_OLD")]
         destroy_old: bool,
+        /// All three steps at once, for a standalone host: with peers, traffic to
+        /// this node stops until every peer learns the new key.
+        #[arg(long, env = "WGMESH_ROTATE_ALL_STEPS")]
+        all_steps: bool,
         /// Why, for the audit log.
         #[arg(long, env = "WGMESH_REASON", default_value = "scheduled rotation")]
         reason: String,
@@ -215,6 +221,39 @@ pub struct AgentArgs {
     /// Address for /metrics (Prometheus), /healthz and /readyz; "off" disables it.
     #[arg(long, env = "WGMESH_METRICS_LISTEN", default_value = "0.0.0.0:9586")]
     pub metrics_listen: String,
+    /// This node's pod CIDRs when its Node has no spec.podCIDRs (clusters
+    /// without the controller-manager's node IPAM): published as
+    /// wgmesh.dev/pod-cidrs. Without it, a pod-cidrs annotation a person (or
+    /// another IPAM) set is kept as it is. Peers accept a claim only inside
+    /// --cluster-cidrs and not overlapping an older Node's.
+    #[arg(long, env = "WGMESH_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// Also send node-to-node host traffic (kubelet, hostNetwork pods, SSH)
+    /// through the tunnel. WireGuard's own UDP (--listen-port) and the
+    /// agent's traffic to the API server stay outside, so the mesh cannot
+    /// lock itself out. Off by default, like Cilium's node encryption.
+    #[arg(long, env = "WGMESH_ENCRYPT_HOST_TRAFFIC")]
+    pub encrypt_host_traffic: bool,
+    /// Masquerade pod traffic leaving the cluster (to anything outside the
+    /// cluster CIDRs and node addresses) to the node's address, with nftables
+    /// (table `inet wgmesh`). Turn off when another component (a cloud's NAT
+    /// gateway, the CNI) already does it.
+    #[arg(long, env = "WGMESH_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+    /// The routing table for pod → remote node address traffic (and host
+    /// traffic with --encrypt-host-traffic); its `ip rule`s sit at
+    /// --rule-priority.
+    #[arg(long, env = "WGMESH_ROUTE_TABLE", default_value_t = 51820)]
+    pub route_table: u32,
+    /// Priority of wgmesh's `ip rule`s (exemptions take the numbers just below).
+    #[arg(long, env = "WGMESH_RULE_PRIORITY", default_value_t = 5210)]
+    pub rule_priority: u32,
+    /// Only write the fail-closed backstops (a blackhole per cluster CIDR)
+    /// and exit: no API, no device needed. Run it before anything else on a
+    /// booting node (the DaemonSet's init container), so pods never reach
+    /// remote pod CIDRs in plaintext before the agent is up.
+    #[arg(long, env = "WGMESH_BACKSTOPS_ONLY")]
+    pub backstops_only: bool,
 }
 
 /// `wgmesh status` and `wgmesh graph`.

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use jiff::Timestamp;
 use serde_json::json;
-use wgmesh::keys::audit::{AuditRecord, VerifyError};
+use wgmesh::keys::audit::{AuditRecord, EventKind, VerifyError};
 use wgmesh::keys::rotation::KeyMeta;
 use wgmesh::keys::store::{Attribution, Store, StoreError};
 
@@ -69,6 +69,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 listen_port: args.listen_port,
                 endpoint: args.endpoint,
                 cluster_cidrs: args.cluster_cidrs.iter().map(|c| c.trunc()).collect(),
+                pod_cidrs: args.pod_cidrs.iter().map(|c| c.trunc()).collect(),
+                encrypt_host_traffic: args.encrypt_host_traffic,
+                masquerade: args.masquerade,
+                route_table: args.route_table,
+                rule_priority: args.rule_priority,
+                api_servers: Vec::new(),
                 mtu: args.mtu,
                 persistent_keepalive: (args.persistent_keepalive > 0)
                     .then_some(args.persistent_keepalive),
@@ -91,7 +97,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .build()
                 .context("cannot start the async runtime")?;
             rt.block_on(async {
-                let client = wgmesh::k8s::client(args.kubeconfig.as_deref()).await?;
+                let mut cfg = cfg;
+                if args.backstops_only {
+                    wgmesh::agent::write_backstops(&cfg).await?;
+                    return anyhow::Ok(());
+                }
+                let config = wgmesh::k8s::config(args.kubeconfig.as_deref()).await?;
+                cfg.api_servers = wgmesh::k8s::server_addrs(&config).await;
+                let client = kube::Client::try_from(config)?;
                 wgmesh::agent::run(cfg, client, args.once).await?;
                 anyhow::Ok(())
             })?;
@@ -176,10 +189,16 @@ fn keys(args: KeysArgs) -> Result<ExitCode> {
             stage,
             activate,
             destroy_old,
+            all_steps: all,
             reason,
         } => {
+            if !(stage || activate || destroy_old || all) {
+                // A usage error, before the store is touched: the three steps at
+                // once switch keys before any peer has pre-accepted the next one.
+                eprintln!("{ROTATE_NEEDS_A_STEP}");
+                return Ok(ExitCode::from(2));
+            }
             let mut store = Store::open(dir)?;
-            let all = !(stage || activate || destroy_old);
             let who = who(&reason);
             if stage || all {
                 store.stage(&who)?;
@@ -226,6 +245,14 @@ fn keys(args: KeysArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+const ROTATE_NEEDS_A_STEP: &str = "error: `wgmesh keys rotate` needs a step flag: \
+--stage (generate the next key and publish it for peers to pre-accept), then \
+--activate (switch to it once peers have it), then --destroy-old (destroy the \
+previous key once no peer needs it). Peers must pre-accept the next key before \
+this node switches to it, or traffic to this node stops until every peer learns \
+the new key; running the three steps at once gives them no chance to. On a \
+standalone host without peers, pass --all-steps (WGMESH_ROTATE_ALL_STEPS=true).";
 
 /// The device's live peers plus the Nodes (if the API answers).
 fn gather_status(args: &cli::StatusArgs) -> Result<wgmesh::status::Status> {
@@ -336,10 +363,48 @@ fn audit(dir: &std::path::Path, command: AuditCommand) -> Result<ExitCode> {
     match command {
         AuditCommand::Verify { output } => {
             let ok = result.is_ok();
+            // Records written ahead of a commit that never happened, not yet
+            // recorded as aborted: the chain is intact, but the log's last
+            // operation did not take effect, and the reader must know.
+            // Verifying the log must not depend on state.json being readable.
+            let uncommitted = Store::uncommitted(dir).unwrap_or_else(|e| {
+                eprintln!(
+                    "warning: cannot tell whether the log's last operation was committed: {e}"
+                );
+                None
+            });
+            let aborted: Vec<u64> = result.as_ref().map_or_else(
+                |_| Vec::new(),
+                |v| {
+                    v.records
+                        .iter()
+                        .filter(|r| r.event == EventKind::Aborted)
+                        .map(|r| r.seq)
+                        .collect()
+                },
+            );
             if output == Output::Json {
+                let pending = uncommitted.as_ref().map(|u| {
+                    json!({
+                        "operation": u.operation(),
+                        "first_seq": u.first_seq(),
+                        "last_seq": u.last_seq(),
+                    })
+                });
                 let value = match &result {
-                    Ok(v) => json!({"ok": true, "records": v.records.len(), "head": v.head}),
-                    Err(e) => json!({"ok": false, "line": e.line, "problem": e.problem}),
+                    Ok(v) => json!({
+                        "ok": true,
+                        "records": v.records.len(),
+                        "head": v.head,
+                        "aborted_records": aborted,
+                        "uncommitted": pending,
+                    }),
+                    Err(e) => json!({
+                        "ok": false,
+                        "line": e.line,
+                        "problem": e.problem,
+                        "uncommitted": pending,
+                    }),
                 };
                 println!("{value}");
             } else {
@@ -352,6 +417,19 @@ fn audit(dir: &std::path::Path, command: AuditCommand) -> Result<ExitCode> {
                     ),
                     Err(e) => eprintln!("audit log FAILED verification: {e}"),
                 }
+                if !aborted.is_empty() {
+                    let seqs: Vec<String> = aborted.iter().map(u64::to_string).collect();
+                    println!(
+                        "aborted operations recorded: seq {} (each names records that were logged but never committed; `wgmesh keys audit show` lists them)",
+                        seqs.join(", ")
+                    );
+                }
+            }
+            if let Some(u) = &uncommitted {
+                eprintln!(
+                    "warning: the log's last operation, {}, is not reflected in state.json: it was interrupted before its commit and did not take effect; the next key operation or store open (agent start, `wgmesh keys show`) records it as aborted",
+                    u.describe()
+                );
             }
             Ok(if ok {
                 ExitCode::SUCCESS

@@ -418,17 +418,41 @@ fn the_daemonset_runs_agent_and_dataplane_with_net_admin_only() {
     let (agent, dataplane) = (install.container("agent"), install.container("dataplane"));
     assert_eq!(agent.image, dataplane.image, "one image");
     assert!(agent.image.is_some());
+    // The backend is explicit: `auto` could race the dataplane for the name.
     assert_eq!(
         agent.command.as_deref(),
-        Some(&["wgmesh".to_string(), "agent".into()][..])
+        Some(
+            &[
+                "wgmesh".to_string(),
+                "agent".into(),
+                "--backend".into(),
+                "uapi".into()
+            ][..]
+        )
     );
     assert_eq!(
         dataplane.command.as_deref(),
         Some(&["wgmesh".to_string(), "dataplane".into()][..])
     );
 
+    // Fail closed before the pod's containers: the backstops init container.
+    let inits = pod.init_containers.as_deref().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "one init container");
+    let backstops = &inits[0];
+    assert_eq!(backstops.image, agent.image, "one image");
+    assert_eq!(
+        backstops.command.as_deref(),
+        Some(
+            &[
+                "wgmesh".to_string(),
+                "agent".into(),
+                "--backstops-only".into()
+            ][..]
+        )
+    );
+
     // Least privilege: NET_ADMIN added, everything else dropped, no escalation.
-    for c in &pod.containers {
+    for c in pod.containers.iter().chain(inits) {
         let sc = c.security_context.as_ref().unwrap();
         assert_ne!(sc.privileged, Some(true), "{}", c.name);
         assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
@@ -452,7 +476,6 @@ fn the_daemonset_runs_agent_and_dataplane_with_net_admin_only() {
             c.name
         );
     }
-    assert!(pod.init_containers.is_none());
 
     // Never two nodes down at once.
     let strategy = spec.update_strategy.as_ref().unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
@@ -162,6 +162,11 @@ pub struct Telemetry {
     live: Arc<Mutex<Vec<PeerView>>>,
     synced: Arc<AtomicBool>,
     device_ok: Arc<AtomicBool>,
+    routes_ok: Arc<AtomicBool>,
+    /// Routes and rules that let cluster traffic bypass the tunnel, in
+    /// `ip route`/`ip rule` syntax.
+    bypasses: Arc<Mutex<Vec<String>>>,
+    pub route_bypasses: Gauge,
 }
 
 #[derive(Debug)]
@@ -308,6 +313,12 @@ impl Telemetry {
             "Kubernetes API errors (watch failures and failed writes)",
             api_errors.clone(),
         );
+        let route_bypasses = Gauge::default();
+        registry.register(
+            "wgmesh_route_bypasses",
+            "Routes or rules not created by wgmesh that let cluster traffic bypass the tunnel",
+            route_bypasses.clone(),
+        );
         let pass = Arc::new(Mutex::new(PassState::default()));
         let live = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(MeshCollector {
@@ -322,7 +333,45 @@ impl Telemetry {
             live,
             synced: Arc::new(AtomicBool::new(false)),
             device_ok: Arc::new(AtomicBool::new(false)),
+            // Until a pass says otherwise: with --no-network nobody checks.
+            routes_ok: Arc::new(AtomicBool::new(true)),
+            bypasses: Arc::new(Mutex::new(Vec::new())),
+            route_bypasses,
         }
+    }
+
+    /// Whether the last pass put the link, addresses and routes in place.
+    pub fn set_routes_ok(&self, v: bool) {
+        self.routes_ok.store(v, Ordering::Relaxed);
+    }
+
+    /// The bypasses the last pass found (empty: none).
+    pub fn set_bypasses(&self, found: Vec<String>) {
+        self.route_bypasses.set(found.len() as i64);
+        if let Ok(mut b) = self.bypasses.lock() {
+            *b = found;
+        }
+    }
+
+    /// Why the node is not ready, one line per reason; empty when ready.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.synced.load(Ordering::Relaxed) {
+            why.push("the Node cache has not synced with the API server yet".to_string());
+        }
+        if !self.device_ok.load(Ordering::Relaxed) {
+            why.push("the WireGuard device is not configured (is the data plane running?)".into());
+        }
+        if !self.routes_ok.load(Ordering::Relaxed) {
+            why.push("the interface, its addresses or the cluster routes are not in place".into());
+        }
+        if let Ok(b) = self.bypasses.lock() {
+            why.extend(
+                b.iter()
+                    .map(|r| format!("traffic can bypass the tunnel: {r}")),
+            );
+        }
+        why
     }
 
     pub fn set_pass(&self, pass: PassState) {
@@ -349,10 +398,11 @@ impl Telemetry {
         self.device_ok.store(v, Ordering::Relaxed);
     }
 
-    /// Ready = the Node cache is synced with the API and the last pass
-    /// configured the device.
+    /// Ready = the Node cache is synced with the API, the last pass
+    /// configured the device and the routes, and nothing routes cluster
+    /// traffic around the tunnel.
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) && self.device_ok.load(Ordering::Relaxed)
+        self.not_ready_reasons().is_empty()
     }
 
     /// The Prometheus text exposition.
@@ -411,14 +461,14 @@ where
                     )
                 }
                 ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if telemetry.ready() => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready: Node cache not synced or device not configured yet\n".to_string(),
-                ),
+                ("GET", "/readyz") => match telemetry.not_ready_reasons() {
+                    why if why.is_empty() => ("200 OK", "text/plain", "ready\n".to_string()),
+                    why => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready:\n{}\n", why.join("\n")),
+                    ),
+                },
                 ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
                 _ => (
                     "405 Method Not Allowed",

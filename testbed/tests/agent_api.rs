@@ -71,6 +71,12 @@ fn config(c: &Cluster, node: &str) -> AgentConfig {
         listen_port: 51820,
         endpoint: None,
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        pod_cidrs: Vec::new(),
+        encrypt_host_traffic: false,
+        masquerade: false,
+        route_table: 51820,
+        rule_priority: 5210,
+        api_servers: Vec::new(),
         mtu: None,
         persistent_keepalive: None,
         manage_network: false,
@@ -198,7 +204,15 @@ async fn a_bad_peer_is_rejected_with_an_event_and_the_others_are_programmed() {
         peers[0].endpoint,
         Some("192.0.2.2:51820".parse::<SocketAddr>().unwrap())
     );
-    assert_eq!(peers[0].allowed_ips, vec!["10.244.1.0/24".parse().unwrap()]);
+    // Its pod CIDR and its node address: a reply from the node itself (a
+    // hostNetwork service answering a pod) is accepted through the tunnel.
+    assert_eq!(
+        peers[0].allowed_ips,
+        vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "192.0.2.2/32".parse().unwrap()
+        ]
+    );
 
     let rejected: Vec<_> = c
         .server
