@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wgmesh_testbed::bed::state::{self, State};
-use wgmesh_testbed::bed::{check, sys, teardown, topology, Error, Options, Testbed};
+use wgmesh_testbed::bed::{
+    check, drill, sys, teardown, topology, Error, NodeOptions, Options, Testbed,
+};
 
 /// Run a wgmesh cluster of network namespaces on this Linux host (root): an underlay
 /// bridge, N nodes each running the real `wgmesh dataplane` and `wgmesh agent`, M pods
@@ -36,12 +38,33 @@ enum Cmd {
         /// IPv6 underlay addresses and IPv6 pod CIDRs as well.
         #[arg(long)]
         dual_stack: bool,
+        /// Pass --encrypt-host-traffic to every agent (node-to-node host traffic
+        /// through the tunnel too); `check` and `drill` then also count non-WireGuard
+        /// packets between node addresses as plaintext.
+        #[arg(long)]
+        encrypt_host_traffic: bool,
+        /// Pass --masquerade true|false to every agent (default: not passed, the
+        /// agent's default, on). `check` tests pod egress only when it is on.
+        #[arg(long)]
+        masquerade: Option<bool>,
     },
     /// Nodes, pod CIDRs, processes, and each device's peers (over its UAPI socket).
     Status,
-    /// Prove the mesh: ping matrix, underlay capture, quiet-time API writes,
-    /// add/remove convergence. Exits non-zero naming each failed check.
+    /// Prove the mesh: a traffic matrix over every traffic class with a capture on
+    /// the underlay, quiet-time API writes, add/remove convergence. Exits non-zero
+    /// naming each failed check.
     Check,
+    /// Fault drills, each with the underlay capture on and its figure printed:
+    /// bad-annotations, agent-kill, dataplane-restart, revoke,
+    /// boot-without-dataplane, api-outage. Exits non-zero if any fails.
+    Drill {
+        /// Only these drills (comma-separated), in the standard order.
+        #[arg(long)]
+        only: Option<String>,
+        /// List the drills and exit.
+        #[arg(long)]
+        list: bool,
+    },
     /// Remove a testbed (or all with --all): processes, namespaces, state. Idempotent;
     /// works on a half-built testbed.
     Down {
@@ -67,7 +90,14 @@ enum Cmd {
     AddNode {
         #[arg(long)]
         pods: Option<usize>,
+        /// Start only its agent, not its dataplane (a node booting before its
+        /// device exists); start the dataplane later with `restart n<i>-dataplane`.
+        #[arg(long)]
+        no_dataplane: bool,
     },
+    /// SIGKILL a recorded process (e.g. n2-agent, n2-dataplane) if it runs and start
+    /// it again exactly as it was started; also starts one that never ran.
+    Restart { process: String },
     /// Delete a node's Node object, wait until no device has its peer, remove it.
     RemoveNode { name: String },
     /// up, check, a narrated proof, down (always, also on failure or Ctrl-C).
@@ -88,9 +118,32 @@ pub fn main() -> ExitCode {
             nodes,
             pods,
             dual_stack,
-        } => cmd_up(nodes, pods, dual_stack, false).map(|_| ExitCode::SUCCESS),
+            encrypt_host_traffic,
+            masquerade,
+        } => cmd_up(
+            &UpArgs {
+                nodes,
+                pods,
+                dual_stack,
+                encrypt_host_traffic,
+                masquerade,
+            },
+            false,
+        )
+        .map(|_| ExitCode::SUCCESS),
         Cmd::Status => open(cli.id.as_deref()).and_then(|tb| cmd_status(&tb)),
         Cmd::Check => open(cli.id.as_deref()).and_then(cmd_check),
+        Cmd::Drill { only, list } => {
+            if list {
+                for (name, what) in drill::DRILLS {
+                    println!("{name:24} {what}");
+                }
+                Ok(ExitCode::SUCCESS)
+            } else {
+                drill::select(only.as_deref())
+                    .and_then(|names| open(cli.id.as_deref()).and_then(|tb| cmd_drill(tb, &names)))
+            }
+        }
         Cmd::Down { all } => cmd_down(cli.id.as_deref(), all),
         Cmd::Kubeconfig { print } => open(cli.id.as_deref()).and_then(|tb| {
             if print {
@@ -110,12 +163,31 @@ pub fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Cmd::Exec { target, command } => open(cli.id.as_deref()).and_then(|tb| cmd_exec(&tb, &target, &command)),
-        Cmd::AddNode { pods } => open(cli.id.as_deref()).and_then(|mut tb| {
+        Cmd::AddNode { pods, no_dataplane } => open(cli.id.as_deref()).and_then(|mut tb| {
             sys::install_interrupt_handler();
             let pods = pods.unwrap_or(tb.state.pods_per_node);
-            let name = tb.add_node(pods)?;
-            let secs = tb.wait_mesh(Duration::from_secs(60))?;
-            tb.say(format!("{name} added; full mesh again after {secs:.2} s"));
+            let name = tb.add_node_with(NodeOptions {
+                pods,
+                dataplane: !no_dataplane,
+            })?;
+            if no_dataplane {
+                tb.say(format!(
+                    "{name} added without a dataplane; start it with `wgmesh-testbed restart {name}-dataplane`"
+                ));
+            } else {
+                let secs = tb.wait_mesh(Duration::from_secs(60))?;
+                tb.say(format!("{name} added; full mesh again after {secs:.2} s"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Cmd::Restart { process } => open(cli.id.as_deref()).and_then(|mut tb| {
+            let was = tb.process_alive(&process);
+            let pid = tb.restart_process(&process)?;
+            tb.say(format!(
+                "{process} {} (pid {pid}; log {})",
+                if was { "killed and restarted" } else { "started" },
+                tb.process(&process).map(|p| p.log.display().to_string()).unwrap_or_default()
+            ));
             Ok(ExitCode::SUCCESS)
         }),
         Cmd::RemoveNode { name } => open(cli.id.as_deref()).and_then(|mut tb| {
@@ -195,13 +267,23 @@ fn open(id: Option<&str>) -> Result<Testbed, Error> {
     Ok(Testbed::open(state, wgmesh, me))
 }
 
-/// Builds a testbed; on failure or Ctrl-C removes what was built.
-fn cmd_up(
+struct UpArgs {
     nodes: usize,
     pods: usize,
     dual_stack: bool,
-    quiet_summary: bool,
-) -> Result<Testbed, Error> {
+    encrypt_host_traffic: bool,
+    masquerade: Option<bool>,
+}
+
+/// Builds a testbed; on failure or Ctrl-C removes what was built.
+fn cmd_up(args: &UpArgs, quiet_summary: bool) -> Result<Testbed, Error> {
+    let UpArgs {
+        nodes,
+        pods,
+        dual_stack,
+        encrypt_host_traffic,
+        masquerade,
+    } = *args;
     prerequisites()?;
     if nodes == 0 {
         return Err(Error::Other("--nodes must be at least 1".into()));
@@ -214,6 +296,8 @@ fn cmd_up(
         dual_stack,
         wgmesh,
         testbed_bin: me,
+        encrypt_host_traffic,
+        masquerade,
     })?;
     if let Err(e) = tb.up(nodes) {
         let id = tb.state.id.clone();
@@ -233,8 +317,9 @@ fn cmd_up(
         println!("\ntestbed {id} is up. Next:");
         println!("  wgmesh-testbed status            # nodes, processes, peers");
         println!(
-            "  wgmesh-testbed check             # ping matrix, capture, convergence, quiet writes"
+            "  wgmesh-testbed check             # traffic classes, capture, quiet writes, convergence"
         );
+        println!("  wgmesh-testbed drill             # fault drills (--list, --only NAME,...)");
         println!("  wgmesh-testbed exec n1-p1 -- ping -c1 <pod IP>");
         println!("  wgmesh-testbed down              # (add --id {id} when several run)");
     }
@@ -298,6 +383,18 @@ fn cmd_status(tb: &Testbed) -> Result<ExitCode, Error> {
         s.kubeconfig.display()
     );
     println!("cluster CIDRs {}", s.cluster_cidrs.join(", "));
+    println!(
+        "host encryption {}; masquerade {}",
+        if s.encrypt_host_traffic {
+            "on (--encrypt-host-traffic)"
+        } else {
+            "off"
+        },
+        match s.masquerade {
+            None => "agent default (on)".to_string(),
+            Some(m) => format!("--masquerade {m}"),
+        }
+    );
     println!("\nprocesses:");
     for p in &s.processes {
         let alive = p.pid.is_some_and(|pid| sys::alive(pid, p.start_time));
@@ -383,17 +480,36 @@ fn cmd_check(mut tb: Testbed) -> Result<ExitCode, Error> {
     Ok(summarize(&outcomes))
 }
 
+fn cmd_drill(mut tb: Testbed, names: &[&'static str]) -> Result<ExitCode, Error> {
+    sys::install_interrupt_handler();
+    let reports = drill::run(&mut tb, names)?;
+    println!("\n== drills");
+    print!("{}", drill::table(&reports));
+    let failed: Vec<&str> = reports.iter().filter(|r| !r.ok).map(|r| r.name).collect();
+    if failed.is_empty() {
+        println!("all drills passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: {}", failed.join(", "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 fn summarize(outcomes: &[check::Outcome]) -> ExitCode {
     println!("\n== summary");
     for o in outcomes {
         println!(
-            "  {} {:26} {}",
+            "  {} {:30} {}",
             if o.ok { "PASS" } else { "FAIL" },
             o.name,
             o.detail
         );
     }
-    let failed: Vec<&str> = outcomes.iter().filter(|o| !o.ok).map(|o| o.name).collect();
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !o.ok)
+        .map(|o| o.name.as_str())
+        .collect();
     if failed.is_empty() {
         println!("all checks passed");
         ExitCode::SUCCESS
@@ -414,7 +530,16 @@ fn cmd_demo(nodes: usize, pods: usize, dual_stack: bool) -> Result<ExitCode, Err
          WireGuard device) and `wgmesh agent` (the control plane) against a test Kubernetes\n\
          API. Nodes share an underlay bridge, the only wire between them."
     ));
-    let mut tb = cmd_up(nodes, pods, dual_stack, true)?;
+    let mut tb = cmd_up(
+        &UpArgs {
+            nodes,
+            pods,
+            dual_stack,
+            encrypt_host_traffic: false,
+            masquerade: None,
+        },
+        true,
+    )?;
     let id = tb.state.id.clone();
     let result = demo_body(&mut tb);
     say("cleaning up (always): stopping every process, deleting every namespace");
@@ -497,17 +622,20 @@ fn demo_body(tb: &mut Testbed) -> Result<ExitCode, Error> {
         }
     }
     say(
-        "3. The proof. (a) every pod pings every pod on every other node; (b) meanwhile a\n\
-         capture on every port of the underlay bridge counts WireGuard datagrams and any\n\
-         packet whose source or destination is a pod address (plaintext would show there);\n\
-         (d) the API gets no writes while nothing changes; (c) a node is added and removed\n\
-         and the mesh follows, timed by polling every device every 50 ms.",
+        "3. The proof. (a) a matrix per traffic class: pod to pod, pod to another node's\n\
+         address, node to pod, TCP between hostNetwork listeners and pods both ways, pod\n\
+         egress; (b) meanwhile a capture on every port of the underlay bridge counts\n\
+         WireGuard datagrams and any packet whose source or destination is a pod address\n\
+         (plaintext would show there), per class; (d) the API gets no writes over two\n\
+         resync periods; (c) a node is added and removed and the mesh follows, timed by\n\
+         polling every device every 50 ms.",
     );
     let outcomes = check::run(tb)?;
     let code = summarize(&outcomes);
     say(
-        "What this shows: pods on different nodes reach each other; on the wire between the\n\
-         nodes there were only WireGuard UDP datagrams and not a single plaintext pod packet;\n\
+        "What this shows: pods and nodes reach each other's pods in every class; on the wire\n\
+         between the nodes there were only WireGuard UDP datagrams and not a single plaintext\n\
+         pod packet (a FAIL above names the class that leaked);\n\
          membership changes reach every node in well under a second; and a quiet cluster\n\
          costs the API server nothing.",
     );

@@ -1,6 +1,7 @@
 //! The testbed end to end through its binary: `up --nodes 3 --pods 1`, `check`,
-//! `down`, then nothing of it is left. Needs root, /dev/net/tun, iproute2, ping and
-//! tcpdump; without them it prints SKIP, except under CI=true where it fails.
+//! `drill --only bad-annotations`, `down`, then nothing of it is left. Needs root,
+//! /dev/net/tun, iproute2, ping and tcpdump; without them it prints SKIP, except
+//! under CI=true where it fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -115,6 +116,24 @@ fn up_check_down_leaves_nothing_behind() {
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "check failed:\n{text}");
     assert!(text.contains("PASS capture-ciphertext-only"), "{text}");
+    for class in [
+        "pod-pod-ipv4",
+        "pod-node-ipv4",
+        "node-pod-ipv4",
+        "pod-hostnet-tcp-ipv4",
+        "hostnet-pod-tcp-ipv4",
+    ] {
+        assert!(
+            text.contains(&format!("PASS class {class}")),
+            "{class}:\n{text}"
+        );
+    }
+
+    // The cheapest drill (about 25 s): one bad Node per rejected kind of value.
+    let drill = guard.run(&["drill", "--only", "bad-annotations"]);
+    let text = String::from_utf8_lossy(&drill.stdout);
+    assert!(drill.status.success(), "drill failed:\n{text}");
+    assert!(text.contains("PASS drill bad-annotations"), "{text}");
 
     let down = guard.run(&["down"]);
     assert!(down.status.success(), "down failed");

@@ -6,13 +6,16 @@
 //! its state file *before* it is created ([`state`]), so [`teardown`] removes it all
 //! after a failure, a Ctrl-C or a `kill -9` of the process that was building it.
 
+pub mod capture;
 pub mod check;
+pub mod drill;
 pub mod state;
 pub mod sys;
 pub mod topology;
+pub mod traffic;
 
 pub use state::{State, StateError};
-pub use topology::{teardown, Options, Testbed};
+pub use topology::{teardown, NodeOptions, Options, Testbed};
 
 /// What can go wrong while building, checking or tearing down a testbed.
 #[derive(Debug, thiserror::Error)]

@@ -74,6 +74,15 @@ pub struct State {
     pub nodes: Vec<NodeRecord>,
     /// Index the next added node gets (node names are `n<index>`).
     pub next_node: u32,
+    /// `up --encrypt-host-traffic`: every agent got `--encrypt-host-traffic`, so
+    /// node-to-node host traffic must cross the underlay encrypted too (the capture
+    /// then also counts non-WireGuard packets between node addresses as plaintext).
+    #[serde(default)]
+    pub encrypt_host_traffic: bool,
+    /// `up --masquerade true|false`, passed to every agent; `None`: not passed (the
+    /// agent's default, on).
+    #[serde(default)]
+    pub masquerade: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

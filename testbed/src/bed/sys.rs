@@ -92,19 +92,26 @@ pub fn signal(pid: i32, sig: i32) {
     }
 }
 
+/// Moves the calling thread into the network namespace `ns` (setns affects only the
+/// calling thread; use it on a thread of its own).
+pub fn enter_netns(ns: &str) -> std::io::Result<()> {
+    let fd = File::open(format!("/var/run/netns/{ns}"))?;
+    // SAFETY: a valid namespace fd; only this thread changes namespace.
+    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs `f` on a thread that entered the network namespace `ns`, so sockets it opens
-/// belong there (setns affects only the calling thread).
+/// belong there.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    let path = format!("/var/run/netns/{ns}");
+    let ns = ns.to_string();
     std::thread::spawn(move || {
-        let fd = File::open(&path)?;
-        // SAFETY: a valid namespace fd; only this thread changes namespace.
-        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        enter_netns(&ns)?;
         f()
     })
     .join()
@@ -165,6 +172,20 @@ impl UapiPeer {
 
 /// The device's peers, or `None` when its UAPI socket does not answer.
 pub fn uapi_peers(sock: &Path) -> Option<Vec<UapiPeer>> {
+    uapi_device(sock).map(|d| d.peers)
+}
+
+/// A device as it reports itself over UAPI.
+#[derive(Debug, Clone, Default)]
+pub struct UapiDevice {
+    /// The public half of the device's private key (base64), if it has one.
+    pub public_key: Option<String>,
+    pub peers: Vec<UapiPeer>,
+}
+
+/// The device's own public key (derived from the private key it reports) and peers,
+/// or `None` when its UAPI socket does not answer.
+pub fn uapi_device(sock: &Path) -> Option<UapiDevice> {
     let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"get=1\n\n").ok()?;
@@ -187,10 +208,15 @@ pub fn uapi_peers(sock: &Path) -> Option<Vec<UapiPeer>> {
         return None;
     }
     let mut peers: Vec<UapiPeer> = Vec::new();
+    let mut public_key = None;
     for line in text.lines() {
         let Some((k, v)) = line.split_once('=') else {
             continue;
         };
+        if k == "private_key" && peers.is_empty() {
+            public_key = public_of_private_hex(v);
+            continue;
+        }
         if k == "public_key" {
             peers.push(UapiPeer {
                 public_key_hex: v.to_string(),
@@ -208,14 +234,43 @@ pub fn uapi_peers(sock: &Path) -> Option<Vec<UapiPeer>> {
             _ => {}
         }
     }
-    Some(peers)
+    Some(UapiDevice { public_key, peers })
+}
+
+/// The base64 public key of a hex private key. Only the public half leaves this
+/// function (the key type zeroizes its copy; the local buffer is cleared).
+fn public_of_private_hex(hex: &str) -> Option<String> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    let mut ok = true;
+    for (i, b) in bytes.iter_mut().enumerate() {
+        match hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            Some(v) => *b = v,
+            None => ok = false,
+        }
+    }
+    let key = ok
+        .then(|| wgmesh::keys::PrivateKey::from_bytes(bytes).ok())
+        .flatten();
+    bytes.fill(0);
+    Some(key?.public_key().to_base64())
 }
 
 fn hex_to_b64(hex: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let bytes: Vec<u8> = (0..hex.len() / 2)
         .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
         .collect();
+    base64(&bytes)
+}
+
+/// Standard base64 with padding (what Node annotations and `wg` use for keys).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
         let b = [

@@ -20,7 +20,18 @@ use super::{Error, Result};
 /// testbed's own namespaces.
 const UNDERLAY_V4_NET: &str = "192.0.2";
 const UNDERLAY_V6_NET: &str = "2001:db8:77::";
-const BRIDGE: &str = "br0";
+pub const BRIDGE: &str = "br0";
+/// br0's fixed, locally administered MAC address. A Linux bridge without one takes
+/// the lowest MAC among its ports, so it changed whenever a later node's veth
+/// joined, and nodes that had cached the old one could not reach the API server
+/// (on the bridge) until ARP timed out: 55 s convergence stalls at 12 nodes.
+pub const BRIDGE_MAC: &str = "02:77:67:74:62:fe";
+/// The underlay host's addresses (the API server, and the nodes' default route:
+/// the "outside" of the cluster). Not a node address.
+pub const UNDERLAY_HOST_V4: &str = "192.0.2.254";
+pub const UNDERLAY_HOST_V6: &str = "2001:db8:77::fe";
+/// `--resync-seconds` every agent gets.
+pub const RESYNC_SECONDS: u64 = 10;
 pub const CLUSTER_CIDR_V4: &str = "10.244.0.0/16";
 pub const CLUSTER_CIDR_V6: &str = "fd00:10:244::/56";
 /// The dataplane's (default) UDP port on every node.
@@ -36,6 +47,19 @@ pub struct Options {
     pub wgmesh: PathBuf,
     /// The `wgmesh-testbed` binary (runs the API server as `api`).
     pub testbed_bin: PathBuf,
+    /// Pass `--encrypt-host-traffic` to every agent.
+    pub encrypt_host_traffic: bool,
+    /// Pass `--masquerade <this>` to every agent (`None`: the agent's default).
+    pub masquerade: Option<bool>,
+}
+
+/// How to add one node.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeOptions {
+    pub pods: usize,
+    /// Start the node's dataplane. Without it only the agent starts (a node booting
+    /// before its device exists); `restart <node>-dataplane` starts it later.
+    pub dataplane: bool,
 }
 
 /// A testbed being built or used: its state plus the binaries.
@@ -118,6 +142,8 @@ impl Testbed {
             uapi_dir: dir.join("uapi"),
             files: vec![dir.clone()],
             next_node: 1,
+            encrypt_host_traffic: opts.encrypt_host_traffic,
+            masquerade: opts.masquerade,
             ..Default::default()
         };
         state.save()?;
@@ -135,6 +161,7 @@ impl Testbed {
             self.state.id,
             self.state.path().display()
         ));
+        self.probe_agent_flags()?;
         self.underlay()?;
         self.start_api()?;
         for _ in 0..nodes {
@@ -147,6 +174,33 @@ impl Testbed {
             "mesh ready: every device has {} peer(s) ({secs:.1} s after the last node started)",
             self.state.nodes.len().saturating_sub(1)
         ));
+        Ok(())
+    }
+
+    /// Fails early, naming the flag, when the `wgmesh` binary lacks an agent flag this
+    /// testbed was asked to pass (rather than agents exiting on a usage error and
+    /// `up` timing out).
+    fn probe_agent_flags(&self) -> Result<()> {
+        let mut want = Vec::new();
+        if self.state.encrypt_host_traffic {
+            want.push("--encrypt-host-traffic");
+        }
+        if self.state.masquerade.is_some() {
+            want.push("--masquerade");
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        let wg = self.wgmesh.display().to_string();
+        let help = sys::run(&[&wg, "agent", "--help"])?;
+        for flag in want {
+            if !help.contains(flag) {
+                return Err(Error::Other(format!(
+                    "{wg} has no `agent {flag}` (see `wgmesh agent --help`); \
+                     build a wgmesh that has it or leave the option out"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -188,7 +242,14 @@ impl Testbed {
         let u = self.state.underlay_ns.clone();
         self.add_netns(&u)?;
         self.record_link(&u, BRIDGE, "bridge", None)?;
-        ip(&u, &["link", "add", BRIDGE, "type", "bridge"])?;
+        // The MAC is set at creation (addr_assign_type "set"), so the bridge never
+        // adopts a port's MAC.
+        ip(
+            &u,
+            &[
+                "link", "add", "name", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+            ],
+        )?;
         ip(
             &u,
             &[
@@ -214,7 +275,7 @@ impl Testbed {
         }
         ip(&u, &["link", "set", BRIDGE, "up"])?;
         self.say(format!(
-            "underlay: namespace {u}, bridge {BRIDGE} {UNDERLAY_V4_NET}.254/24"
+            "underlay: namespace {u}, bridge {BRIDGE} {UNDERLAY_V4_NET}.254/24, MAC {BRIDGE_MAC} (fixed)"
         ));
         Ok(())
     }
@@ -229,18 +290,95 @@ impl Testbed {
         argv: &[String],
         stdout: Option<&Path>,
     ) -> Result<u32> {
+        self.record_process(name, ns, argv)?;
+        self.start_recorded(name, stdout, false)
+    }
+
+    /// Records a process without starting it (`restart NAME` starts it later).
+    pub fn record_process(&mut self, name: &str, ns: &str, argv: &[String]) -> Result<()> {
         self.check_interrupt()?;
         let log = self.state.dir.join("logs").join(format!("{name}.log"));
         self.state.processes.push(ProcessRecord {
             name: name.into(),
             ns: ns.into(),
             argv: argv.to_vec(),
-            log: log.clone(),
+            log,
             pid: None,
             start_time: None,
         });
-        self.state.save()?;
-        let err = File::create(&log).map_err(|e| Error::io(format!("{}", log.display()), e))?;
+        Ok(self.state.save()?)
+    }
+
+    /// A recorded process (the latest of that name).
+    pub fn process(&self, name: &str) -> Option<&ProcessRecord> {
+        self.state.processes.iter().rev().find(|p| p.name == name)
+    }
+
+    /// Whether a recorded process runs (and is still the one that was started).
+    pub fn process_alive(&self, name: &str) -> bool {
+        self.process(name)
+            .and_then(|p| Some((p.pid?, p.start_time)))
+            .is_some_and(|(pid, st)| sys::alive(pid, st))
+    }
+
+    /// Sends `sig` to a recorded process if it runs; with SIGKILL, waits (up to 5 s)
+    /// until it is gone. Returns whether it was running.
+    pub fn signal_process(&self, name: &str, sig: i32) -> Result<bool> {
+        let p = self.process(name).ok_or_else(|| {
+            Error::Other(format!("no process {name} in testbed {}", self.state.id))
+        })?;
+        let Some(pid) = p.pid.filter(|&pid| sys::alive(pid, p.start_time)) else {
+            return Ok(false);
+        };
+        sys::signal(pid as i32, sig);
+        if sig == libc::SIGKILL {
+            let start = p.start_time;
+            self.wait_for(
+                &format!("{name} (pid {pid}) to die"),
+                Duration::from_secs(5),
+                || !sys::alive(pid, start),
+            )?;
+        }
+        Ok(true)
+    }
+
+    /// SIGKILLs a recorded process if it runs, then starts it again exactly as it was
+    /// started (argv, namespace), appending to its log. Also starts a process that was
+    /// recorded but never started (`add-node --no-dataplane`).
+    pub fn restart_process(&mut self, name: &str) -> Result<u32> {
+        if name == "api" || name == "capture" {
+            return Err(Error::Other(format!(
+                "{name} cannot be restarted: the API keeps every object in memory and \
+                 listens on a port chosen at start, and a capture belongs to one check \
+                 (the api-outage drill stops the API with SIGSTOP instead)"
+            )));
+        }
+        self.signal_process(name, libc::SIGKILL)?;
+        self.start_recorded(name, None, true)
+    }
+
+    /// Starts the latest recorded process called `name`.
+    fn start_recorded(&mut self, name: &str, stdout: Option<&Path>, append: bool) -> Result<u32> {
+        self.check_interrupt()?;
+        let p = self.process(name).cloned().ok_or_else(|| {
+            Error::Other(format!("no process {name} in testbed {}", self.state.id))
+        })?;
+        let log = &p.log;
+        let mut err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(log)
+            .map_err(|e| Error::io(format!("{}", log.display()), e))?;
+        if append {
+            use std::io::Write;
+            let _ = writeln!(
+                err,
+                "--- wgmesh-testbed: (re)starting {name} at unix time {:.3}",
+                unix_now()
+            );
+        }
         let out = match stdout {
             Some(p) => {
                 Stdio::from(File::create(p).map_err(|e| Error::io(format!("{}", p.display()), e))?)
@@ -248,8 +386,8 @@ impl Testbed {
             None => Stdio::from(err.try_clone().map_err(|e| Error::io("log", e))?),
         };
         let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(argv)
+            .args(["netns", "exec", &p.ns])
+            .args(&p.argv)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -275,7 +413,12 @@ impl Testbed {
         Ok(pid)
     }
 
-    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut ok: impl FnMut() -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         while !ok() {
             if Instant::now() > deadline {
@@ -376,9 +519,19 @@ impl Testbed {
             .map(str::to_string)
     }
 
-    /// Adds one node with `pods` pods: namespaces and links, the Node object (its pod
-    /// CIDRs come from the API's IPAM), then its dataplane and agent. Returns its name.
+    /// Adds one node with `pods` pods and both processes; see [`Self::add_node_with`].
     pub fn add_node(&mut self, pods: usize) -> Result<String> {
+        self.add_node_with(NodeOptions {
+            pods,
+            dataplane: true,
+        })
+    }
+
+    /// Adds one node: namespaces and links, the Node object (its pod CIDRs come from
+    /// the API's IPAM), then its dataplane (unless `opts.dataplane` is false: then it
+    /// is only recorded, for `restart`) and agent. Returns its name.
+    pub fn add_node_with(&mut self, opts: NodeOptions) -> Result<String> {
+        let pods = opts.pods;
         let index = self.state.next_node;
         self.state.next_node += 1;
         if index > 250 {
@@ -415,6 +568,16 @@ impl Testbed {
             underlay.push(v6);
         }
         ip(&ns, &["link", "set", "eth0", "up"])?;
+        // A default route to the underlay host, as every real node has one: whatever
+        // the tunnel does not catch leaves there, where the capture sees it (and the
+        // underlay namespace, which forwards nothing, drops it).
+        ip(&ns, &["route", "add", "default", "via", UNDERLAY_HOST_V4])?;
+        if dual {
+            ip(
+                &ns,
+                &["-6", "route", "add", "default", "via", UNDERLAY_HOST_V6],
+            )?;
+        }
         netns_exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         if dual {
             netns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
@@ -539,13 +702,17 @@ impl Testbed {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.spawn(&format!("{name}-dataplane"), &ns, &argv, None)?;
-        let sock = self.state.uapi_dir.join(format!("{iface}.sock"));
-        self.wait_for(
-            &format!("{name}'s UAPI socket"),
-            Duration::from_secs(10),
-            || sock.exists(),
-        )?;
+        if opts.dataplane {
+            self.spawn(&format!("{name}-dataplane"), &ns, &argv, None)?;
+            let sock = self.state.uapi_dir.join(format!("{iface}.sock"));
+            self.wait_for(
+                &format!("{name}'s UAPI socket"),
+                Duration::from_secs(10),
+                || sock.exists(),
+            )?;
+        } else {
+            self.record_process(&format!("{name}-dataplane"), &ns, &argv)?;
+        }
         let cni = self.state.dir.join("cni").join(&name).display().to_string();
         let argv: Vec<String> = [
             wg.as_str(),
@@ -563,21 +730,38 @@ impl Testbed {
             "--cluster-cidrs",
             &self.state.cluster_cidrs.join(","),
             "--resync-seconds",
-            "10",
+            &RESYNC_SECONDS.to_string(),
             // Each node's CNI config in the state dir: the host's
             // /etc/cni/net.d is shared by every namespace and not ours.
             "--cni-dir",
             &cni,
+            // The testbed runs wgmesh's userspace dataplane: never let `auto` pick
+            // kernel WireGuard (it would create the interface itself when it
+            // probes before the dataplane has bound its socket).
+            "--backend",
+            "uapi",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut argv = argv;
+        if self.state.encrypt_host_traffic {
+            argv.push("--encrypt-host-traffic".into());
+        }
+        if let Some(m) = self.state.masquerade {
+            argv.extend(["--masquerade".to_string(), m.to_string()]);
+        }
         self.spawn(&format!("{name}-agent"), &ns, &argv, None)?;
         let addrs: Vec<String> = underlay.iter().map(|a| a.to_string()).collect();
         self.say(format!(
-            "node {name}: underlay {}, pod CIDRs {}, {pods} pod(s), dataplane + agent on {iface}",
+            "node {name}: underlay {}, pod CIDRs {}, {pods} pod(s), {} on {iface}",
             addrs.join(" "),
-            pod_cidrs.join(" ")
+            pod_cidrs.join(" "),
+            if opts.dataplane {
+                "dataplane + agent".to_string()
+            } else {
+                format!("agent only (start the dataplane with `restart {name}-dataplane`)")
+            }
         ));
         Ok(name)
     }
@@ -649,6 +833,14 @@ impl Testbed {
         self.state.save()?;
         Ok(())
     }
+}
+
+/// Seconds since the Unix epoch, as a float (tcpdump `-tt` prints the same clock).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The `n`th address of a network (1 = the first after the network address).
