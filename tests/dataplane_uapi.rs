@@ -79,18 +79,24 @@ fn setup(tag: &str) -> Option<Fixture> {
 impl Fixture {
     /// Starts a data plane for `iface` and waits for its socket.
     fn start(&mut self, iface: &str) -> PathBuf {
+        let dir = self.dir.path().to_owned();
+        self.start_in(iface, &dir)
+    }
+
+    /// As [`Fixture::start`], with the socket in `uapi_dir`.
+    fn start_in(&mut self, iface: &str, uapi_dir: &Path) -> PathBuf {
         let log = std::fs::File::create(self.dir.path().join(format!("{iface}.log"))).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns])
             .arg(env!("CARGO_BIN_EXE_wgmesh"))
             .args(["dataplane", "--interface", iface, "--uapi-dir"])
-            .arg(self.dir.path())
+            .arg(uapi_dir)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.children.push(child);
-        let sock = self.dir.path().join(format!("{iface}.sock"));
+        let sock = uapi_dir.join(format!("{iface}.sock"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
             assert!(
@@ -243,6 +249,7 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
     let local = LocalDevice {
         private_key: &key,
         listen_port: 44444,
+        extra: None,
     };
     let peer = |n: u8, ka: Option<u16>| {
         let mut p = PeerConfig {
@@ -253,13 +260,19 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
                 format!("fd00:{n}::/64").parse().unwrap(),
             ],
             persistent_keepalive: ka,
+            successor: None,
         };
         p.normalize();
         p
     };
     let desired = vec![peer(1, None), peer(2, Some(25)), peer(3, None)];
 
-    let changes = reconcile(&backend.state().unwrap(), &local, &desired);
+    let changes = reconcile(
+        &backend.state().unwrap(),
+        &local,
+        &desired,
+        backend.capabilities(),
+    );
     assert!(!changes.is_empty());
     backend.apply(&changes).unwrap();
     let state = backend.state().unwrap();
@@ -271,17 +284,33 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
     want.sort_by_key(|p| p.public_key);
     assert_eq!(got, want);
     for _ in 0..3 {
-        let again = reconcile(&backend.state().unwrap(), &local, &desired);
+        let again = reconcile(
+            &backend.state().unwrap(),
+            &local,
+            &desired,
+            backend.capabilities(),
+        );
         assert!(again.is_empty(), "resync wants to write: {again:?}");
     }
 
     // A node leaves, another changes CIDR: only those two change.
     let mut next = vec![peer(1, None), peer(2, Some(25))];
     next[0].allowed_ips = vec!["10.244.9.0/24".parse().unwrap()];
-    let changes = reconcile(&backend.state().unwrap(), &local, &next);
+    let changes = reconcile(
+        &backend.state().unwrap(),
+        &local,
+        &next,
+        backend.capabilities(),
+    );
     assert_eq!(changes.peers.len(), 2, "{changes:?}");
     backend.apply(&changes).unwrap();
-    assert!(reconcile(&backend.state().unwrap(), &local, &next).is_empty());
+    assert!(reconcile(
+        &backend.state().unwrap(),
+        &local,
+        &next,
+        backend.capabilities()
+    )
+    .is_empty());
 }
 
 #[test]
@@ -319,4 +348,97 @@ fn a_deleted_tun_makes_the_dataplane_exit_non_zero_and_remove_its_socket() {
         "{log}"
     );
     assert!(!sock.exists(), "the UAPI socket file must be removed");
+}
+
+/// The rotation extensions through the socket, and `wg` (wireguard-tools,
+/// which only looks in /var/run/wireguard) reading a device that reports
+/// them: its `get` parser skips keys it does not know.
+#[test]
+fn rotation_extensions_over_uapi_and_wg_show_reads_them() {
+    use wgmesh::keys::PrivateKey;
+    use wgmesh::wg::uapi::UapiBackend;
+    use wgmesh::wg::{Backend, Capabilities, ExtraRole};
+
+    let Some(mut fx) = setup("r") else { return };
+    let wg = Command::new("wg").arg("--version").output();
+    if wg.is_err() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "`wg` (wireguard-tools) missing under CI"
+        );
+        eprintln!(
+            "SKIP dataplane_uapi::rotation_extensions_over_uapi_and_wg_show_reads_them: no wg"
+        );
+        return;
+    }
+    // Unique per run: the directory is shared with every WireGuard daemon.
+    let iface = format!("wgmr{}", std::process::id() % 100_000);
+    let sock = fx.start_in(&iface, Path::new("/var/run/wireguard"));
+
+    let next = PrivateKey::generate();
+    let successor = PrivateKey::generate().public_key();
+    let set = format!(
+        "set=1\nprivate_key={KEY_A}\nwgmesh_extra_private_key={}\nwgmesh_extra_role=next\n\
+         listen_port=41113\npublic_key={PEER}\nendpoint=192.0.2.9:51820\n\
+         allowed_ip=10.9.0.0/24\nwgmesh_successor_public_key={}\n\n",
+        next.to_hex().as_str(),
+        successor.to_hex()
+    );
+    assert_eq!(uapi(&sock, &set), "errno=0\n\n");
+    let state = get(&sock);
+    for want in [
+        "wgmesh_version=1\n".to_owned(),
+        format!("wgmesh_extra_public_key={}\n", next.public_key().to_hex()),
+        "wgmesh_extra_role=next\n".to_owned(),
+        format!("wgmesh_successor_public_key={}\n", successor.to_hex()),
+    ] {
+        assert!(state.contains(&want), "missing {want:?} in\n{state}");
+    }
+    assert!(
+        !state.contains(next.to_hex().as_str()),
+        "the extra private key leaked"
+    );
+
+    let mut backend = UapiBackend::new(&sock);
+    assert_eq!(backend.capabilities(), Capabilities::default());
+    let seen = backend.state().unwrap();
+    assert_eq!(backend.capabilities(), Capabilities::WGMESH);
+    assert_eq!(
+        seen.extra_identity,
+        Some((next.public_key(), ExtraRole::Next))
+    );
+    assert_eq!(seen.peers[0].successor, Some(successor));
+
+    for args in [
+        vec!["show", iface.as_str()],
+        vec!["show", iface.as_str(), "dump"],
+        vec!["showconf", iface.as_str()],
+    ] {
+        let out = Command::new("wg").args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "wg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("41113"), "wg {args:?}:\n{text}");
+        assert!(text.contains("10.9.0.0/24"), "wg {args:?}:\n{text}");
+    }
+
+    // Promote: the peer is renamed to its successor, allowed IPs kept.
+    let promote = format!("set=1\npublic_key={PEER}\nwgmesh_promote_successor=true\n\n");
+    assert_eq!(uapi(&sock, &promote), "errno=0\n\n");
+    let after = get(&sock);
+    assert!(
+        after.contains(&format!("public_key={}\n", successor.to_hex())),
+        "{after}"
+    );
+    assert!(!after.contains(&format!("public_key={PEER}\n")), "{after}");
+    assert!(after.contains("allowed_ip=10.9.0.0/24\n"), "{after}");
+    // Clearing the extra identity.
+    assert_eq!(
+        uapi(&sock, "set=1\nwgmesh_extra_private_key=\n\n"),
+        "errno=0\n\n"
+    );
+    assert!(!get(&sock).contains("wgmesh_extra_public_key="));
 }

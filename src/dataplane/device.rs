@@ -3,10 +3,13 @@
 //! out; the I/O layer (`super::runtime`) owns the TUN device and UDP socket and
 //! in-memory tests wire two devices together directly.
 //!
-//! Sessions are keyed by local identity: every peer holds one `Tunn` per local
-//! static key the device has (today one; during a key rotation the next key
-//! joins), each with its own receiver-index range, so a handshake addressed to
-//! either key is accepted and its session lives beside the other's.
+//! Sessions are keyed by (local identity, remote key): every peer holds one
+//! `Tunn` per local static key the device has (one; during a key rotation the
+//! extra identity joins) and per key the peer may speak with (its own; during
+//! the peer's rotation its successor, and after a promote its predecessor),
+//! each with its own receiver-index range. A handshake under any of them is
+//! accepted and its session lives beside the others; packets leave on the
+//! newest valid one. See docs/dataplane.md, "Key rotation extensions".
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +24,8 @@ use ipnet::IpNet;
 
 use super::allowed_ips::AllowedIps;
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+pub use crate::wg::proto::ExtraRole;
+use crate::wg::SessionInfo;
 
 /// Handshake initiations per second the device answers before it demands
 /// cookies (boringtun's device uses the same figure). Each initiation is
@@ -146,25 +151,44 @@ pub struct PeerStatus {
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    pub successor: Option<PublicKey>,
 }
 
 /// The userspace WireGuard device.
 pub struct Device {
-    /// Local static keys; `[0]` is the active one that initiates.
+    /// Local static keys; `[0]` is the active one that initiates, an optional
+    /// `[1]` is the extra identity of a key rotation.
     identities: Vec<Identity>,
     peers: Vec<Option<Peer>>,
     by_key: HashMap<PublicKey, usize>,
+    /// Successor key → the slot of the peer that accepts it.
+    by_successor: HashMap<PublicKey, usize>,
     /// Receiver index >> 8 → (peer slot, session slot).
     by_index: HashMap<u32, (usize, usize)>,
     routes: AllowedIps<usize>,
     next_index: u32,
+    /// Orders completed handshakes across all sessions ("most recent").
+    handshake_seq: u64,
     last_rate_reset: Instant,
     counters: Counters,
+}
+
+/// What a local identity may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `[0]`: initiates normal traffic.
+    Active,
+    /// Staged next key: accepted, and probed towards every peer.
+    Next,
+    /// Replaced key (grace period), or an extra key from
+    /// [`Device::set_identities`]: accepted and answered, never initiating.
+    Previous,
 }
 
 struct Identity {
     private: PrivateKey,
     public: PublicKey,
+    role: Role,
     /// Checks MAC1 (keyed by this identity's public key) and hands out cookies
     /// under load; shared by every session of this identity.
     limiter: Arc<RateLimiter>,
@@ -172,7 +196,8 @@ struct Identity {
 
 struct Peer {
     settings: PeerSettings,
-    /// One per identity, same order.
+    /// One per (local identity, remote key): identities in device order,
+    /// remote keys in the order of [`Peer::remotes`].
     sessions: Vec<Session>,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -183,11 +208,63 @@ struct Peer {
     /// it, and would only notice after 15 s without replies (keepalive +
     /// rekey timeout); an initiation from here replaces it at once.
     handshake_due: bool,
+    /// A key accepted as this same peer (the peer's staged next key).
+    successor: Option<PublicKey>,
+    /// The key this peer had before a promote, while sessions made with it
+    /// may still carry packets; dropped once none is valid.
+    predecessor: Option<PublicKey>,
 }
 
 struct Session {
     index: u32,
     tunn: Tunn,
+    local: PublicKey,
+    remote: PublicKey,
+    /// The latest completed handshake on this `Tunn`: its order among all
+    /// the device's handshakes, and the wall-clock time.
+    established: Option<(u64, SystemTime)>,
+}
+
+impl Session {
+    /// Established and still holding a usable keypair (boringtun drops a
+    /// session REJECT_AFTER_TIME after its handshake).
+    fn is_valid(&self) -> bool {
+        self.established.is_some() && self.tunn.time_since_last_handshake().is_some()
+    }
+}
+
+impl Peer {
+    /// The remote static keys this peer has sessions for: its own, then its
+    /// successor and predecessor.
+    fn remotes(&self) -> Vec<PublicKey> {
+        let mut out = vec![self.settings.public_key];
+        for k in [self.successor, self.predecessor].into_iter().flatten() {
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    fn session_of(&self, local: PublicKey, remote: PublicKey) -> Option<usize> {
+        self.sessions
+            .iter()
+            .position(|s| s.local == local && s.remote == remote)
+    }
+
+    /// The session to send on: the most recently established valid one,
+    /// whatever its identity or remote key, so a switch of keys on either
+    /// side loses nothing; without one, `fallback` (the active identity's
+    /// session with the peer's own key, which queues and initiates).
+    fn send_session(&self, fallback: Option<usize>) -> Option<usize> {
+        self.sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_valid())
+            .max_by_key(|(_, s)| s.established.map(|(seq, _)| seq))
+            .map(|(i, _)| i)
+            .or(fallback)
+    }
 }
 
 impl Default for Device {
@@ -202,6 +279,7 @@ impl Device {
             identities: Vec::new(),
             peers: Vec::new(),
             by_key: HashMap::new(),
+            by_successor: HashMap::new(),
             by_index: HashMap::new(),
             routes: AllowedIps::new(),
             // Start somewhere unpredictable so indices do not collide across restarts.
@@ -210,6 +288,7 @@ impl Device {
                     .try_into()
                     .unwrap_or([1, 0, 0, 0]),
             ) & 0x00ff_ffff,
+            handshake_seq: 0,
             last_rate_reset: Instant::now(),
             counters: Counters::default(),
         }
@@ -224,48 +303,137 @@ impl Device {
         self.identities.first().map(|i| i.public)
     }
 
+    /// The extra identity's public key and role, if the device has one.
+    pub fn extra_identity(&self) -> Option<(PublicKey, ExtraRole)> {
+        let id = self.identities.get(1)?;
+        Some((
+            id.public,
+            match id.role {
+                Role::Next => ExtraRole::Next,
+                Role::Active | Role::Previous => ExtraRole::Previous,
+            },
+        ))
+    }
+
+    /// The extra identity's private key and role (for the runtime, which
+    /// re-applies it with a new active key).
+    pub fn extra_identity_key(&self) -> Option<(PrivateKey, ExtraRole)> {
+        let (_, role) = self.extra_identity()?;
+        Some((self.identities.get(1)?.private.clone(), role))
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
 
     /// Sets the local identities: `keys[0]` is active; further keys are only
-    /// accepted for incoming handshakes (rotation). An empty list removes the
-    /// identity (the device then drops everything). Existing sessions are reset
-    /// when the active key changes, as in every WireGuard implementation.
+    /// accepted for incoming handshakes (and answered, never initiating). An
+    /// empty list removes the identity (the device then drops everything).
+    /// Sessions of a key that stays an identity are kept; those of a key that
+    /// goes are dropped.
     pub fn set_identities(&mut self, keys: Vec<PrivateKey>) {
-        let new: Vec<PublicKey> = keys.iter().map(PrivateKey::public_key).collect();
-        let old: Vec<PublicKey> = self.identities.iter().map(|i| i.public).collect();
-        if new == old {
+        let mut roles = Vec::with_capacity(keys.len());
+        for (i, key) in keys.into_iter().enumerate() {
+            roles.push((key, if i == 0 { Role::Active } else { Role::Previous }));
+        }
+        self.install_identities(roles);
+    }
+
+    /// Sets the active key and the optional extra identity of a key
+    /// rotation in one step (the UAPI's `private_key` and
+    /// `wgmesh_extra_private_key` together). Every session of a key that
+    /// stays local, in either slot, is kept: staging K2 (`extra = (K2,
+    /// Next)`), then activating it (`active = K2, extra = (K1, Previous)`),
+    /// then ending the grace period (`extra = None`) never drops a session
+    /// still in use. An extra key equal to the active one is ignored; no
+    /// active key removes both.
+    pub fn set_local_keys(
+        &mut self,
+        active: Option<PrivateKey>,
+        extra: Option<(PrivateKey, ExtraRole)>,
+    ) {
+        let Some(active) = active else {
+            self.install_identities(Vec::new());
+            return;
+        };
+        let active_public = active.public_key();
+        let mut keys = vec![(active, Role::Active)];
+        if let Some((key, role)) = extra {
+            if key.public_key() != active_public {
+                let role = match role {
+                    ExtraRole::Next => Role::Next,
+                    ExtraRole::Previous => Role::Previous,
+                };
+                keys.push((key, role));
+            }
+        }
+        self.install_identities(keys);
+    }
+
+    fn install_identities(&mut self, keys: Vec<(PrivateKey, Role)>) {
+        let same = keys.len() == self.identities.len()
+            && keys
+                .iter()
+                .zip(&self.identities)
+                .all(|((k, r), id)| k.public_key() == id.public && *r == id.role);
+        if same {
             return;
         }
+        let mut old: Vec<Identity> = std::mem::take(&mut self.identities);
         self.identities = keys
             .into_iter()
-            .map(|private| {
+            .map(|(private, role)| {
                 let public = private.public_key();
-                Identity {
-                    limiter: Arc::new(RateLimiter::new(
+                // A key that stays keeps its limiter: its sessions share it.
+                let limiter = match old.iter().position(|id| id.public == public) {
+                    Some(i) => old.swap_remove(i).limiter,
+                    None => Arc::new(RateLimiter::new(
                         &x25519_dalek::PublicKey::from(*public.as_bytes()),
                         HANDSHAKE_RATE_LIMIT,
                     )),
-                    public,
+                };
+                Identity {
                     private,
+                    public,
+                    role,
+                    limiter,
                 }
             })
             .collect();
-        // A peer with our own public key cannot exist (WireGuard removes it).
-        if let Some(me) = self.public_key() {
-            self.remove_peer(&me);
+        // A peer (or successor) with one of our own public keys cannot exist:
+        // WireGuard removes it, and a staged key of ours must never become
+        // somebody's peer.
+        let locals: Vec<PublicKey> = self.identities.iter().map(|i| i.public).collect();
+        for me in &locals {
+            self.remove_peer(me);
+            if let Some(slot) = self.by_successor.remove(me) {
+                if let Some(peer) = self.peers[slot].as_mut() {
+                    peer.successor = None;
+                }
+            }
         }
         for slot in 0..self.peers.len() {
-            self.rebuild_sessions(slot);
+            self.sync_sessions(slot, false);
         }
     }
 
     /// Adds a peer or updates one; returns true if it was new. Allowed IPs are
-    /// replaced when `replace_allowed_ips`, else added to.
+    /// replaced when `replace_allowed_ips`, else added to. A key that is one
+    /// of the device's own is refused; a key that was another peer's
+    /// successor stops being that (an explicit peer wins).
     pub fn upsert_peer(&mut self, settings: PeerSettings, replace_allowed_ips: bool) -> bool {
-        if Some(settings.public_key) == self.public_key() {
+        if self
+            .identities
+            .iter()
+            .any(|i| i.public == settings.public_key)
+        {
             return false;
+        }
+        if let Some(other) = self.by_successor.remove(&settings.public_key) {
+            if let Some(peer) = self.peers[other].as_mut() {
+                peer.successor = None;
+            }
+            self.sync_sessions(other, false);
         }
         let (slot, new) = match self.by_key.get(&settings.public_key) {
             Some(&slot) => (slot, false),
@@ -285,6 +453,8 @@ impl Device {
                     tx_bytes: 0,
                     last_handshake: None,
                     handshake_due: true,
+                    successor: None,
+                    predecessor: None,
                 };
                 if slot == self.peers.len() {
                     self.peers.push(Some(peer));
@@ -344,8 +514,102 @@ impl Device {
             for s in &peer.sessions {
                 self.by_index.remove(&s.index);
             }
+            if let Some(successor) = peer.successor {
+                self.by_successor.remove(&successor);
+            }
         }
         true
+    }
+
+    /// Sets (or with `None` clears) the successor of peer `key`: a static key
+    /// whose handshakes are accepted as this same peer (same allowed IPs, same
+    /// endpoint handling), each with a session of its own beside the peer's.
+    /// This device never initiates towards a successor; it answers, and sends
+    /// on whichever session is newest. Clearing also drops what a promote
+    /// kept of the old key. Returns false (and changes nothing) when there is
+    /// no such peer, or the successor is one of the device's own keys,
+    /// another peer's key or another peer's successor.
+    pub fn set_successor(&mut self, key: &PublicKey, successor: Option<PublicKey>) -> bool {
+        let Some(&slot) = self.by_key.get(key) else {
+            return false;
+        };
+        if let Some(k) = successor {
+            let taken = self.identities.iter().any(|i| i.public == k)
+                || self.by_key.contains_key(&k)
+                || self.by_successor.get(&k).is_some_and(|&s| s != slot);
+            if taken {
+                return false;
+            }
+        }
+        let Some(peer) = self.peers[slot].as_mut() else {
+            return false;
+        };
+        if peer.successor == successor && (successor.is_some() || peer.predecessor.is_none()) {
+            return true;
+        }
+        if let Some(old) = peer.successor.take() {
+            self.by_successor.remove(&old);
+        }
+        match successor {
+            Some(k) => {
+                if peer.predecessor == Some(k) {
+                    peer.predecessor = None;
+                }
+                peer.successor = Some(k);
+                self.by_successor.insert(k, slot);
+            }
+            None => peer.predecessor = None,
+        }
+        self.sync_sessions(slot, false);
+        true
+    }
+
+    /// Renames peer `key` to its successor, keeping every session: those made
+    /// with the successor become the peer's own (it initiates and rekeys
+    /// them), those made with the old key stay usable, receive and send, until
+    /// they expire or the successor is cleared. Returns the new key, or `None`
+    /// (nothing changed) when the peer does not exist or has no successor.
+    pub fn promote_successor(&mut self, key: &PublicKey) -> Option<PublicKey> {
+        let slot = *self.by_key.get(key)?;
+        let peer = self.peers[slot].as_mut()?;
+        let to = peer.successor?;
+        self.by_successor.remove(&to);
+        self.by_key.remove(key);
+        self.by_key.insert(to, slot);
+        peer.settings.public_key = to;
+        peer.successor = None;
+        peer.predecessor = Some(*key);
+        // The session list already holds (identity, new key) and (identity,
+        // old key) pairs; nothing to rebuild, so no handshake state is lost.
+        peer.handshake_due = false;
+        Some(to)
+    }
+
+    /// The successor of peer `key`, if any.
+    pub fn successor(&self, key: &PublicKey) -> Option<PublicKey> {
+        let slot = *self.by_key.get(key)?;
+        self.peers[slot].as_ref()?.successor
+    }
+
+    /// Every established, still valid session, by peer then identity then
+    /// remote key. A session with `local` = a staged key is that peer's
+    /// cryptographic confirmation of the key.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut out = Vec::new();
+        for peer in self.peers.iter().flatten() {
+            for s in &peer.sessions {
+                if let (true, Some((_, at))) = (s.is_valid(), s.established) {
+                    out.push(SessionInfo {
+                        peer: peer.settings.public_key,
+                        local: s.local,
+                        remote: s.remote,
+                        established: at,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|s| (s.peer, s.local, s.remote));
+        out
     }
 
     /// A peer's current settings.
@@ -401,6 +665,7 @@ impl Device {
                     last_handshake: p.last_handshake,
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
+                    successor: p.successor,
                 }
             })
             .collect();
@@ -423,10 +688,15 @@ impl Device {
         let Some(&slot) = self.routes.lookup(dst) else {
             return self.drop_tun(Drop::NoRoute);
         };
+        let active = self.identities.first().map(|i| i.public);
         let Some(peer) = self.peers[slot].as_mut() else {
             return self.drop_tun(Drop::NoRoute);
         };
-        let Some(session) = peer.sessions.first_mut() else {
+        let primary = active.and_then(|me| peer.session_of(me, peer.settings.public_key));
+        let Some(session) = peer
+            .send_session(primary)
+            .and_then(|i| peer.sessions.get_mut(i))
+        else {
             return self.drop_tun(Drop::NoIdentity);
         };
         let Some(endpoint) = peer.settings.endpoint else {
@@ -550,7 +820,12 @@ impl Device {
             _ => false,
         };
         if established {
-            peer.last_handshake = Some(SystemTime::now());
+            let now = SystemTime::now();
+            peer.last_handshake = Some(now);
+            self.handshake_seq += 1;
+            if let Some(sess) = peer.sessions.get_mut(session) {
+                sess.established = Some((self.handshake_seq, now));
+            }
             self.counters.handshakes_completed += 1;
         }
         if let Step::Reply(len) = step {
@@ -562,8 +837,21 @@ impl Device {
         outcome
     }
 
-    /// Runs the timers: handshake retries, rekeys, keepalives, expiry. Call
-    /// every [`TICK`].
+    /// Runs the timers: handshake retries, rekeys, keepalives, expiry, and
+    /// the key-rotation probes. Call every [`TICK`].
+    ///
+    /// Who may initiate: the active identity and a staged ([`ExtraRole::Next`])
+    /// one, and only towards a peer's own key. A previous identity, a
+    /// successor and a predecessor only answer; their timers' initiations are
+    /// dropped here, so an old key is never kept alive from this side.
+    ///
+    /// Probes: towards every peer with an endpoint and no valid session under
+    /// it, the staged identity starts a handshake; so does the active one
+    /// while the peer is being reached under another identity (after an
+    /// activation, towards a peer that has not switched yet). boringtun does
+    /// not restart a handshake that is in progress and retries one every
+    /// REKEY_TIMEOUT (5 s), so a probe costs at most one initiation per peer
+    /// per 5 s; a peer that does not know the key drops it.
     pub fn tick(&mut self, sink: &mut impl Sink) {
         if self.last_rate_reset.elapsed() >= Duration::from_secs(1) {
             for id in &self.identities {
@@ -571,31 +859,87 @@ impl Device {
             }
             self.last_rate_reset = Instant::now();
         }
+        let roles: Vec<(PublicKey, Role)> =
+            self.identities.iter().map(|i| (i.public, i.role)).collect();
+        let active = roles.first().map(|(k, _)| *k);
+        let next = roles
+            .iter()
+            .find(|(_, r)| *r == Role::Next)
+            .map(|(k, _)| *k);
+        let may_initiate = |s: &Session, own: PublicKey| {
+            s.remote == own
+                && roles
+                    .iter()
+                    .any(|(k, r)| *k == s.local && matches!(r, Role::Active | Role::Next))
+        };
+        let mut stale_predecessors = Vec::new();
         let mut buf = [0u8; MAX_CONTROL_LEN + DATA_OVERHEAD];
-        for peer in self.peers.iter_mut().flatten() {
+        for (slot, peer) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = peer.as_mut() else { continue };
             let endpoint = peer.settings.endpoint;
+            let own = peer.settings.public_key;
+            let primary = active.and_then(|me| peer.session_of(me, own));
             // A peer that completed a handshake meanwhile (it initiated)
             // needs none from here.
             peer.handshake_due &= peer.last_handshake.is_none();
-            if let (true, Some(dst), Some(s)) =
-                (peer.handshake_due, endpoint, peer.sessions.first_mut())
-            {
+            let mut initiate = Vec::new();
+            if let (true, Some(i)) = (peer.handshake_due, primary) {
                 peer.handshake_due = false;
-                if let TunnResult::WriteToNetwork(datagram) =
-                    s.tunn.format_handshake_initiation(&mut buf, false)
-                {
-                    peer.tx_bytes += datagram.len() as u64;
-                    sink.send_udp(dst, datagram);
+                initiate.push(i);
+            }
+            if let Some(i) = next.and_then(|k| peer.session_of(k, own)) {
+                if !peer.sessions[i].is_valid() {
+                    initiate.push(i);
                 }
             }
-            for s in &mut peer.sessions {
-                if let TunnResult::WriteToNetwork(datagram) = s.tunn.update_timers(&mut buf) {
-                    if let Some(dst) = endpoint {
+            if let Some(i) = primary {
+                let elsewhere = peer
+                    .sessions
+                    .iter()
+                    .any(|s| s.local != peer.sessions[i].local && s.is_valid());
+                if elsewhere && !peer.sessions[i].is_valid() {
+                    initiate.push(i);
+                }
+            }
+            if let Some(dst) = endpoint {
+                initiate.dedup();
+                for i in initiate {
+                    let s = &mut peer.sessions[i];
+                    // Not forced: a handshake already in progress is left
+                    // to boringtun's own retry timer (the rate limit above).
+                    if let TunnResult::WriteToNetwork(datagram) =
+                        s.tunn.format_handshake_initiation(&mut buf, false)
+                    {
                         peer.tx_bytes += datagram.len() as u64;
                         sink.send_udp(dst, datagram);
                     }
                 }
             }
+            for s in &mut peer.sessions {
+                let allowed = may_initiate(s, own);
+                if let TunnResult::WriteToNetwork(datagram) = s.tunn.update_timers(&mut buf) {
+                    let is_init = datagram.get(..4) == Some(&HANDSHAKE_INIT_TYPE.to_le_bytes()[..]);
+                    if let (Some(dst), true) = (endpoint, allowed || !is_init) {
+                        peer.tx_bytes += datagram.len() as u64;
+                        sink.send_udp(dst, datagram);
+                    }
+                }
+            }
+            if let Some(old) = peer.predecessor {
+                if !peer
+                    .sessions
+                    .iter()
+                    .any(|s| s.remote == old && s.is_valid())
+                {
+                    stale_predecessors.push(slot);
+                }
+            }
+        }
+        for slot in stale_predecessors {
+            if let Some(peer) = self.peers[slot].as_mut() {
+                peer.predecessor = None;
+            }
+            self.sync_sessions(slot, false);
         }
     }
 
@@ -641,46 +985,84 @@ impl Device {
 
     /// Which peer (and which local identity) a handshake initiation is for.
     fn find_initiator(&self, init: &boringtun::noise::HandshakeInit<'_>) -> Option<(usize, usize)> {
-        for (i, id) in self.identities.iter().enumerate() {
+        for id in &self.identities {
             let public = x25519_dalek::PublicKey::from(*id.public.as_bytes());
             if let Ok(half) = parse_handshake_anon(id.private.as_x25519(), &public, init) {
                 let key = PublicKey::from_bytes(half.peer_static_public);
-                return self.by_key.get(&key).map(|&slot| (slot, i));
+                // The peer's own key, or the successor it pre-announced.
+                let slot = *self.by_key.get(&key).or(self.by_successor.get(&key))?;
+                let session = self.peers[slot].as_ref()?.session_of(id.public, key)?;
+                return Some((slot, session));
             }
         }
         None
     }
 
     fn rebuild_sessions(&mut self, slot: usize) {
+        self.sync_sessions(slot, true);
+    }
+
+    /// Makes peer `slot` hold exactly one session per (local identity,
+    /// remote key), keeping the existing ones unless `rebuild` (a changed
+    /// pre-shared key or keepalive, which `Tunn` cannot take in place).
+    fn sync_sessions(&mut self, slot: usize, rebuild: bool) {
         let Some(peer) = self.peers[slot].as_mut() else {
             return;
         };
-        for s in peer.sessions.drain(..) {
-            self.by_index.remove(&s.index);
+        let remotes = peer.remotes();
+        let mut old = std::mem::take(&mut peer.sessions);
+        if rebuild {
+            for s in old.drain(..) {
+                self.by_index.remove(&s.index);
+            }
         }
         let keepalive = match peer.settings.persistent_keepalive {
             0 => None,
             n => Some(n),
         };
+        let mut sessions = Vec::with_capacity(self.identities.len() * remotes.len());
         for id in &self.identities {
-            let index = loop {
-                let candidate = self.next_index & 0x00ff_ffff;
-                self.next_index = self.next_index.wrapping_add(1);
-                if !self.by_index.contains_key(&candidate) {
-                    break candidate;
+            for remote in &remotes {
+                if let Some(i) = old
+                    .iter()
+                    .position(|s| s.local == id.public && s.remote == *remote)
+                {
+                    sessions.push(old.swap_remove(i));
+                    continue;
                 }
-            };
-            let tunn = Tunn::new(
-                id.private.as_x25519().clone(),
-                x25519_dalek::PublicKey::from(*peer.settings.public_key.as_bytes()),
-                peer.settings.preshared_key.as_ref().map(|k| *k.as_bytes()),
-                keepalive,
-                index,
-                Some(id.limiter.clone()),
-            );
-            self.by_index.insert(index, (slot, peer.sessions.len()));
-            peer.sessions.push(Session { index, tunn });
+                let index = loop {
+                    let candidate = self.next_index & 0x00ff_ffff;
+                    self.next_index = self.next_index.wrapping_add(1);
+                    if !self.by_index.contains_key(&candidate) {
+                        break candidate;
+                    }
+                };
+                // Reserve it now, so the next one cannot take it.
+                self.by_index.insert(index, (slot, usize::MAX));
+                let tunn = Tunn::new(
+                    id.private.as_x25519().clone(),
+                    x25519_dalek::PublicKey::from(*remote.as_bytes()),
+                    peer.settings.preshared_key.as_ref().map(|k| *k.as_bytes()),
+                    keepalive,
+                    index,
+                    Some(id.limiter.clone()),
+                );
+                sessions.push(Session {
+                    index,
+                    tunn,
+                    local: id.public,
+                    remote: *remote,
+                    established: None,
+                });
+            }
         }
+        for s in old {
+            self.by_index.remove(&s.index);
+        }
+        for (i, s) in sessions.iter().enumerate() {
+            self.by_index.insert(s.index, (slot, i));
+        }
+        peer.sessions = sessions;
     }
 
     fn drop_tun(&mut self, why: Drop) -> TunOutcome {

@@ -25,7 +25,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::device::{Device, PeerSettings, Sink, TunOutcome, UdpOutcome, DATA_OVERHEAD, TICK};
-use crate::wg::proto::{self, DeviceSnapshot, PeerSnapshot, SetRequest};
+use crate::wg::proto::{self, DeviceSnapshot, PeerSnapshot, SetRequest, SnapshotSession};
 
 /// What the UAPI thread asks of the data thread.
 pub enum Control {
@@ -391,16 +391,35 @@ impl Runtime {
     }
 
     fn snapshot(&self) -> DeviceSnapshot {
+        let unix = |t: std::time::SystemTime| {
+            let d = t.duration_since(UNIX_EPOCH).ok()?;
+            Some((d.as_secs(), d.subsec_nanos()))
+        };
+        let sessions = self.device.sessions();
         DeviceSnapshot {
             private_key: self.device.private_key().cloned(),
             listen_port: self.udp.port,
             fwmark: self.fwmark,
+            wgmesh_version: Some(proto::WGMESH_VERSION),
+            extra_identity: self.device.extra_identity(),
             peers: self
                 .device
                 .peers()
                 .into_iter()
                 .map(|p| {
                     let mut s = PeerSnapshot::new(p.public_key);
+                    s.successor = p.successor;
+                    s.sessions = sessions
+                        .iter()
+                        .filter(|x| x.peer == p.public_key)
+                        .filter_map(|x| {
+                            Some(SnapshotSession {
+                                local: x.local,
+                                remote: x.remote,
+                                established: unix(x.established)?,
+                            })
+                        })
+                        .collect();
                     s.preshared_key = p.preshared_key;
                     s.endpoint = p.endpoint;
                     s.persistent_keepalive_interval = p.persistent_keepalive;
@@ -415,6 +434,12 @@ impl Runtime {
                 })
                 .collect(),
         }
+    }
+
+    /// The extra identity as it is, private half included (the device keeps
+    /// it across a `set` that does not mention it).
+    fn current_extra(&self) -> Option<(crate::keys::PrivateKey, proto::ExtraRole)> {
+        self.device.extra_identity_key()
     }
 
     /// Applies a parsed `set`: everything that can fail (binding the port, the
@@ -444,16 +469,36 @@ impl Runtime {
             }
             self.fwmark = mark;
         }
-        if let Some(key) = req.private_key {
-            self.device.set_identities(key.into_iter().collect());
+        // The active key and the extra identity change together, so a key
+        // moving between the two slots (activation) keeps its sessions.
+        if req.private_key.is_some() || req.extra_identity.is_some() {
+            let active = match req.private_key {
+                Some(key) => key,
+                None => self.device.private_key().cloned(),
+            };
+            let extra = match req.extra_identity {
+                Some(extra) => extra,
+                None => self.current_extra(),
+            };
+            self.device.set_local_keys(active, extra);
         }
         if req.replace_peers {
             self.device.remove_all_peers();
         }
-        for update in req.peers {
+        for mut update in req.peers {
             if update.remove {
                 self.device.remove_peer(&update.public_key);
                 continue;
+            }
+            if update.promote_successor {
+                match self.device.promote_successor(&update.public_key) {
+                    // The rest of the section applies to the renamed peer.
+                    Some(to) => update.public_key = to,
+                    None => {
+                        tracing::debug!(peer = %update.public_key, "promote: no such peer or no successor");
+                        continue;
+                    }
+                }
             }
             let existing = self.device.peer_settings(&update.public_key);
             if update.update_only && existing.is_none() {
@@ -482,6 +527,13 @@ impl Runtime {
                 .upsert_peer(settings, update.replace_allowed_ips);
             for net in update.remove_allowed_ips {
                 self.device.remove_allowed_ip(&update.public_key, net);
+            }
+            if let Some(successor) = update.successor {
+                if !self.device.set_successor(&update.public_key, successor) {
+                    // Like a peer with the device's own key: ignored, not an
+                    // error (the request was valid; the device state refuses).
+                    tracing::warn!(peer = %update.public_key, "successor refused: it is a local key, a peer or another peer's successor");
+                }
             }
         }
         0

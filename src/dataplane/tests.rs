@@ -508,3 +508,214 @@ fn a_restarted_device_replaces_the_session_its_peer_still_holds() {
     b.dev.tick(&mut b.wire);
     assert!(b.wire.udp.iter().all(|(_, d)| d[0] != 1));
 }
+
+// --- key rotation: dual identity (O4) and the fall-back (O1) ------------------
+
+use super::device::ExtraRole;
+
+/// Packets lost in one round, per direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Lost {
+    a_to_b: usize,
+    b_to_a: usize,
+}
+
+/// Panics if any datagram queued on either wire carries `marker` in clear.
+fn assert_no_plaintext(a: &Node, b: &Node, marker: &[u8]) {
+    for (_, d) in a.wire.udp.iter().chain(b.wire.udp.iter()) {
+        assert!(
+            !d.windows(marker.len()).any(|w| w == marker),
+            "plaintext on the wire"
+        );
+        assert!(matches!(d.first(), Some(1..=4)), "not a WireGuard message");
+    }
+}
+
+/// One round of traffic: a packet each way, the timers on both sides, and
+/// every datagram delivered; returns what did not arrive.
+fn round(a: &mut Node, b: &mut Node, n: usize) -> Lost {
+    let to_b = format!("rotation a->b #{n:05}");
+    let to_a = format!("rotation b->a #{n:05}");
+    let pa = ipv4_packet(a.dev_addr(), [10, 0, 2, 7].into(), to_b.as_bytes());
+    let pb = ipv4_packet([10, 0, 2, 7].into(), a.dev_addr(), to_a.as_bytes());
+    send(a, &pa);
+    send(b, &pb);
+    for marker in [&to_b, &to_a] {
+        assert_no_plaintext(a, b, marker.as_bytes());
+    }
+    pump(a, b);
+    a.dev.tick(&mut a.wire);
+    b.dev.tick(&mut b.wire);
+    for marker in [&to_b, &to_a] {
+        assert_no_plaintext(a, b, marker.as_bytes());
+    }
+    pump(a, b);
+    let got_b = b.wire.tun.drain(..).filter(|p| *p == pa).count();
+    let got_a = a.wire.tun.drain(..).filter(|p| *p == pb).count();
+    Lost {
+        a_to_b: 1 - got_b.min(1),
+        b_to_a: 1 - got_a.min(1),
+    }
+}
+
+fn rounds(a: &mut Node, b: &mut Node, from: usize, count: usize) -> Lost {
+    let mut lost = Lost::default();
+    for n in from..from + count {
+        let l = round(a, b, n);
+        lost.a_to_b += l.a_to_b;
+        lost.b_to_a += l.b_to_a;
+    }
+    lost
+}
+
+/// A pair with a session up: A spoke first, so B knows where A is.
+fn connected_pair() -> (Node, Node) {
+    let (mut a, mut b) = pair();
+    let hello = ipv4_packet(a.dev_addr(), [10, 0, 2, 7].into(), b"hello");
+    send(&mut a, &hello);
+    pump(&mut a, &mut b);
+    assert_eq!(b.wire.tun.pop_front(), Some(hello));
+    (a, b)
+}
+
+fn has_session(node: &Node, local: PublicKey, remote: PublicKey) -> bool {
+    node.dev
+        .sessions()
+        .iter()
+        .any(|s| s.local == local && s.remote == remote)
+}
+
+#[test]
+fn a_full_rotation_with_a_dual_capable_peer_loses_no_packet() {
+    let (mut a, mut x) = connected_pair();
+    let k1 = a.dev.private_key().unwrap().clone();
+    let (p1, k2) = (k1.public_key(), PrivateKey::generate());
+    let p2 = k2.public_key();
+    let px = x.key;
+    let mut total = Lost::default();
+    let mut add = |l: Lost| {
+        total.a_to_b += l.a_to_b;
+        total.b_to_a += l.b_to_a;
+    };
+    add(rounds(&mut a, &mut x, 0, 3));
+    assert!(has_session(&a, p1, px) && has_session(&x, px, p1));
+
+    // Stage: A holds K2 as its next identity; X pre-accepts K2 for A.
+    a.dev
+        .set_local_keys(Some(k1.clone()), Some((k2.clone(), ExtraRole::Next)));
+    assert_eq!(a.dev.extra_identity(), Some((p2, ExtraRole::Next)));
+    assert!(x.dev.set_successor(&p1, Some(p2)));
+    assert_eq!(x.dev.successor(&p1), Some(p2));
+    // A's probe under K2 completes: the confirmation, on A's side, is a
+    // session whose local key is K2.
+    add(rounds(&mut a, &mut x, 3, 2));
+    assert!(has_session(&a, p2, px), "{:?}", a.dev.sessions());
+    assert!(has_session(&x, px, p2), "{:?}", x.dev.sessions());
+    add(rounds(&mut a, &mut x, 5, 3));
+
+    // Activate: K2 active, K1 kept as the previous identity.
+    a.dev
+        .set_local_keys(Some(k2.clone()), Some((k1.clone(), ExtraRole::Previous)));
+    assert_eq!(a.dev.public_key(), Some(p2));
+    assert_eq!(a.dev.extra_identity(), Some((p1, ExtraRole::Previous)));
+    assert!(has_session(&a, p2, px) && has_session(&a, p1, px));
+    add(rounds(&mut a, &mut x, 8, 3));
+
+    // X follows A's published key: promote K1 -> K2, sessions kept.
+    assert_eq!(x.dev.promote_successor(&p1), Some(p2));
+    let peers = x.dev.peers();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, p2);
+    assert_eq!(peers[0].successor, None);
+    assert!(x.dev.peer_settings(&p1).is_none());
+    assert!(has_session(&x, px, p2));
+    add(rounds(&mut a, &mut x, 11, 3));
+
+    // Grace period over: A forgets K1.
+    a.dev.set_local_keys(Some(k2.clone()), None);
+    assert_eq!(a.dev.extra_identity(), None);
+    assert!(!has_session(&a, p1, px));
+    add(rounds(&mut a, &mut x, 14, 5));
+
+    assert_eq!(total, Lost::default(), "packets lost during the rotation");
+    assert!(has_session(&a, p2, px) && has_session(&x, px, p2));
+    // Nothing X received was refused on the way.
+    for why in [Drop::UnknownIndex, Drop::BadSource, Drop::Unauthenticated] {
+        assert_eq!(x.dev.counters().drops.get(&why), None, "{why:?}");
+        assert_eq!(a.dev.counters().drops.get(&why), None, "{why:?}");
+    }
+}
+
+#[test]
+fn a_peer_that_never_pre_accepts_drops_the_probes_then_falls_back_to_the_hand_over() {
+    let (mut a, mut x) = connected_pair();
+    let k1 = a.dev.private_key().unwrap().clone();
+    let (p1, k2) = (k1.public_key(), PrivateKey::generate());
+    let p2 = k2.public_key();
+    let px = x.key;
+    assert_eq!(rounds(&mut a, &mut x, 0, 3), Lost::default());
+
+    a.dev
+        .set_local_keys(Some(k1.clone()), Some((k2.clone(), ExtraRole::Next)));
+    assert_eq!(rounds(&mut a, &mut x, 3, 4), Lost::default());
+    // The probe reached X, which does not know K2: dropped, no session, so
+    // no confirmation. One probe in four ticks: a handshake in progress is
+    // only retried by boringtun's REKEY_TIMEOUT (5 s) timer.
+    assert_eq!(x.dev.counters().drops.get(&Drop::BadHandshake), Some(&1));
+    assert!(!has_session(&a, p2, px));
+
+    // Activation anyway (deadline): A keeps reaching X over the K1 session
+    // of its previous identity, X keeps reaching A there too.
+    a.dev
+        .set_local_keys(Some(k2.clone()), Some((k1.clone(), ExtraRole::Previous)));
+    assert_eq!(rounds(&mut a, &mut x, 7, 3), Lost::default());
+    // The active identity's handshake towards X is the probe's, still in
+    // progress: no extra initiation (rate limit), retried by its timer.
+    assert_eq!(x.dev.counters().drops.get(&Drop::BadHandshake), Some(&1));
+
+    // X sees A's new key and hands over (option O1): the new key with the
+    // allowed IPs first, then the old key removed.
+    let mut settings = x.dev.peer_settings(&p1).unwrap();
+    settings.public_key = p2;
+    x.dev.upsert_peer(settings, true);
+    assert!(x.dev.remove_peer(&p1));
+    // Packets A still sends on the K1 session until X's first K2 handshake
+    // (about one one-way delay) are lost; X's own packets wait in its queue.
+    let lost = rounds(&mut a, &mut x, 10, 2);
+    assert!(lost.a_to_b <= 1, "{lost:?}");
+    assert_eq!(lost.b_to_a, 0);
+    assert_eq!(rounds(&mut a, &mut x, 12, 5), Lost::default());
+    assert!(has_session(&a, p2, px) && has_session(&x, px, p2));
+}
+
+#[test]
+fn a_previous_identity_never_initiates_and_a_successor_is_only_answered() {
+    let (mut a, mut x) = pair();
+    let k1 = a.dev.private_key().unwrap().clone();
+    let k2 = PrivateKey::generate();
+    // A only ever accepts K2 (previous role): no probe leaves A.
+    a.dev
+        .set_local_keys(Some(k1.clone()), Some((k2.clone(), ExtraRole::Previous)));
+    a.dev.tick(&mut a.wire);
+    let inits = a.wire.udp.iter().filter(|(_, d)| d[0] == 1).count();
+    // Exactly one: the active identity's first-tick initiation to a new peer.
+    assert_eq!(inits, 1);
+    pump(&mut a, &mut x);
+    for _ in 0..3 {
+        a.dev.tick(&mut a.wire);
+    }
+    assert!(a.wire.udp.iter().all(|(_, d)| d[0] != 1));
+
+    // X pre-accepts a successor of A's key, but never initiates towards it.
+    let p1 = k1.public_key();
+    assert!(x
+        .dev
+        .set_successor(&p1, Some(PrivateKey::generate().public_key())));
+    for _ in 0..3 {
+        x.dev.tick(&mut x.wire);
+    }
+    assert!(x.wire.udp.iter().all(|(_, d)| d[0] != 1));
+    // A successor may not be a local key, another peer or taken twice.
+    assert!(!x.dev.set_successor(&p1, Some(x.key)));
+    assert!(!x.dev.set_successor(&p1, Some(p1)));
+}

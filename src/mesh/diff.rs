@@ -3,12 +3,12 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use super::{is_canonical, normalize_ips, normalize_keepalive, PeerConfig};
+use super::{is_canonical, normalize_ips, normalize_keepalive, overlaps, PeerConfig};
 use crate::keys::PublicKey;
 
 /// One change to a WireGuard device's peer set; peers are named by public key.
@@ -27,17 +27,39 @@ pub enum PeerChange {
         allowed_ips: Option<Vec<IpNet>>,
         /// `Some` = set the keepalive; `Some(None)` turns it off.
         persistent_keepalive: Option<Option<u16>>,
+        /// `Some` = set the successor key; `Some(None)` clears it.
+        successor: Option<Option<PublicKey>>,
+    },
+    /// Rename the device's peer `from` to its successor `to.public_key`,
+    /// keeping every session (those made with the successor become the
+    /// peer's own), then give it `to`'s fields as [`PeerChange::Add`] would.
+    /// Only for devices with successor support; see [`diff`].
+    Promote {
+        from: PublicKey,
+        to: PeerConfig,
     },
 }
 
 /// The changes that turn the device's peers (`current`) into `desired`, and
 /// nothing for a peer that already matches, so an unchanged plan writes nothing.
 ///
-/// Order: removals, then updates, then adds, each sorted by public key. Removing
-/// first releases allowed IPs that an updated or new peer may take over (on a real
-/// device an allowed IP belongs to one peer, and giving it to another silently
-/// moves it). The order is a pure function of the inputs, so logs and tests are
-/// stable.
+/// Order, each group sorted by public key: removals of peers whose allowed IPs
+/// nobody takes over, then updates, then promotes, then adds, then the
+/// *hand-over* removals: peers whose allowed IPs (some of them) an updated,
+/// promoted or added peer takes. A device moves an allowed IP to whichever
+/// peer is given it (one owner per prefix), so adding the new owner first
+/// moves the prefixes atomically and removing the old peer afterwards takes
+/// nothing the new one has; removing first would leave the prefixes without
+/// a peer in between. That is how a node's key change reaches a device
+/// without successor support (kernel, wireguard-go, boringtun-cli; option O1
+/// of the rotation notes): the new key with the allowed IPs, then the old key
+/// removed, in one change set. The order is a pure function of the inputs, so
+/// logs and tests are stable.
+///
+/// A device peer that is no longer desired but whose `successor` is a desired
+/// key the device does not have as a peer becomes one
+/// [`PeerChange::Promote`] instead of a remove and an add: the device keeps
+/// the sessions its successor already made (option O4).
 ///
 /// `current` may list allowed IPs in any order and with host bits (devices report
 /// them however they like); both sides are normalised before comparing. A desired
@@ -78,9 +100,92 @@ pub fn diff(current: &[PeerConfig], desired: &[PeerConfig]) -> Vec<PeerChange> {
         }
     }
 
-    removes.extend(updates);
-    removes.extend(adds);
-    removes
+    // Promotes: a removed peer whose successor is being added.
+    let mut promotes = Vec::new();
+    if current.iter().any(|p| p.successor.is_some()) {
+        let mut added: HashMap<PublicKey, usize> = HashMap::new();
+        for (i, change) in adds.iter().enumerate() {
+            if let PeerChange::Add(p) = change {
+                added.insert(p.public_key, i);
+            }
+        }
+        let mut promoted_adds = HashSet::new();
+        let mut promoted_removes = HashSet::new();
+        for change in &removes {
+            let PeerChange::Remove(from) = change else {
+                continue;
+            };
+            let Some(successor) = current
+                .binary_search_by_key(from, |p| p.public_key)
+                .ok()
+                .and_then(|i| current[i].successor)
+            else {
+                continue;
+            };
+            let Some(&i) = added.get(&successor) else {
+                continue;
+            };
+            if !promoted_adds.insert(i) {
+                continue;
+            }
+            promoted_removes.insert(*from);
+            if let PeerChange::Add(to) = &adds[i] {
+                promotes.push(PeerChange::Promote {
+                    from: *from,
+                    to: to.clone(),
+                });
+            }
+        }
+        removes.retain(|c| !matches!(c, PeerChange::Remove(k) if promoted_removes.contains(k)));
+        let mut i = 0;
+        adds.retain(|_| {
+            i += 1;
+            !promoted_adds.contains(&(i - 1))
+        });
+        promotes.sort_by_key(|c| match c {
+            PeerChange::Promote { to, .. } => to.public_key,
+            _ => PublicKey::from_bytes([0; 32]),
+        });
+    }
+
+    // Hand-overs: a removed peer whose allowed IPs someone else takes goes last.
+    let taken: Vec<&IpNet> = updates
+        .iter()
+        .chain(&promotes)
+        .chain(&adds)
+        .flat_map(|c| match c {
+            PeerChange::Add(p) | PeerChange::Promote { to: p, .. } => p.allowed_ips.iter(),
+            PeerChange::Update {
+                allowed_ips: Some(ips),
+                ..
+            } => ips.iter(),
+            _ => (&[] as &[IpNet]).iter(),
+        })
+        .collect();
+    let (late, early): (Vec<PeerChange>, Vec<PeerChange>) = if taken.is_empty() {
+        (Vec::new(), removes)
+    } else {
+        removes.into_iter().partition(|c| {
+            let PeerChange::Remove(key) = c else {
+                return false;
+            };
+            current
+                .binary_search_by_key(key, |p| p.public_key)
+                .is_ok_and(|i| {
+                    current[i]
+                        .allowed_ips
+                        .iter()
+                        .any(|have| taken.iter().any(|t| overlaps(have, t)))
+                })
+        })
+    };
+
+    let mut out = early;
+    out.extend(updates);
+    out.extend(promotes);
+    out.extend(adds);
+    out.extend(late);
+    out
 }
 
 /// Keeps endpoints the device learnt by roaming, unless the published one moved.
@@ -122,6 +227,13 @@ pub fn keep_roamed_endpoints(
     for peer in current {
         // First occurrence wins, as in `diff`.
         device.entry(peer.public_key).or_insert(peer.endpoint);
+    }
+    // A peer about to be promoted to its successor keeps its roamed endpoint
+    // too: the successor is the same node.
+    for peer in current {
+        if let Some(successor) = peer.successor {
+            device.entry(successor).or_insert(peer.endpoint);
+        }
     }
     let mut published = HashMap::with_capacity(desired.len());
     for peer in desired.iter_mut() {
@@ -166,6 +278,7 @@ pub fn apply(current: &[PeerConfig], changes: &[PeerChange]) -> Vec<PeerConfig> 
                 peer.endpoint,
                 Some(&peer.allowed_ips),
                 Some(peer.persistent_keepalive),
+                Some(peer.successor),
             ),
             PeerChange::Remove(key) => device.remove(key),
             PeerChange::Update {
@@ -173,12 +286,25 @@ pub fn apply(current: &[PeerConfig], changes: &[PeerChange]) -> Vec<PeerConfig> 
                 endpoint,
                 allowed_ips,
                 persistent_keepalive,
+                successor,
             } => device.set(
                 *public_key,
                 *endpoint,
                 allowed_ips.as_deref(),
                 *persistent_keepalive,
+                *successor,
             ),
+            PeerChange::Promote { from, to } => {
+                if device.promote(from, to.public_key) {
+                    device.set(
+                        to.public_key,
+                        to.endpoint,
+                        Some(&to.allowed_ips),
+                        Some(to.persistent_keepalive),
+                        Some(to.successor),
+                    );
+                }
+            }
         }
     }
     device.peers.into_values().collect()
@@ -192,7 +318,12 @@ fn update(have: &PeerConfig, want: &PeerConfig) -> Option<PeerChange> {
     let want_keepalive = normalize_keepalive(want.persistent_keepalive);
     let persistent_keepalive = (normalize_keepalive(have.persistent_keepalive) != want_keepalive)
         .then_some(want_keepalive);
-    if endpoint.is_none() && allowed_ips.is_none() && persistent_keepalive.is_none() {
+    let successor = (have.successor != want.successor).then_some(want.successor);
+    if endpoint.is_none()
+        && allowed_ips.is_none()
+        && persistent_keepalive.is_none()
+        && successor.is_none()
+    {
         return None;
     }
     Some(PeerChange::Update {
@@ -200,6 +331,7 @@ fn update(have: &PeerConfig, want: &PeerConfig) -> Option<PeerChange> {
         endpoint,
         allowed_ips,
         persistent_keepalive,
+        successor,
     })
 }
 
@@ -245,15 +377,20 @@ impl Device {
         endpoint: Option<SocketAddr>,
         allowed_ips: Option<&[IpNet]>,
         keepalive: Option<Option<u16>>,
+        successor: Option<Option<PublicKey>>,
     ) {
         let peer = self.peers.entry(key).or_insert_with(|| PeerConfig {
             public_key: key,
             endpoint: None,
             allowed_ips: Vec::new(),
             persistent_keepalive: None,
+            successor: None,
         });
         if endpoint.is_some() {
             peer.endpoint = endpoint;
+        }
+        if let Some(successor) = successor {
+            peer.successor = successor;
         }
         if let Some(keepalive) = keepalive {
             peer.persistent_keepalive = normalize_keepalive(keepalive);
@@ -285,6 +422,29 @@ impl Device {
         if let Some(peer) = self.peers.get_mut(&key) {
             peer.allowed_ips = ips;
         }
+    }
+
+    /// Renames `from` to `to` if `to` is its successor and not a peer
+    /// already (what the data plane does); the peer keeps its allowed IPs.
+    fn promote(&mut self, from: &PublicKey, to: PublicKey) -> bool {
+        let eligible = self
+            .peers
+            .get(from)
+            .is_some_and(|p| p.successor == Some(to))
+            && !self.peers.contains_key(&to);
+        if !eligible {
+            return false;
+        }
+        let Some(mut peer) = self.peers.remove(from) else {
+            return false;
+        };
+        peer.public_key = to;
+        peer.successor = None;
+        for ip in &peer.allowed_ips {
+            self.owners.insert(*ip, to);
+        }
+        self.peers.insert(to, peer);
+        true
     }
 
     fn remove(&mut self, key: &PublicKey) {

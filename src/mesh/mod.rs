@@ -28,6 +28,7 @@ mod tests;
 
 pub use diff::{apply, diff, keep_roamed_endpoints, PeerChange};
 pub use plan::plan;
+pub use plan::{SuccessorConflict, SuccessorIgnored};
 
 /// What the local agent knows that the Node objects do not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +73,11 @@ pub struct PeerConfig {
     /// Seconds; `None` is off. `Some(0)` also means off on every device and is
     /// normalised to `None`.
     pub persistent_keepalive: Option<u16>,
+    /// A key the device accepts as this same peer (same allowed IPs, same
+    /// endpoint handling): the node's staged `next-public-key` during a key
+    /// rotation. Only devices with successor support hold one (a wgmesh
+    /// extension); `wg::reconcile` strips it for every other device.
+    pub successor: Option<PublicKey>,
 }
 
 impl PeerConfig {
@@ -227,6 +233,11 @@ pub struct Plan {
     /// The local node's own node addresses (see [`NodeRecord::node_ips`]), from
     /// every entry with the local name, valid or not; sorted, deduplicated.
     pub local_node_ips: Vec<IpAddr>,
+    /// Admitted nodes whose `next-public-key` was not made their peer's
+    /// successor, and why (the node stays a peer under its current key; its
+    /// rotation falls back to the hand-over when it activates). Sorted by
+    /// node name.
+    pub ignored_successors: Vec<SuccessorIgnored>,
 }
 
 impl Plan {

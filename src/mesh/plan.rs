@@ -1,7 +1,7 @@
 //! Records + local config -> peers, routes and exclusions.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -12,6 +12,34 @@ use super::{
 };
 use crate::keys::PublicKey;
 use crate::node::{NodeRecord, Rejected};
+
+/// Why an admitted node's `next-public-key` is not its peer's successor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SuccessorConflict {
+    /// A device never holds its own key as a peer's (the kernel would even
+    /// remove the peer at the switch).
+    #[error("it is this node's own public key")]
+    LocalKey,
+    /// This node's own staged key: once activated it would be its own peer.
+    #[error("it is this node's own next public key")]
+    LocalNextKey,
+    /// Another Node's active key: accepting it would let that node speak for
+    /// this one.
+    #[error("it is the public key of node {node}")]
+    KeyOfNode { node: String },
+    /// Two nodes stage the same key: neither gets it (fail closed).
+    #[error("node {node} announces the same next public key")]
+    NextKeyOfNode { node: String },
+}
+
+/// An admitted node whose `next-public-key` was left out, for a log line of
+/// the form `node X: next-public-key K ignored: <reason>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuccessorIgnored {
+    pub node: String,
+    pub next_public_key: PublicKey,
+    pub reason: SuccessorConflict,
+}
 
 /// Computes the peers and routes this node should have from every Node's record.
 ///
@@ -43,6 +71,12 @@ use crate::node::{NodeRecord, Rejected};
 /// A pod CIDR outside every cluster CIDR would get no route into the tunnel, so
 /// with no cluster CIDRs configured every node with pod CIDRs is excluded rather
 /// than reached in plaintext.
+///
+/// 5. An admitted node's `next-public-key` becomes its peer's
+///    [`PeerConfig::successor`] unless it is the local node's key or next key,
+///    or any other Node's (valid record's) key or next key; then it is left out
+///    and listed in [`Plan::ignored_successors`], and the node stays a peer
+///    under its current key.
 ///
 /// [`Plan::node_routes`] lists the node addresses of every remote entry, whatever
 /// happened to it, because a node without a peer is exactly the one whose
@@ -139,6 +173,8 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
         node_ips: HashMap::new(),
     };
     let node_routes = admission.node_routes(remote_node_ips);
+    let successors = Successors::new(nodes, &cfg.local_node, admission.local_key, local.as_ref());
+    let mut ignored_successors = Vec::new();
     let mut peers = Vec::with_capacity(candidates.len());
     for record in candidates {
         let mut allowed_ips = record.pod_cidrs.clone();
@@ -152,6 +188,19 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
                 admission.admit(record, &allowed_ips);
                 allowed_ips.extend(admission.claim_node_ips(record));
                 normalize_ips(&mut allowed_ips);
+                let successor = record.next_public_key.and_then(|next| {
+                    match successors.conflict(&record.name, next) {
+                        None => Some(next),
+                        Some(reason) => {
+                            ignored_successors.push(SuccessorIgnored {
+                                node: record.name.clone(),
+                                next_public_key: next,
+                                reason,
+                            });
+                            None
+                        }
+                    }
+                });
                 peers.push(DesiredPeer {
                     node: record.name.clone(),
                     config: PeerConfig {
@@ -161,6 +210,7 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
                         persistent_keepalive: normalize_keepalive(
                             record.persistent_keepalive.or(cfg.default_keepalive),
                         ),
+                        successor,
                     },
                 });
             }
@@ -169,7 +219,9 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
 
     peers.sort_unstable_by_key(|p| p.config.public_key);
     excluded.sort_unstable_by(|a, b| a.node.cmp(&b.node));
+    ignored_successors.sort_unstable_by(|a, b| a.node.cmp(&b.node));
     Plan {
+        ignored_successors,
         local,
         peers,
         routes,
@@ -208,6 +260,68 @@ fn entry_node_ips(entry: &Result<NodeRecord, Rejected>) -> &[IpAddr] {
     match entry {
         Ok(record) => &record.node_ips,
         Err(rejected) => &rejected.node_ips,
+    }
+}
+
+/// Who holds which key, for the successor rule: every valid record's active
+/// and next key, whatever happened to the record in admission (a key an
+/// excluded node claims is still not one to accept for somebody else).
+struct Successors<'a> {
+    local_key: Option<PublicKey>,
+    local_next: Option<PublicKey>,
+    keys: HashMap<PublicKey, BTreeSet<&'a str>>,
+    next_keys: HashMap<PublicKey, BTreeSet<&'a str>>,
+}
+
+impl<'a> Successors<'a> {
+    fn new(
+        nodes: &'a [Result<NodeRecord, Rejected>],
+        local_name: &str,
+        local_key: Option<PublicKey>,
+        local: Option<&NodeRecord>,
+    ) -> Self {
+        let mut keys: HashMap<PublicKey, BTreeSet<&str>> = HashMap::new();
+        let mut next_keys: HashMap<PublicKey, BTreeSet<&str>> = HashMap::new();
+        for record in nodes.iter().flatten() {
+            if record.name == local_name {
+                continue;
+            }
+            keys.entry(record.public_key)
+                .or_default()
+                .insert(&record.name);
+            if let Some(next) = record.next_public_key {
+                next_keys.entry(next).or_default().insert(&record.name);
+            }
+        }
+        Self {
+            local_key,
+            local_next: local.and_then(|r| r.next_public_key),
+            keys,
+            next_keys,
+        }
+    }
+
+    fn conflict(&self, node: &str, next: PublicKey) -> Option<SuccessorConflict> {
+        if self.local_key == Some(next) {
+            return Some(SuccessorConflict::LocalKey);
+        }
+        if self.local_next == Some(next) {
+            return Some(SuccessorConflict::LocalNextKey);
+        }
+        let other = |names: Option<&BTreeSet<&str>>| {
+            names.and_then(|n| {
+                n.iter()
+                    .find(|name| **name != node)
+                    .map(|s| (*s).to_owned())
+            })
+        };
+        if let Some(node) = other(self.keys.get(&next)) {
+            return Some(SuccessorConflict::KeyOfNode { node });
+        }
+        if let Some(node) = other(self.next_keys.get(&next)) {
+            return Some(SuccessorConflict::NextKeyOfNode { node });
+        }
+        None
     }
 }
 

@@ -79,6 +79,7 @@ fn entry() -> impl Strategy<Value = Entry> {
                     pod_cidrs,
                     persistent_keepalive: keepalive,
                     node_ips,
+                    audit_head: None,
                 })
             },
         );
@@ -165,6 +166,7 @@ fn device_peers() -> impl Strategy<Value = Vec<PeerConfig>> {
                 endpoint,
                 allowed_ips,
                 persistent_keepalive,
+                successor: None,
             },
         );
     prop::collection::vec(peer, 0..8)

@@ -57,6 +57,7 @@ fn node(name: &str, created: Option<i64>, k: u8, cidrs: &[&str]) -> NodeRecord {
         pod_cidrs: nets(cidrs),
         persistent_keepalive: None,
         node_ips: Vec::new(),
+        audit_head: None,
     }
 }
 
@@ -142,6 +143,7 @@ fn peer_config_comes_from_the_record() {
                     endpoint: Some(endpoint(2)),
                     allowed_ips: nets(&["10.0.1.0/24", "fd00:0:0:1::/64"]),
                     persistent_keepalive: Some(10),
+                    successor: None,
                 },
             },
             DesiredPeer {
@@ -151,6 +153,7 @@ fn peer_config_comes_from_the_record() {
                     endpoint: Some(endpoint(3)),
                     allowed_ips: nets(&["10.0.2.0/24"]),
                     persistent_keepalive: Some(25),
+                    successor: None,
                 },
             },
         ]
@@ -812,6 +815,7 @@ fn peer(k: u8, ep: Option<u8>, ips: &[&str], keepalive: Option<u16>) -> PeerConf
         endpoint: ep.map(endpoint),
         allowed_ips: nets(ips),
         persistent_keepalive: keepalive,
+        successor: None,
     }
 }
 
@@ -830,7 +834,7 @@ fn no_changes_for_equal_peer_sets_even_when_the_device_lists_differently() {
 }
 
 #[test]
-fn removals_then_updates_then_adds_each_by_key() {
+fn removals_then_updates_then_adds_then_hand_overs_each_by_key() {
     let current = vec![
         peer(5, Some(5), &["10.0.5.0/24"], None),
         peer(3, Some(3), &["10.0.3.0/24"], None),
@@ -849,21 +853,24 @@ fn removals_then_updates_then_adds_each_by_key() {
         diff(&current, &desired),
         vec![
             PeerChange::Remove(key(8)),
-            PeerChange::Remove(key(9)),
             PeerChange::Update {
                 public_key: key(3),
                 endpoint: None,
                 allowed_ips: Some(nets(&["10.0.3.0/25"])),
                 persistent_keepalive: Some(Some(15)),
+                successor: None,
             },
             PeerChange::Update {
                 public_key: key(5),
                 endpoint: Some(endpoint(50)),
                 allowed_ips: None,
                 persistent_keepalive: None,
+                successor: None,
             },
             PeerChange::Add(peer(1, None, &["10.0.1.0/24"], None)),
             PeerChange::Add(peer(2, Some(2), &["10.0.9.0/24"], None)),
+            // 9's CIDR goes to 2: removed only once 2 holds it.
+            PeerChange::Remove(key(9)),
         ]
     );
 }
@@ -888,6 +895,7 @@ fn turning_keepalive_off_is_an_update() {
             endpoint: None,
             allowed_ips: None,
             persistent_keepalive: Some(None),
+            successor: None,
         }]
     );
 }
@@ -919,6 +927,7 @@ fn apply_moves_an_allowed_ip_like_a_device() {
             endpoint: None,
             allowed_ips: Some(nets(&["10.0.2.0/24", "10.0.9.0/24"])),
             persistent_keepalive: None,
+            successor: None,
         }],
     );
     assert_eq!(
@@ -942,6 +951,7 @@ fn apply_update_creates_remove_of_unknown_is_a_no_op_add_keeps_endpoint() {
                 endpoint: Some(endpoint(3)),
                 allowed_ips: None,
                 persistent_keepalive: None,
+                successor: None,
             },
             PeerChange::Add(peer(1, None, &["10.0.4.0/24"], Some(5))),
         ],
@@ -1107,6 +1117,7 @@ fn a_changed_published_endpoint_is_set() {
             endpoint: Some(endpoint(2)),
             allowed_ips: None,
             persistent_keepalive: None,
+            successor: None,
         }]
     );
     assert_eq!(memory, published(&[(1, 2)]));
@@ -1144,6 +1155,7 @@ fn a_new_peer_or_one_without_an_endpoint_gets_the_published_one() {
                 endpoint: Some(endpoint(2)),
                 allowed_ips: None,
                 persistent_keepalive: None,
+                successor: None,
             },
             PeerChange::Add(peer(1, Some(1), &["10.0.1.0/24"], None)),
         ]
@@ -1193,4 +1205,169 @@ fn roaming_over_several_passes() {
     device[0].endpoint = Some(endpoint(92));
     pass(&mut device, 2);
     assert_eq!(device[0].endpoint, Some(endpoint(92)));
+}
+
+// --- key rotation: successors, promotes, hand-overs ---------------------------
+
+fn successor_of<'p>(plan: &'p Plan, name: &str) -> Option<&'p PublicKey> {
+    plan.peers
+        .iter()
+        .find(|p| p.node == name)
+        .unwrap_or_else(|| panic!("{name} is not a peer"))
+        .config
+        .successor
+        .as_ref()
+}
+
+#[test]
+fn a_staged_next_key_becomes_the_successor() {
+    let mut b = node("b", Some(2), 2, &["10.0.1.0/24"]);
+    b.next_public_key = Some(key(20));
+    let plan = plan(
+        &config("me"),
+        &ok(vec![node("me", Some(1), 1, &["10.0.0.0/24"]), b]),
+    );
+    assert_eq!(successor_of(&plan, "b"), Some(&key(20)));
+    assert!(plan.ignored_successors.is_empty());
+}
+
+#[test]
+fn a_conflicting_next_key_is_ignored_and_the_node_stays_a_peer() {
+    let mut me = node("me", Some(1), 1, &["10.0.0.0/24"]);
+    me.next_public_key = Some(key(11));
+    let mut own = node("own", Some(2), 2, &["10.0.1.0/24"]);
+    own.next_public_key = Some(key(1));
+    let mut own_next = node("own-next", Some(3), 3, &["10.0.2.0/24"]);
+    own_next.next_public_key = Some(key(11));
+    let mut theirs = node("theirs", Some(4), 4, &["10.0.3.0/24"]);
+    theirs.next_public_key = Some(key(2));
+    let mut twin_a = node("twin-a", Some(5), 5, &["10.0.4.0/24"]);
+    twin_a.next_public_key = Some(key(50));
+    let mut twin_b = node("twin-b", Some(6), 6, &["10.0.5.0/24"]);
+    twin_b.next_public_key = Some(key(50));
+    let plan = plan(
+        &config("me"),
+        &ok(vec![me, own, own_next, theirs, twin_a, twin_b]),
+    );
+    assert_eq!(
+        peer_names(&plan),
+        ["own", "own-next", "theirs", "twin-a", "twin-b"]
+    );
+    for name in ["own", "own-next", "theirs", "twin-a", "twin-b"] {
+        assert_eq!(successor_of(&plan, name), None, "{name}");
+    }
+    let reasons: Vec<(&str, &SuccessorConflict)> = plan
+        .ignored_successors
+        .iter()
+        .map(|i| (i.node.as_str(), &i.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("own", &SuccessorConflict::LocalKey),
+            ("own-next", &SuccessorConflict::LocalNextKey),
+            (
+                "theirs",
+                &SuccessorConflict::KeyOfNode { node: "own".into() }
+            ),
+            (
+                "twin-a",
+                &SuccessorConflict::NextKeyOfNode {
+                    node: "twin-b".into()
+                }
+            ),
+            (
+                "twin-b",
+                &SuccessorConflict::NextKeyOfNode {
+                    node: "twin-a".into()
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        plan.ignored_successors[2].reason.to_string(),
+        "it is the public key of node own"
+    );
+}
+
+fn with_successor(mut p: PeerConfig, k: u8) -> PeerConfig {
+    p.successor = Some(key(k));
+    p
+}
+
+#[test]
+fn staging_a_successor_is_an_update_and_withdrawing_it_too() {
+    let plain = vec![peer(1, Some(1), &["10.0.1.0/24"], None)];
+    let staged = vec![with_successor(peer(1, Some(1), &["10.0.1.0/24"], None), 2)];
+    let update = |successor| PeerChange::Update {
+        public_key: key(1),
+        endpoint: None,
+        allowed_ips: None,
+        persistent_keepalive: None,
+        successor: Some(successor),
+    };
+    assert_eq!(diff(&plain, &staged), vec![update(Some(key(2)))]);
+    assert_eq!(diff(&staged, &plain), vec![update(None)]);
+    assert_eq!(diff(&staged, &staged), vec![]);
+}
+
+#[test]
+fn a_key_change_onto_a_staged_successor_is_one_promote() {
+    // The device pre-accepted 2 as 1's successor; the node's Node now
+    // announces 2 as its key.
+    let current = vec![
+        with_successor(peer(1, Some(1), &["10.0.1.0/24"], Some(25)), 2),
+        peer(3, Some(3), &["10.0.3.0/24"], None),
+    ];
+    let desired = vec![
+        peer(2, Some(1), &["10.0.1.0/24"], Some(25)),
+        peer(3, Some(3), &["10.0.3.0/24"], None),
+    ];
+    let changes = diff(&current, &desired);
+    assert_eq!(
+        changes,
+        vec![PeerChange::Promote {
+            from: key(1),
+            to: desired[0].clone(),
+        }]
+    );
+    assert_eq!(apply(&current, &changes), desired);
+}
+
+#[test]
+fn a_key_change_without_successor_adds_the_new_key_before_removing_the_old() {
+    // Option O1: the new key takes the allowed IPs (they move atomically),
+    // and only then does the old key go; an unrelated removal stays first.
+    let current = vec![
+        peer(1, Some(1), &["10.0.1.0/24", "fd00:0:0:1::/64"], None),
+        peer(7, Some(7), &["10.0.7.0/24"], None),
+    ];
+    let desired = vec![peer(2, Some(1), &["10.0.1.0/24", "fd00:0:0:1::/64"], None)];
+    let changes = diff(&current, &desired);
+    assert_eq!(
+        changes,
+        vec![
+            PeerChange::Remove(key(7)),
+            PeerChange::Add(desired[0].clone()),
+            PeerChange::Remove(key(1)),
+        ]
+    );
+    assert_eq!(apply(&current, &changes), desired);
+    // A removal first would have left the prefixes without an owner; the
+    // device model shows the add alone already moved them.
+    let after_add = apply(&current, &changes[..2]);
+    let old = after_add.iter().find(|p| p.public_key == key(1)).unwrap();
+    assert!(old.allowed_ips.is_empty(), "{after_add:?}");
+}
+
+#[test]
+fn a_successor_follows_its_roamed_endpoint_into_the_promote() {
+    let current = vec![with_successor(peer(1, Some(9), &["10.0.1.0/24"], None), 2)];
+    let mut desired = vec![peer(2, Some(1), &["10.0.1.0/24"], None)];
+    let previous: HashMap<PublicKey, SocketAddr> = [(key(1), endpoint(1))].into();
+    keep_roamed_endpoints(&current, &mut desired, Some(&previous));
+    // Key 2 was never published before: the published endpoint stays.
+    assert_eq!(desired[0].endpoint, Some(endpoint(1)));
+    keep_roamed_endpoints(&current, &mut desired, None);
+    assert_eq!(desired[0].endpoint, Some(endpoint(9)));
 }

@@ -49,7 +49,7 @@ use rtnetlink::sys::{Socket, SocketAddr};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::uapi::UapiBackend;
-use super::{Backend, ChangeSet, DeviceState, PeerStats, Result, WgError};
+use super::{restrict, Backend, Capabilities, ChangeSet, DeviceState, PeerStats, Result, WgError};
 use crate::keys::PublicKey;
 use crate::mesh::{PeerChange, PeerConfig};
 
@@ -58,6 +58,16 @@ use crate::mesh::{PeerChange, PeerConfig};
 /// buffers to on 4 KiB-page machines. Any size the kernel would accept works
 /// as well; a page is safe everywhere and costs one syscall per ~20 peers.
 pub const SAFE_MESSAGE_BYTES: usize = 4096;
+
+/// The keepalive interval a new peer that wants none is created with, and
+/// set back to 0 at the end of the same request. The kernel sends a
+/// keepalive at once when a peer's interval goes from 0 to non-zero
+/// (`set_peer` in `netlink.c`), and with no session yet that keepalive is a
+/// handshake initiation: so the new key of a node that rotated (rotation
+/// notes, option O1) handshakes immediately instead of leaving the rotating
+/// node waiting for its own 5 s retry while this side is idle. 25 s is what
+/// is left if the restore were lost (the next pass fixes it).
+pub const FORCE_HANDSHAKE_KEEPALIVE: u16 = 25;
 
 /// The generic netlink family of kernel WireGuard.
 pub const FAMILY_NAME: &str = "wireguard";
@@ -432,9 +442,15 @@ impl Drop for SetMessage {
 /// each at most `max_bytes` long (netlink header included), in order. Pure.
 ///
 /// - The first message carries the private key and listen port, if any.
-/// - Peers follow in the change set's order (removals, updates, adds, as
-///   the planner emits them, so an allowed IP moving between peers is freed
-///   before it is claimed).
+/// - Peers follow in the change set's order ([`crate::mesh::diff`]'s: a
+///   hand-over's new key, with the allowed IPs, comes before the removal of
+///   the old one, so the kernel moves each prefix to the new peer atomically).
+/// - wgmesh extensions have no kernel equivalent and are left out
+///   ([`restrict`]): no extra identity, no successor, and a promote becomes
+///   the add of the new key followed by the removal of the old one.
+/// - Every added peer whose keepalive is off is created with
+///   [`FORCE_HANDSHAKE_KEEPALIVE`] and set back to 0 by an update-only entry
+///   at the very end, so it initiates a handshake at once.
 /// - Add: public key, `WGPEER_F_REPLACE_ALLOWEDIPS`, endpoint if known,
 ///   keepalive (0 = off), allowed IPs. Remove: public key,
 ///   `WGPEER_F_REMOVE_ME`. Update: public key, `WGPEER_F_UPDATE_ONLY`, and
@@ -450,6 +466,7 @@ impl Drop for SetMessage {
 /// exceeded rather than looped on: every message carries at least one.
 /// An empty change set yields no message.
 pub fn set_messages(interface: &str, changes: &ChangeSet, max_bytes: usize) -> Vec<SetMessage> {
+    let changes = &restrict(changes, Capabilities::default());
     let mut s = Splitter::new(interface, max_bytes);
     if let Some(key) = &changes.private_key {
         let bytes = Zeroizing::new(key.as_x25519().to_bytes());
@@ -458,9 +475,30 @@ pub fn set_messages(interface: &str, changes: &ChangeSet, max_bytes: usize) -> V
     if let Some(port) = changes.listen_port {
         s.push_device_attr(WireguardAttribute::ListenPort(port));
     }
+    let mut restore = Vec::new();
     for change in &changes.peers {
-        let (head, flags, ips) = peer_entry(change);
+        let (mut head, flags, ips) = peer_entry(change);
+        if let PeerChange::Add(p) = change {
+            if p.persistent_keepalive.unwrap_or(0) == 0 {
+                for attr in &mut head {
+                    if let WireguardPeerAttribute::PersistentKeepalive(k) = attr {
+                        *k = FORCE_HANDSHAKE_KEEPALIVE;
+                    }
+                }
+                restore.push(p.public_key);
+            }
+        }
         s.push_peer(head, flags, ips);
+    }
+    for key in restore {
+        s.push_peer(
+            vec![
+                WireguardPeerAttribute::PublicKey(*key.as_bytes()),
+                WireguardPeerAttribute::PersistentKeepalive(0),
+            ],
+            WireguardPeerFlags::UpdateOnly,
+            Vec::new(),
+        );
     }
     s.finish()
 }
@@ -817,6 +855,7 @@ fn peer_entry(
             endpoint,
             allowed_ips,
             persistent_keepalive,
+            successor: _,
         } => {
             let mut head = vec![WireguardPeerAttribute::PublicKey(*public_key.as_bytes())];
             if let Some(e) = endpoint {
@@ -831,6 +870,8 @@ fn peer_entry(
             }
             (head, flags, allowed_ips.clone().unwrap_or_default())
         }
+        // `set_messages` turns promotes into an add and a remove first.
+        PeerChange::Promote { to, .. } => peer_entry(&PeerChange::Add(to.clone())),
     }
 }
 
@@ -1024,6 +1065,7 @@ fn peer_config(peer: &WireguardPeer) -> std::result::Result<PeerConfig, String> 
         endpoint: None,
         allowed_ips: Vec::new(),
         persistent_keepalive: None,
+        successor: None,
     };
     for attr in peer.iter() {
         match attr {
@@ -1305,6 +1347,7 @@ mod tests {
             endpoint: Some(SocketAddr::from(([192, 0, 2, (i % 250) as u8 + 1], 51820))),
             allowed_ips: ips,
             persistent_keepalive: Some(25),
+            successor: None,
         }
     }
 
@@ -1366,6 +1409,7 @@ mod tests {
             endpoint: Some("[2001:db8::4]:51820".parse().unwrap()),
             allowed_ips: vec![net("10.244.4.0/24"), net("fd00:4::/64")],
             persistent_keepalive: Some(25),
+            successor: None,
         };
         let changes = ChangeSet {
             private_key: Some(key.clone()),
@@ -1377,15 +1421,18 @@ mod tests {
                     endpoint: Some("192.0.2.2:51821".parse().unwrap()),
                     allowed_ips: None,
                     persistent_keepalive: Some(None),
+                    successor: None,
                 },
                 PeerChange::Update {
                     public_key: pk(3),
                     endpoint: None,
                     allowed_ips: Some(vec![net("10.244.3.0/24")]),
                     persistent_keepalive: None,
+                    successor: None,
                 },
                 PeerChange::Add(added),
             ],
+            extra_identity: None,
         };
         let messages = set_messages("wgmesh0", &changes, SAFE_MESSAGE_BYTES);
         assert_eq!(messages.len(), 1);
@@ -1498,6 +1545,7 @@ mod tests {
             private_key: Some(key.clone()),
             listen_port: Some(51820),
             peers,
+            extra_identity: None,
         };
         let messages = set_messages("wgmesh0", &changes, SAFE_MESSAGE_BYTES);
         eprintln!(
@@ -1588,18 +1636,21 @@ mod tests {
                     endpoint: None,
                     allowed_ips: None,
                     persistent_keepalive: Some(Some(10)),
+                    successor: None,
                 },
                 PeerChange::Update {
                     public_key: pk(3),
                     endpoint: None,
                     allowed_ips: Some(many.clone()),
                     persistent_keepalive: None,
+                    successor: None,
                 },
                 PeerChange::Update {
                     public_key: pk(4),
                     endpoint: None,
                     allowed_ips: Some(Vec::new()),
                     persistent_keepalive: None,
+                    successor: None,
                 },
             ],
             ..ChangeSet::default()
@@ -1680,6 +1731,7 @@ mod tests {
             private_key: Some(key),
             listen_port: Some(51820),
             peers: vec![PeerChange::Remove(pk(1))],
+            extra_identity: None,
         };
         let messages = set_messages("wgmesh0", &changes, SAFE_MESSAGE_BYTES);
         let text = format!("{messages:?}");
@@ -1822,6 +1874,7 @@ mod tests {
                     endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                     allowed_ips: vec![net("10.244.1.0/24")],
                     persistent_keepalive: None,
+                    successor: None,
                 },
                 PeerConfig {
                     public_key: pk(2),
@@ -1832,12 +1885,14 @@ mod tests {
                         net("fd00:2::/64")
                     ],
                     persistent_keepalive: Some(25),
+                    successor: None,
                 },
                 PeerConfig {
                     public_key: pk(3),
                     endpoint: None,
                     allowed_ips: vec![],
                     persistent_keepalive: None,
+                    successor: None,
                 },
             ]
         );
@@ -2060,6 +2115,7 @@ mod tests {
                         endpoint: None,
                         allowed_ips: Vec::new(),
                         persistent_keepalive: None,
+                        successor: None,
                     });
                 }
                 if flags.contains(WireguardPeerFlags::ReplaceAllowedIps) {
@@ -2138,5 +2194,50 @@ mod tests {
     fn the_backend_is_send() {
         fn is_send<T: Send>() {}
         is_send::<KernelBackend>();
+    }
+
+    #[test]
+    fn a_key_change_is_one_request_new_key_first_with_a_forced_handshake() {
+        // Peer 1's node rotated to key 9: add 9 with the allowed IPs (kernel
+        // moves each prefix atomically), then remove 1, then take the
+        // forcing keepalive off 9 again. A promote (from a change set built
+        // for a dual-capable device) comes out the same way.
+        let ips = vec![net("10.244.1.0/24"), net("fd00:1::/64")];
+        let new = PeerConfig {
+            successor: Some(pk(5)),
+            persistent_keepalive: None,
+            ..peer(9, ips.clone())
+        };
+        for peers in [
+            vec![PeerChange::Add(new.clone()), PeerChange::Remove(pk(1))],
+            vec![PeerChange::Promote {
+                from: pk(1),
+                to: new.clone(),
+            }],
+        ] {
+            let changes = ChangeSet {
+                peers,
+                extra_identity: Some(None),
+                ..ChangeSet::default()
+            };
+            let messages = set_messages("wgmesh0", &changes, SAFE_MESSAGE_BYTES);
+            assert_eq!(messages.len(), 1);
+            let (_, _, m) = parse(&messages[0].to_bytes(FAMILY, 1));
+            let got = peers_of(&m);
+            let keys: Vec<PublicKey> = got.iter().map(key_of).collect();
+            assert_eq!(keys, vec![pk(9), pk(1), pk(9)]);
+            assert!(flags_of(&got[0]).contains(WireguardPeerFlags::ReplaceAllowedIps));
+            assert_eq!(ips_of(&got[0]), ips);
+            assert!(flags_of(&got[1]).contains(WireguardPeerFlags::RemoveMe));
+            assert!(flags_of(&got[2]).contains(WireguardPeerFlags::UpdateOnly));
+            let keepalive = |p: &WireguardPeer| {
+                p.iter().find_map(|a| match a {
+                    WireguardPeerAttribute::PersistentKeepalive(k) => Some(*k),
+                    _ => None,
+                })
+            };
+            assert_eq!(keepalive(&got[0]), Some(FORCE_HANDSHAKE_KEEPALIVE));
+            assert_eq!(keepalive(&got[2]), Some(0));
+        }
     }
 }

@@ -122,6 +122,62 @@ pub struct DeviceSnapshot {
     /// The socket mark; 0 = none (the line is omitted then).
     pub fwmark: u32,
     pub peers: Vec<PeerSnapshot>,
+    /// `wgmesh_version`: set by wgmesh's own data plane, `None` from every
+    /// other implementation. When `None`, [`format_get`] writes no extension
+    /// key at all (the output is byte for byte wireguard-go's).
+    pub wgmesh_version: Option<u32>,
+    /// `wgmesh_extra_public_key` + `wgmesh_extra_role`: the device's second
+    /// local identity during a key rotation. Only its public key travels.
+    pub extra_identity: Option<(PublicKey, ExtraRole)>,
+}
+
+/// The role of a device's extra local identity during a key rotation (see
+/// docs/dataplane.md, "Key rotation extensions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExtraRole {
+    /// The staged next key: accepted, and probed towards every peer.
+    Next,
+    /// The key just replaced: accepted and answered, never initiating.
+    Previous,
+}
+
+impl ExtraRole {
+    /// The UAPI spelling: `next` or `previous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExtraRole::Next => "next",
+            ExtraRole::Previous => "previous",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "next" => Some(ExtraRole::Next),
+            "previous" => Some(ExtraRole::Previous),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ExtraRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The wgmesh extension version [`DeviceSnapshot::wgmesh_version`] carries.
+pub const WGMESH_VERSION: u32 = 1;
+
+/// One established session in a `get` (`wgmesh_session=` line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSession {
+    /// The local identity the session runs under.
+    pub local: PublicKey,
+    /// The remote static key it was made with (the peer's key or its
+    /// successor / predecessor).
+    pub remote: PublicKey,
+    /// Unix time `(seconds, nanoseconds)` the handshake completed.
+    pub established: (u64, u32),
 }
 
 /// One peer in a [`DeviceSnapshot`].
@@ -145,6 +201,10 @@ pub struct PeerSnapshot {
     /// Always [`PROTOCOL_VERSION`] today; read back as sent, 1 if the server
     /// omits it (every implementation that does speaks version 1).
     pub protocol_version: u32,
+    /// `wgmesh_successor_public_key`: a key accepted as this same peer.
+    pub successor: Option<PublicKey>,
+    /// `wgmesh_session` lines: the peer's established sessions.
+    pub sessions: Vec<SnapshotSession>,
 }
 
 /// A parsed request, as the server sees it.
@@ -164,6 +224,12 @@ pub enum Request {
 pub struct SetRequest {
     /// `Some(None)` removes the key (all-zero hex on the wire).
     pub private_key: Option<Option<PrivateKey>>,
+    /// `wgmesh_extra_private_key` + `wgmesh_extra_role`: `Some(None)` clears
+    /// the extra identity (an empty or all-zero key). A server applies it
+    /// together with [`SetRequest::private_key`], as one change of the local
+    /// identities, so a key that moves between the two slots keeps its
+    /// sessions.
+    pub extra_identity: Option<Option<(PrivateKey, ExtraRole)>>,
     /// `Some(0)` asks for a random port.
     pub listen_port: Option<u16>,
     /// `Some(0)` clears the mark.
@@ -219,6 +285,12 @@ pub struct PeerUpdate {
     /// Only ever `Some(PROTOCOL_VERSION)` from the parser; any other value is
     /// rejected on the wire.
     pub protocol_version: Option<u32>,
+    /// `wgmesh_successor_public_key`: `Some(None)` clears it (empty or
+    /// all-zero value), which also drops what a promote left of the old key.
+    pub successor: Option<Option<PublicKey>>,
+    /// `wgmesh_promote_successor=true`: rename the peer to its successor
+    /// first; the section's other fields then apply to the renamed peer.
+    pub promote_successor: bool,
 }
 
 /// Why a message could not be parsed, or what the other side answered.
@@ -269,6 +341,13 @@ pub enum ProtoError {
     BadAllowedIp { line: usize },
     #[error("line {line}: protocol_version must be {PROTOCOL_VERSION}")]
     BadProtocolVersion { line: usize },
+    /// `wgmesh_extra_role` is not `next` or `previous`.
+    #[error("line {line}: wgmesh_extra_role must be next or previous")]
+    BadExtraRole { line: usize },
+    /// A non-zero `wgmesh_extra_private_key` without `wgmesh_extra_role`, or
+    /// a role without a key.
+    #[error("wgmesh_extra_private_key and wgmesh_extra_role must be set together")]
+    ExtraIdentityIncomplete,
 
     // --- responses (client side) ---
     /// A known key of a response has a value that does not parse.
@@ -310,7 +389,9 @@ impl ProtoError {
             | Self::BadFlag { .. }
             | Self::BadEndpoint { .. }
             | Self::BadAllowedIp { .. }
-            | Self::BadProtocolVersion { .. } => errno::INVALID,
+            | Self::BadProtocolVersion { .. }
+            | Self::BadExtraRole { .. }
+            | Self::ExtraIdentityIncomplete => errno::INVALID,
             // wireguard-tools' userspace_get_device: any unreadable reply -> -EPROTO.
             Self::BadResponse { .. } | Self::MissingErrno => errno::PROTOCOL,
             Self::Remote { errno } => *errno,
@@ -409,6 +490,14 @@ pub fn format_set(request: &SetRequest) -> Zeroizing<String> {
         Some(None) => push_line(&mut out, "private_key", ZERO_KEY_HEX),
         None => {}
     }
+    match &request.extra_identity {
+        Some(Some((key, role))) => {
+            push_line(&mut out, "wgmesh_extra_private_key", key.to_hex().as_str());
+            push_line(&mut out, "wgmesh_extra_role", role);
+        }
+        Some(None) => push_line(&mut out, "wgmesh_extra_private_key", ""),
+        None => {}
+    }
     if let Some(port) = request.listen_port {
         push_line(&mut out, "listen_port", port);
     }
@@ -426,6 +515,10 @@ pub fn format_set(request: &SetRequest) -> Zeroizing<String> {
         }
         if peer.update_only {
             push_line(&mut out, "update_only", "true");
+        }
+        // Before any field: they apply to the renamed peer.
+        if peer.promote_successor {
+            push_line(&mut out, "wgmesh_promote_successor", "true");
         }
         if let Some(version) = peer.protocol_version {
             push_line(&mut out, "protocol_version", version);
@@ -450,6 +543,11 @@ pub fn format_set(request: &SetRequest) -> Zeroizing<String> {
         for net in &peer.allowed_ips {
             push_line(&mut out, "allowed_ip", net.trunc());
         }
+        match &peer.successor {
+            Some(Some(key)) => push_line(&mut out, "wgmesh_successor_public_key", key.to_hex()),
+            Some(None) => push_line(&mut out, "wgmesh_successor_public_key", ""),
+            None => {}
+        }
     }
     out.push('\n');
     out
@@ -467,12 +565,23 @@ pub fn format_set(request: &SetRequest) -> Zeroizing<String> {
 ///
 /// The private key is written as the snapshot holds it; wireguard-go clamps a
 /// key when it is set and so reports the clamped form. Both denote the same key.
+///
+/// wgmesh extension keys (docs/dataplane.md) are written only when the
+/// snapshot has [`DeviceSnapshot::wgmesh_version`]: `wgmesh_version` and the
+/// extra identity after `fwmark`, and per peer, after its `allowed_ip` lines,
+/// `wgmesh_successor_public_key` and one `wgmesh_session` per established
+/// session. `wg` (wireguard-tools' `ipc-uapi.h`) and wgctrl-go skip keys they
+/// do not know, so `wg show` and `wg showconf` read this output unchanged.
 pub fn format_get(snapshot: &DeviceSnapshot) -> Zeroizing<String> {
     let bound = GET_DEVICE_BOUND
         + snapshot
             .peers
             .iter()
-            .map(|p| PEER_BOUND + ALLOWED_IP_BOUND * p.allowed_ips.len())
+            .map(|p| {
+                PEER_BOUND
+                    + ALLOWED_IP_BOUND * p.allowed_ips.len()
+                    + SESSION_BOUND * p.sessions.len()
+            })
             .sum::<usize>();
     let mut out = Zeroizing::new(String::with_capacity(bound));
     if let Some(key) = &snapshot.private_key {
@@ -483,6 +592,14 @@ pub fn format_get(snapshot: &DeviceSnapshot) -> Zeroizing<String> {
     }
     if snapshot.fwmark != 0 {
         push_line(&mut out, "fwmark", snapshot.fwmark);
+    }
+    let extensions = snapshot.wgmesh_version.is_some();
+    if let Some(version) = snapshot.wgmesh_version {
+        push_line(&mut out, "wgmesh_version", version);
+        if let Some((key, role)) = &snapshot.extra_identity {
+            push_line(&mut out, "wgmesh_extra_public_key", key.to_hex());
+            push_line(&mut out, "wgmesh_extra_role", role);
+        }
     }
     for peer in &snapshot.peers {
         push_line(&mut out, "public_key", peer.public_key.to_hex());
@@ -506,6 +623,19 @@ pub fn format_get(snapshot: &DeviceSnapshot) -> Zeroizing<String> {
         );
         for net in &peer.allowed_ips {
             push_line(&mut out, "allowed_ip", net.trunc());
+        }
+        if extensions {
+            if let Some(key) = &peer.successor {
+                push_line(&mut out, "wgmesh_successor_public_key", key.to_hex());
+            }
+            for s in &peer.sessions {
+                let (secs, nsecs) = s.established;
+                push_line(
+                    &mut out,
+                    "wgmesh_session",
+                    format_args!("{},{},{secs},{nsecs}", s.local.to_hex(), s.remote.to_hex()),
+                );
+            }
         }
     }
     out.push_str("errno=0\n\n");
@@ -531,6 +661,7 @@ pub fn parse_get_response(text: &str) -> Result<DeviceSnapshot> {
         return Err(ProtoError::Remote { errno: status });
     }
     let mut device = DeviceSnapshot::default();
+    let (mut extra_key, mut extra_role) = (None, None);
     for &(line, key, value) in &lines {
         let bad = |key: &'static str| ProtoError::BadResponse { line, key };
         let Some(peer) = device.peers.last_mut() else {
@@ -558,6 +689,20 @@ pub fn parse_get_response(text: &str) -> Result<DeviceSnapshot> {
                         .ok_or(bad("fwmark"))?;
                 }
                 "public_key" => device.peers.push(parse_snapshot_peer(line, value)?),
+                "wgmesh_version" => {
+                    device.wgmesh_version = Some(
+                        parse_decimal(value, u32::MAX.into())
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or(bad("wgmesh_version"))?,
+                    );
+                }
+                "wgmesh_extra_public_key" => {
+                    let bytes = parse_hex_key(value).ok_or(bad("wgmesh_extra_public_key"))?;
+                    extra_key = Some(PublicKey::from_bytes(*bytes));
+                }
+                "wgmesh_extra_role" => {
+                    extra_role = Some(ExtraRole::parse(value).ok_or(bad("wgmesh_extra_role"))?);
+                }
                 _ => {}
             }
             continue;
@@ -600,9 +745,20 @@ pub fn parse_get_response(text: &str) -> Result<DeviceSnapshot> {
             "allowed_ip" => peer
                 .allowed_ips
                 .push(parse_prefix(value).ok_or(bad("allowed_ip"))?),
+            "wgmesh_successor_public_key" => {
+                let bytes = parse_hex_key(value).ok_or(bad("wgmesh_successor_public_key"))?;
+                peer.successor = Some(PublicKey::from_bytes(*bytes));
+            }
+            "wgmesh_session" => peer
+                .sessions
+                .push(parse_session(value).ok_or(bad("wgmesh_session"))?),
             _ => {}
         }
     }
+    device.extra_identity = match (extra_key, extra_role) {
+        (Some(key), Some(role)) => Some((key, role)),
+        _ => None,
+    };
     for peer in &mut device.peers {
         if peer.last_handshake == Some((0, 0)) {
             peer.last_handshake = None;
@@ -635,6 +791,8 @@ impl PeerSnapshot {
             rx_bytes: 0,
             tx_bytes: 0,
             protocol_version: PROTOCOL_VERSION,
+            successor: None,
+            sessions: Vec::new(),
         }
     }
 }
@@ -653,6 +811,8 @@ impl PeerUpdate {
             allowed_ips: Vec::new(),
             remove_allowed_ips: Vec::new(),
             protocol_version: None,
+            successor: None,
+            promote_successor: false,
         }
     }
 
@@ -673,13 +833,27 @@ const ZERO_KEY_HEX: &str = "0000000000000000000000000000000000000000000000000000
 // endpoint is at most `[` + 45 (IPv6 with embedded IPv4) + `%` + 10 + `]:` +
 // 5 = 64 characters; a prefix `-` + 45 + `/128`. The per-peer figure covers
 // every peer line of either message with room to spare (`get`: 434 bytes).
-const GET_DEVICE_BOUND: usize = 128;
-const SET_DEVICE_BOUND: usize = 160;
-const PEER_BOUND: usize = 512;
+// The extensions add at most: `wgmesh_version=` + 10 digits, the extra
+// identity (`wgmesh_extra_private_key=` + 64 hex = 90, role 27) and per peer
+// the successor (93) and promote (30) lines; a `wgmesh_session=` line is 15 +
+// 64 + 1 + 64 + 1 + 20 + 1 + 9 + 1 = 176.
+const GET_DEVICE_BOUND: usize = 384;
+const SET_DEVICE_BOUND: usize = 384;
+const PEER_BOUND: usize = 768;
 const ALLOWED_IP_BOUND: usize = 64;
+const SESSION_BOUND: usize = 192;
 
-const DEVICE_KEYS: &[&str] = &["private_key", "listen_port", "fwmark", "replace_peers"];
+const DEVICE_KEYS: &[&str] = &[
+    "private_key",
+    "listen_port",
+    "fwmark",
+    "replace_peers",
+    "wgmesh_extra_private_key",
+    "wgmesh_extra_role",
+];
 const PEER_KEYS: &[&str] = &[
+    "wgmesh_successor_public_key",
+    "wgmesh_promote_successor",
     "update_only",
     "remove",
     "preshared_key",
@@ -741,8 +915,28 @@ impl PeerBuilder {
     }
 }
 
+/// The extra-identity lines of a `set`, paired up when the message ends.
+#[derive(Default)]
+struct ExtraLines {
+    /// `Some(None)`: cleared (empty or all-zero).
+    key: Option<Option<PrivateKey>>,
+    role: Option<ExtraRole>,
+}
+
+impl ExtraLines {
+    fn finish(self) -> Result<Option<Option<(PrivateKey, ExtraRole)>>> {
+        match (self.key, self.role) {
+            (None, None) => Ok(None),
+            (Some(None), _) => Ok(Some(None)),
+            (Some(Some(key)), Some(role)) => Ok(Some(Some((key, role)))),
+            (Some(Some(_)), None) | (None, Some(_)) => Err(ProtoError::ExtraIdentityIncomplete),
+        }
+    }
+}
+
 fn parse_set_body(mut rest: &[u8]) -> Result<SetRequest> {
     let mut request = SetRequest::default();
+    let mut extra = ExtraLines::default();
     let mut peer: Option<PeerBuilder> = None;
     let mut line = 1;
     loop {
@@ -765,6 +959,7 @@ fn parse_set_body(mut rest: &[u8]) -> Result<SetRequest> {
                 return Err(ProtoError::TrailingData);
             }
             request.peers.extend(peer.map(PeerBuilder::finish));
+            request.extra_identity = extra.finish()?;
             return Ok(request);
         }
         let Some(eq) = text.iter().position(|&b| b == b'=') else {
@@ -786,14 +981,39 @@ fn parse_set_body(mut rest: &[u8]) -> Result<SetRequest> {
             continue;
         }
         match &mut peer {
-            None => device_line(&mut request, line, &key, &value)?,
+            None => device_line(&mut request, &mut extra, line, &key, &value)?,
             Some(peer) => peer_line(peer, line, &key, &value)?,
         }
     }
 }
 
-fn device_line(request: &mut SetRequest, line: usize, key: &str, value: &str) -> Result<()> {
+fn device_line(
+    request: &mut SetRequest,
+    extra: &mut ExtraLines,
+    line: usize,
+    key: &str,
+    value: &str,
+) -> Result<()> {
     match key {
+        "wgmesh_extra_private_key" => {
+            let bad = ProtoError::BadKey {
+                line,
+                key: "wgmesh_extra_private_key",
+            };
+            extra.key = Some(if value.is_empty() {
+                None
+            } else {
+                let bytes = parse_hex_key(value).ok_or(bad.clone())?;
+                if is_zero(&bytes) {
+                    None
+                } else {
+                    Some(PrivateKey::from_bytes(*bytes).ok().ok_or(bad)?)
+                }
+            });
+        }
+        "wgmesh_extra_role" => {
+            extra.role = Some(ExtraRole::parse(value).ok_or(ProtoError::BadExtraRole { line })?);
+        }
         "private_key" => {
             let bad = ProtoError::BadKey {
                 line,
@@ -880,6 +1100,20 @@ fn peer_line(peer: &mut PeerBuilder, line: usize, key: &str, value: &str) -> Res
             };
             let net = parse_prefix(text).ok_or(ProtoError::BadAllowedIp { line })?;
             peer.allowed_ip_ops.push((net, add));
+        }
+        "wgmesh_successor_public_key" => {
+            update.successor = Some(if value.is_empty() {
+                None
+            } else {
+                let bytes = parse_hex_key(value).ok_or(ProtoError::BadKey {
+                    line,
+                    key: "wgmesh_successor_public_key",
+                })?;
+                (!is_zero(&bytes)).then(|| PublicKey::from_bytes(*bytes))
+            });
+        }
+        "wgmesh_promote_successor" => {
+            update.promote_successor = parse_flag(value, line, "wgmesh_promote_successor")?;
         }
         "protocol_version" => {
             // wireguard-go compares the text with "1": no leading zeros.
@@ -968,6 +1202,23 @@ fn parse_snapshot_peer(line: usize, value: &str) -> Result<PeerSnapshot> {
         key: "public_key",
     })?;
     Ok(PeerSnapshot::new(PublicKey::from_bytes(*bytes)))
+}
+
+/// `<local hex>,<remote hex>,<unix seconds>,<nanoseconds>`.
+fn parse_session(value: &str) -> Option<SnapshotSession> {
+    let mut parts = value.split(',');
+    let local = PublicKey::from_bytes(*parse_hex_key(parts.next()?)?);
+    let remote = PublicKey::from_bytes(*parse_hex_key(parts.next()?)?);
+    let secs = parse_decimal(parts.next()?, u64::MAX)?;
+    let nsecs = u32::try_from(parse_decimal(parts.next()?, 999_999_999)?).ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(SnapshotSession {
+        local,
+        remote,
+        established: (secs, nsecs),
+    })
 }
 
 /// Exactly 64 hex digits, either case (Go's `hex.DecodeString`).
@@ -1094,6 +1345,8 @@ mod tests {
             private_key: Some(private(ALICE_PRIVATE_CLAMPED)),
             listen_port: 51820,
             fwmark: 42,
+            wgmesh_version: None,
+            extra_identity: None,
             peers: vec![PeerSnapshot {
                 preshared_key: Some(psk(PSK)),
                 endpoint: Some("[fd00::1]:51821".parse().unwrap()),
@@ -1219,6 +1472,7 @@ remove=true
     fn wg_set_request() -> SetRequest {
         SetRequest {
             private_key: Some(Some(private(ALICE_PRIVATE))),
+            extra_identity: None,
             listen_port: Some(51820),
             fwmark: Some(42),
             replace_peers: false,
@@ -1907,6 +2161,8 @@ remove=true
             listen_port: u16::MAX,
             fwmark: u32::MAX,
             peers: vec![peer; 3],
+            wgmesh_version: None,
+            extra_identity: None,
         };
         let out = format_get(&snapshot);
         assert_eq!(
@@ -1932,6 +2188,7 @@ remove=true
             fwmark: Some(u32::MAX),
             replace_peers: true,
             peers: vec![update; 3],
+            extra_identity: None,
         };
         let out = format_set(&req);
         assert_eq!(
@@ -2041,6 +2298,7 @@ remove=true
                     fwmark,
                     replace_peers,
                     peers,
+                    extra_identity: None,
                 }
             })
     }
@@ -2067,6 +2325,8 @@ remove=true
                         rx_bytes: n.0,
                         tx_bytes: n.1,
                         protocol_version: n.2,
+                        successor: None,
+                        sessions: Vec::new(),
                     }
                 },
             )
@@ -2083,6 +2343,8 @@ remove=true
                 listen_port,
                 fwmark,
                 peers,
+                wgmesh_version: None,
+                extra_identity: None,
             })
     }
 
@@ -2166,6 +2428,144 @@ remove=true
             let text = format_get(&snapshot);
             prop_assert_eq!(message_len(text.as_bytes()), Some(text.len()));
             prop_assert_eq!(parse_get_response(&text).unwrap(), snapshot);
+        }
+    }
+
+    // --- wgmesh extensions ---------------------------------------------------
+
+    fn extended_snapshot() -> DeviceSnapshot {
+        let mut snap = golden_snapshot();
+        snap.wgmesh_version = Some(WGMESH_VERSION);
+        snap.extra_identity = Some((public(ALICE_PUBLIC), ExtraRole::Next));
+        snap.peers[0].successor = Some(public(ALICE_PUBLIC));
+        snap.peers[0].sessions = vec![
+            SnapshotSession {
+                local: public(ALICE_PUBLIC),
+                remote: public(BOB_PUBLIC),
+                established: (1_700_000_000, 5),
+            },
+            SnapshotSession {
+                local: public(BOB_PUBLIC),
+                remote: public(ALICE_PUBLIC),
+                established: (1_700_000_001, 999_999_999),
+            },
+        ];
+        snap
+    }
+
+    #[test]
+    fn extension_keys_round_trip_in_a_get() {
+        let snap = extended_snapshot();
+        let text = format_get(&snap);
+        for want in [
+            "wgmesh_version=1\n".to_owned(),
+            format!("wgmesh_extra_public_key={ALICE_PUBLIC}\nwgmesh_extra_role=next\n"),
+            format!("wgmesh_successor_public_key={ALICE_PUBLIC}\n"),
+            format!("wgmesh_session={ALICE_PUBLIC},{BOB_PUBLIC},1700000000,5\n"),
+        ] {
+            assert!(
+                text.contains(&want),
+                "missing {want:?} in\n{}",
+                text.as_str()
+            );
+        }
+        // Only the extra identity's public half ever travels.
+        assert_eq!(text.matches("private_key=").count(), 1);
+        assert_eq!(parse_get_response(&text).unwrap(), snap);
+        let mut previous = snap.clone();
+        previous.extra_identity = Some((public(ALICE_PUBLIC), ExtraRole::Previous));
+        assert_eq!(
+            parse_get_response(&format_get(&previous)).unwrap(),
+            previous
+        );
+    }
+
+    #[test]
+    fn without_a_version_no_extension_key_is_written() {
+        let mut snap = extended_snapshot();
+        snap.wgmesh_version = None;
+        let text = format_get(&snap);
+        assert_eq!(text.as_str(), WIREGUARD_GO_GET_OUTPUT);
+        // And a foreign answer reads back without capabilities.
+        let parsed = parse_get_response(WIREGUARD_GO_GET_OUTPUT).unwrap();
+        assert_eq!(parsed.wgmesh_version, None);
+        assert_eq!(parsed.extra_identity, None);
+    }
+
+    #[test]
+    fn a_malformed_session_line_fails_the_get() {
+        let text = format!(
+            "wgmesh_version=1\npublic_key={BOB_PUBLIC}\nwgmesh_session={ALICE_PUBLIC},{BOB_PUBLIC},1\nerrno=0\n\n"
+        );
+        assert!(matches!(
+            parse_get_response(&text),
+            Err(ProtoError::BadResponse {
+                key: "wgmesh_session",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn extension_keys_round_trip_in_a_set() {
+        let mut req = SetRequest {
+            extra_identity: Some(Some((private(ALICE_PRIVATE), ExtraRole::Previous))),
+            ..SetRequest::default()
+        };
+        let mut promote = PeerUpdate::new(public(BOB_PUBLIC));
+        promote.update_only = true;
+        promote.promote_successor = true;
+        promote.endpoint = Some("192.0.2.1:51820".parse().unwrap());
+        let mut stage = PeerUpdate::new(public(ALICE_PUBLIC));
+        stage.successor = Some(Some(public(BOB_PUBLIC)));
+        let mut clear = PeerUpdate::new(public(BOB_PUBLIC));
+        clear.successor = Some(None);
+        req.peers = vec![promote, stage, clear];
+        let text = format_set(&req);
+        assert!(text.contains(&format!(
+            "wgmesh_extra_private_key={ALICE_PRIVATE}\nwgmesh_extra_role=previous\n"
+        )));
+        assert!(text.contains(&format!(
+            "public_key={BOB_PUBLIC}\nupdate_only=true\nwgmesh_promote_successor=true\n"
+        )));
+        assert!(text.contains("wgmesh_successor_public_key=\n"));
+        assert_eq!(parse_request(&text).unwrap(), Request::Set(req.clone()));
+
+        // Clearing the extra identity: empty or all-zero.
+        for value in ["", ZERO_KEY_HEX] {
+            let r = set(&format!("wgmesh_extra_private_key={value}\n")).unwrap();
+            assert_eq!(r.extra_identity, Some(None));
+        }
+        let cleared = SetRequest {
+            extra_identity: Some(None),
+            ..SetRequest::default()
+        };
+        assert_eq!(
+            parse_request(&format_set(&cleared)).unwrap(),
+            Request::Set(cleared)
+        );
+        // A zero successor clears too.
+        let p = peer_set(&format!("wgmesh_successor_public_key={ZERO_KEY_HEX}\n")).unwrap();
+        assert_eq!(p.successor, Some(None));
+    }
+
+    #[test]
+    fn bad_extension_lines_are_einval() {
+        let cases = [
+            format!("wgmesh_extra_private_key={ALICE_PRIVATE}\n"),
+            "wgmesh_extra_role=next\n".to_owned(),
+            format!("wgmesh_extra_private_key={ALICE_PRIVATE}\nwgmesh_extra_role=current\n"),
+            "wgmesh_extra_private_key=abc\nwgmesh_extra_role=next\n".to_owned(),
+            format!("public_key={BOB_PUBLIC}\nwgmesh_successor_public_key=xyz\n"),
+            format!("public_key={BOB_PUBLIC}\nwgmesh_promote_successor=false\n"),
+            format!("public_key={BOB_PUBLIC}\nwgmesh_extra_role=next\n"),
+            "wgmesh_successor_public_key=\n".to_owned(),
+        ];
+        for body in cases {
+            let err = set(&body).unwrap_err();
+            assert_eq!(err.errno(), errno::INVALID, "{body:?}: {err}");
+            // No value is ever echoed.
+            assert!(!err.to_string().contains(ALICE_PRIVATE), "{err}");
         }
     }
 }

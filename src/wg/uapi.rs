@@ -2,6 +2,12 @@
 //! plane, wireguard-go and boringtun-cli alike. A change set is one `set=1`
 //! request, so the device applies all of it or (with wgmesh's data plane)
 //! none of it.
+//!
+//! wgmesh's data plane answers `get` with `wgmesh_version=` (and the other
+//! `wgmesh_` keys of docs/dataplane.md); no other implementation does, which
+//! is how [`Backend::capabilities`] tells them apart. Until a `get` has shown
+//! the key, and for every device that never shows it, no `wgmesh_` key is
+//! ever written to the socket.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -9,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::proto::{self, PeerUpdate, SetRequest};
-use super::{Backend, ChangeSet, DeviceState, PeerStats, Result, WgError};
+use super::{
+    restrict, Backend, Capabilities, ChangeSet, DeviceState, PeerStats, Result, SessionInfo,
+    WgError,
+};
 use crate::mesh::{PeerChange, PeerConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,11 +27,16 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct UapiBackend {
     path: PathBuf,
+    /// What the last successful `get` showed; none before the first.
+    caps: Capabilities,
 }
 
 impl UapiBackend {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            caps: Capabilities::default(),
+        }
     }
 
     /// The socket of `interface` in `dir`.
@@ -30,12 +44,20 @@ impl UapiBackend {
         Self::new(dir.join(format!("{interface}.sock")))
     }
 
-    fn get(&self) -> Result<proto::DeviceSnapshot> {
+    fn get(&mut self) -> Result<proto::DeviceSnapshot> {
         let text = self.exchange(proto::format_get_request())?;
-        proto::parse_get_response(&text).map_err(|source| WgError::Protocol {
+        let snap = proto::parse_get_response(&text).map_err(|source| WgError::Protocol {
             path: self.path.display().to_string(),
             source,
-        })
+        })?;
+        // Re-learnt at every get: another implementation may have taken the
+        // socket over since.
+        self.caps = if snap.wgmesh_version.is_some() {
+            Capabilities::WGMESH
+        } else {
+            Capabilities::default()
+        };
+        Ok(snap)
     }
 
     fn exchange(&self, request: &str) -> Result<String> {
@@ -74,6 +96,10 @@ impl Backend for UapiBackend {
         format!("uapi {}", self.path.display())
     }
 
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
     fn peer_stats(&mut self) -> Result<Vec<PeerStats>> {
         let snap = self.get()?;
         Ok(snap
@@ -93,9 +119,23 @@ impl Backend for UapiBackend {
 
     fn state(&mut self) -> Result<DeviceState> {
         let snap = self.get()?;
+        let mut sessions = Vec::new();
+        for p in &snap.peers {
+            for s in &p.sessions {
+                let (secs, nsecs) = s.established;
+                sessions.push(SessionInfo {
+                    peer: p.public_key,
+                    local: s.local,
+                    remote: s.remote,
+                    established: std::time::UNIX_EPOCH + std::time::Duration::new(secs, nsecs),
+                });
+            }
+        }
         Ok(DeviceState {
             public_key: snap.private_key.as_ref().map(|k| k.public_key()),
             listen_port: snap.listen_port,
+            extra_identity: snap.extra_identity,
+            sessions,
             peers: snap
                 .peers
                 .into_iter()
@@ -105,6 +145,7 @@ impl Backend for UapiBackend {
                         endpoint: p.endpoint,
                         allowed_ips: p.allowed_ips,
                         persistent_keepalive: Some(p.persistent_keepalive_interval),
+                        successor: p.successor,
                     };
                     c.normalize();
                     c
@@ -117,7 +158,7 @@ impl Backend for UapiBackend {
         if changes.is_empty() {
             return Ok(());
         }
-        let request = set_request(changes);
+        let request = set_request(changes, self.caps);
         let text = self.exchange(&proto::format_set(&request))?;
         proto::parse_errno_response(&text).map_err(|source| WgError::Protocol {
             path: self.path.display().to_string(),
@@ -126,10 +167,15 @@ impl Backend for UapiBackend {
     }
 }
 
-/// The `set=1` request for a change set.
-pub fn set_request(changes: &ChangeSet) -> SetRequest {
+/// The `set=1` request for a change set, on a device with `caps`: whatever
+/// `caps` does not allow is left out (see [`restrict`]), so a foreign
+/// implementation never sees a `wgmesh_` key. Sections keep the change set's
+/// order: a hand-over's add section comes before its remove section.
+pub fn set_request(changes: &ChangeSet, caps: Capabilities) -> SetRequest {
+    let changes = restrict(changes, caps);
     SetRequest {
         private_key: changes.private_key.clone().map(Some),
+        extra_identity: changes.extra_identity.clone(),
         listen_port: changes.listen_port,
         fwmark: None,
         replace_peers: false,
@@ -146,6 +192,7 @@ fn peer_update(change: &PeerChange) -> PeerUpdate {
             u.persistent_keepalive_interval = Some(p.persistent_keepalive.unwrap_or(0));
             u.replace_allowed_ips = true;
             u.allowed_ips = p.allowed_ips.clone();
+            u.successor = p.successor.map(Some);
             u
         }
         PeerChange::Update {
@@ -153,6 +200,7 @@ fn peer_update(change: &PeerChange) -> PeerUpdate {
             endpoint,
             allowed_ips,
             persistent_keepalive,
+            successor,
         } => {
             let mut u = PeerUpdate::new(*public_key);
             u.update_only = true;
@@ -162,6 +210,23 @@ fn peer_update(change: &PeerChange) -> PeerUpdate {
                 u.replace_allowed_ips = true;
                 u.allowed_ips = ips.clone();
             }
+            u.successor = *successor;
+            u
+        }
+        // One section: the rename first, then `to`'s fields on the renamed
+        // peer (update-only, so a peer that is already gone is not recreated
+        // under the old key).
+        PeerChange::Promote { from, to } => {
+            let mut u = PeerUpdate::new(*from);
+            u.update_only = true;
+            u.promote_successor = true;
+            u.endpoint = to.endpoint;
+            u.persistent_keepalive_interval = Some(to.persistent_keepalive.unwrap_or(0));
+            u.replace_allowed_ips = true;
+            u.allowed_ips = to.allowed_ips.clone();
+            // Only a new successor: an empty value would also drop the
+            // sessions the promote keeps under the old key.
+            u.successor = to.successor.map(Some);
             u
         }
     }
