@@ -87,6 +87,7 @@ fn node(i: usize) -> NodeRecord {
         public_key: key(index),
         key_generation: 1,
         key_created: None,
+        audit_head: None,
         next_public_key: None,
         endpoint: SocketAddr::from(([172, 16, hi, lo], 51820)),
         endpoint_forced: false,

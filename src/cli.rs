@@ -36,7 +36,7 @@ pub enum Command {
     /// Run the userspace WireGuard device in the foreground (like wireguard-go -f).
     Dataplane(DataplaneArgs),
     /// Run the node agent: publish this node's key, watch every Node, program the mesh.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show this node's peers like `wg show`, but per node: endpoint, allowed
     /// IPs, last handshake, transfer, key fingerprint, state; and the Nodes
     /// that were rejected, with the reason. Works while the agent is down.
@@ -92,7 +92,7 @@ pub enum KeysCommand {
     /// and confirm it. Exactly one step flag is needed; --all-steps runs the
     /// three at once, which cuts traffic until peers learn the new key, so it is
     /// only for a standalone host without peers.
-    #[command(group(clap::ArgGroup::new("step").args(["stage", "activate", "destroy_old", "all_steps"])))]
+    #[command(group(clap::ArgGroup::new("step").args(["stage", "activate", "destroy_old", "all_steps", "abort"])))]
     Rotate {
         /// Step 1: generate the next key; peers are asked to pre-accept it.
         #[arg(long, env = "WGMESH_ROTATE_STAGE")]
@@ -100,9 +100,14 @@ pub enum KeysCommand {
         /// Step 2: make the staged key the active one; the old key is kept.
         #[arg(long, env = "WGMESH_ROTATE_ACTIVATE")]
         activate: bool,
-        /// Step 3: destroy the previous key (file overwritten and removed).
+        /// Step 3: end the previous key's grace period and destroy it (file
+        /// overwritten and removed).
         #[arg(long, env = "WGMESH_ROTATE_DESTROY_OLD")]
         destroy_old: bool,
+        /// Abandon a staged rotation: withdraw the staged key and destroy it
+        /// (recorded as `aborted`, then `destroyed`); the active key stays.
+        #[arg(long, env = "WGMESH_ROTATE_ABORT")]
+        abort: bool,
         /// All three steps at once, for a standalone host: with peers, traffic to
         /// this node stops until every peer learns the new key.
         #[arg(long, env = "WGMESH_ROTATE_ALL_STEPS")]
@@ -123,6 +128,57 @@ pub enum KeysCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The cluster's key inventory, read from the Nodes: every node's key
+    /// fingerprint, generation, creation time and age against the maximum key
+    /// age (overdue flagged), rotation phase and published audit head.
+    Inventory {
+        #[command(flatten)]
+        source: InventorySource,
+        /// text (a table), json, or csv.
+        #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = InventoryOutput::Text)]
+        output: InventoryOutput,
+    },
+    /// Write an evidence bundle an auditor can keep: the key inventory (json and
+    /// csv), this node's audit log and head, the verification result (plain and
+    /// against --witness logs), the policy in force, and a manifest with the
+    /// SHA-256 of every file, the tool version and the time. Parts that cannot be
+    /// produced (no API access, no store) are named in the manifest as missing.
+    /// Exits 1 when a part is missing or a verification failed (the bundle is
+    /// written all the same).
+    Evidence {
+        /// Directory to write the bundle into (created; must be empty).
+        #[arg(long, env = "WGMESH_EVIDENCE_OUT")]
+        out: PathBuf,
+        /// Other nodes' audit logs to verify this node's log against (a store
+        /// or bundle directory holding audit.jsonl, or an audit .jsonl file);
+        /// copied into the bundle. Repeat, or separate with commas.
+        #[arg(long, env = "WGMESH_WITNESS", value_delimiter = ',')]
+        witness: Vec<PathBuf>,
+        #[command(flatten)]
+        source: InventorySource,
+    },
+}
+
+/// Where the inventory comes from, and the policy it is judged against.
+#[derive(Debug, Args)]
+pub struct InventorySource {
+    /// kubeconfig file; without it: in-cluster config, then ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The cryptoperiod: a key this old or older is overdue (90d, 12h, 2w, 1d12h).
+    #[arg(long, env = "WGMESH_MAX_KEY_AGE", default_value = wgmesh::keys::evidence::DEFAULT_MAX_KEY_AGE, value_parser = parse_max_key_age)]
+    pub max_key_age: u64,
+}
+
+fn parse_max_key_age(text: &str) -> Result<u64, String> {
+    wgmesh::keys::evidence::parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InventoryOutput {
+    Text,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,10 +190,19 @@ pub enum AuditCommand {
         output: Output,
     },
     /// Check the hash chain and the head anchor. Exits 1 and names the first bad
-    /// line on any edited, deleted, inserted, reordered or cut record.
+    /// line on any edited, deleted, inserted, reordered or cut record. With
+    /// --witness, also checks the log against the heads other nodes recorded
+    /// of it (peer-head records): exits 1 naming each witnessed seq the log no
+    /// longer contains or contradicts, which catches a history rewritten with
+    /// a recomputed chain.
     Verify {
         #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Other nodes' audit logs: a store or bundle directory holding
+        /// audit.jsonl (and audit.head), or an audit .jsonl file (its anchor
+        /// is the same name with .head). Repeat, or separate with commas.
+        #[arg(long, env = "WGMESH_WITNESS", value_delimiter = ',')]
+        witness: Vec<PathBuf>,
     },
 }
 
@@ -248,6 +313,28 @@ pub struct AgentArgs {
     /// Priority of wgmesh's `ip rule`s (exemptions take the numbers just below).
     #[arg(long, env = "WGMESH_RULE_PRIORITY", default_value_t = 5210)]
     pub rule_priority: u32,
+    /// Rotate the static key when it is this old (the cryptoperiod: 90d,
+    /// 12h, 2w, 1d12h); "off": only on request (wgmesh.dev/rotate-requested
+    /// or `wgmesh keys rotate --stage`).
+    #[arg(long, env = "WGMESH_KEY_MAX_AGE", default_value = "90d", value_parser = parse_optional_duration)]
+    pub key_max_age: MaxAge,
+    /// Rotate up to this much before --key-max-age, by a fixed per-node
+    /// amount, so nodes keyed at the same time spread out.
+    #[arg(long, env = "WGMESH_ROTATION_JITTER", default_value = "1d", value_parser = parse_duration)]
+    pub rotation_jitter: std::time::Duration,
+    /// How long a staged key waits for every peer's confirmation (a
+    /// handshake under the new key) before it is activated anyway; the peers
+    /// that had not confirmed are named in the audit log.
+    #[arg(long, env = "WGMESH_ROTATION_CONFIRM_DEADLINE", default_value = "10m", value_parser = parse_duration)]
+    pub rotation_confirm_deadline: std::time::Duration,
+    /// How long the previous key is still accepted after activation, for
+    /// peers that have not switched yet; then it is destroyed.
+    #[arg(long, env = "WGMESH_ROTATION_GRACE", default_value = "180s", value_parser = parse_duration)]
+    pub rotation_grace: std::time::Duration,
+    /// The window over which a rotation requested on every Node at once is
+    /// spread (each node waits a fixed share of it).
+    #[arg(long, env = "WGMESH_ROTATION_STAGGER", default_value = "60s", value_parser = parse_duration)]
+    pub rotation_stagger: std::time::Duration,
     /// Only write the fail-closed backstops (a blackhole per cluster CIDR)
     /// and exit: no API, no device needed. Run it before anything else on a
     /// booting node (the DaemonSet's init container), so pods never reach
@@ -316,4 +403,23 @@ pub enum Output {
     Text,
     Table,
     Json,
+}
+
+/// `90d`, `12h`, `1d12h`, `45s` (see `wgmesh::keys::evidence::parse_duration`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    wgmesh::keys::evidence::parse_duration(text)
+        .map(std::time::Duration::from_secs)
+        .map_err(|e| e.to_string())
+}
+
+/// `--key-max-age`: a duration, or `None` for "off". (A newtype: clap
+/// treats a bare `Option` field as "flag may be absent".)
+#[derive(Debug, Clone, Copy)]
+pub struct MaxAge(pub Option<std::time::Duration>);
+
+fn parse_optional_duration(text: &str) -> Result<MaxAge, String> {
+    match text.trim() {
+        "off" | "never" => Ok(MaxAge(None)),
+        t => parse_duration(t).map(|d| MaxAge(Some(d))),
+    }
 }

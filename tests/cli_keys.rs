@@ -1,11 +1,17 @@
 //! The `wgmesh keys` command line end to end, against a store in a temp dir:
-//! init, show, rotation steps, revoke, and `audit verify` catching each kind of
-//! tampering with the right line number.
+//! init, show, rotation steps, abort, revoke, `audit verify` catching each kind
+//! of tampering with the right line number and a rewritten history through a
+//! witness's log, and `inventory` and `evidence` against a mock API server.
 
 use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use wgmesh::keys::audit::{AuditRecord, GENESIS_HASH};
+use wgmesh::keys::store::{Attribution, Store};
 
 fn wgmesh(store: &Path, args: &[&str]) -> Output {
     wgmesh_env(store, args, &[])
@@ -24,6 +30,11 @@ fn wgmesh_env(store: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         "WGMESH_ROTATE_ACTIVATE",
         "WGMESH_ROTATE_DESTROY_OLD",
         "WGMESH_ROTATE_ALL_STEPS",
+        "WGMESH_ROTATE_ABORT",
+        "WGMESH_WITNESS",
+        "WGMESH_MAX_KEY_AGE",
+        "WGMESH_EVIDENCE_OUT",
+        "KUBECONFIG",
     ] {
         cmd.env_remove(var);
     }
@@ -290,6 +301,7 @@ fn rotate_without_a_step_is_refused_and_names_the_steps() {
         "pre-accept",
         "--all-steps",
         "WGMESH_ROTATE_ALL_STEPS",
+        "--abort",
     ] {
         assert!(err.contains(word), "{word} missing from: {err}");
     }
@@ -301,7 +313,7 @@ fn rotate_without_a_step_is_refused_and_names_the_steps() {
     assert!(!s.join("key-2.key").exists());
 
     // --all-steps is exclusive with each step flag.
-    for step in ["--stage", "--activate", "--destroy-old"] {
+    for step in ["--stage", "--activate", "--destroy-old", "--abort"] {
         let out = wgmesh(s, &["rotate", "--all-steps", step]);
         assert_eq!(out.status.code(), Some(2), "--all-steps {step}");
     }
@@ -382,4 +394,403 @@ fn an_operation_logged_but_never_committed_is_reported_then_recorded_as_aborted(
     assert_eq!(show["staged"]["generation"], 3);
     assert_eq!(show["orphaned_key_files"], serde_json::json!([]));
     assert!(!s.join("key-2.key").exists());
+}
+
+fn agent() -> Attribution {
+    Attribution {
+        actor: "agent".into(),
+        reason: "saw the Node's audit head change".into(),
+    }
+}
+
+/// Rewrites one record's reason and recomputes the whole chain and the
+/// anchor: what root on the node could do so that plain verify passes.
+fn rewrite_consistently(store: &Path, seq: u64, reason: &str) {
+    let mut prev = GENESIS_HASH.to_string();
+    let mut text = String::new();
+    let mut last = None;
+    for line in log_lines(store) {
+        let mut r: AuditRecord = serde_json::from_str(&line).unwrap();
+        if r.seq == seq {
+            r.reason = reason.into();
+        }
+        r.prev_hash = prev;
+        r.hash = r.body_hash();
+        prev = r.hash.clone();
+        text.push_str(&r.to_line());
+        text.push('\n');
+        last = Some(r.head());
+    }
+    fs::write(store.join("audit.jsonl"), text).unwrap();
+    let head = serde_json::to_string(&last.unwrap()).unwrap();
+    fs::write(store.join("audit.head"), format!("{head}\n")).unwrap();
+}
+
+/// Node A rotated; node B's agent witnessed A's head after the activation.
+fn witnessed_pair() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ok(&a, &["init", "--node-name", "node-a"]);
+    ok(&b, &["init", "--node-name", "node-b"]);
+    ok(&a, &["rotate", "--stage", "--reason", "Q4 rotation"]);
+    ok(&a, &["rotate", "--activate", "--reason", "Q4 rotation"]);
+    let head = Store::open(&a).unwrap().audit_head().unwrap();
+    let mut witness = Store::open(&b).unwrap();
+    assert!(witness.record_peer_head("node-a", &head, &agent()).unwrap());
+    ok(&a, &["rotate", "--destroy-old", "--reason", "Q4 rotation"]);
+    (tmp, a, b)
+}
+
+#[test]
+fn a_rewritten_history_passes_plain_verify_but_fails_against_a_witness() {
+    let (_tmp, a, b) = witnessed_pair();
+    let b_arg = b.to_str().unwrap();
+    let out = ok(&a, &["audit", "verify", "--witness", b_arg]);
+    assert!(
+        out.contains("witnesses OK: 1 heads of node-a recorded by node-b"),
+        "{out}"
+    );
+    assert!(out.contains("up to seq 4"), "{out}");
+    // B's log shows the witness record.
+    let table = ok(&b, &["audit", "show"]);
+    assert!(
+        table.contains("peer-head") && table.contains("node-a"),
+        "{table}"
+    );
+
+    rewrite_consistently(&a, 3, "routine check");
+    let plain = wgmesh(&a, &["audit", "verify"]);
+    assert!(plain.status.success(), "the rewrite is self-consistent");
+
+    let out = wgmesh(&a, &["audit", "verify", "--witness", b_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FAILED verification against witnesses: seq 4: node-b recorded"),
+        "{err}"
+    );
+    assert!(err.contains("rewritten"), "{err}");
+    let json = wgmesh(
+        &a,
+        &["audit", "verify", "--output", "json", "--witness", b_arg],
+    );
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["chain_ok"], true);
+    assert_eq!(v["witnesses"]["problems"][0]["seq"], 4);
+    assert_eq!(v["witnesses"]["problems"][0]["witness"], "node-b");
+    assert_eq!(v["witnesses"]["problems"][0]["problem"], "differs");
+
+    // A witness given as its .jsonl file works the same (its .head is beside
+    // it only as audit.head, so only its chain is checked, with a warning).
+    let file = b.join("audit.jsonl");
+    let out = wgmesh(
+        &a,
+        &["audit", "verify", "--witness", file.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    // An unreadable witness never passes silently.
+    let out = wgmesh(&a, &["audit", "verify", "--witness", "/nonexistent/wgmesh"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be relied on"));
+}
+
+#[test]
+fn a_witness_without_heads_of_this_node_is_a_warning_not_a_pass_in_disguise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, c) = (tmp.path().join("a"), tmp.path().join("c"));
+    ok(&a, &["init", "--node-name", "node-a"]);
+    ok(&c, &["init", "--node-name", "node-c"]);
+    let out = wgmesh(&a, &["audit", "verify", "--witness", c.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was checked against witnesses"));
+}
+
+#[test]
+fn rotate_abort_withdraws_the_staged_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path();
+    ok(s, &["init", "--node-name", "node-a"]);
+    let out = wgmesh(s, &["rotate", "--abort", "--reason", "freeze"]);
+    assert_eq!(out.status.code(), Some(1), "nothing staged");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stage"));
+    ok(s, &["rotate", "--stage", "--reason", "Q4"]);
+    let out = ok(s, &["rotate", "--abort", "--reason", "change freeze"]);
+    assert!(out.contains("withdrawn and destroyed"), "{out}");
+    assert!(!s.join("key-2.key").exists());
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(s, &["show", "--output", "json"])).unwrap();
+    assert_eq!(show["phase"], "idle");
+    assert_eq!(show["active"]["generation"], 1);
+    let verify = ok(s, &["audit", "verify"]);
+    assert!(
+        verify.contains("abandoned rotations recorded: seq 4"),
+        "{verify}"
+    );
+    assert!(!verify.contains("aborted operations recorded"), "{verify}");
+    let last: serde_json::Value = serde_json::from_str(log_lines(s).last().unwrap()).unwrap();
+    assert_eq!(last["event"], "destroyed");
+    // An empty reason is refused for every key operation.
+    let out = wgmesh(s, &["revoke", "--reason", ""]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reason"));
+}
+
+#[test]
+fn destroy_old_records_the_end_of_the_grace_period() {
+    let tmp = populated();
+    let events: Vec<String> = log_lines(tmp.path())
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].to_string())
+        .collect();
+    let at = events.iter().position(|e| e == "\"grace-ended\"").unwrap();
+    assert_eq!(events[at - 1], "\"activated\"");
+    assert_eq!(events[at + 1], "\"destroyed\"");
+}
+
+/// A mock API server answering every request with `nodes` as a NodeList.
+/// Returns a kubeconfig pointing at it.
+fn mock_api(dir: &Path, nodes: serde_json::Value) -> PathBuf {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "NodeList",
+        "metadata": {"resourceVersion": "1"},
+        "items": nodes,
+    })
+    .to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    kubeconfig(dir, &format!("http://127.0.0.1:{port}"))
+}
+
+fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A Node as the agent on `store` would publish it (key, generation, created,
+/// audit head), created `age_days` ago.
+fn published_node(name: &str, store: &Path, key_created: &str) -> serde_json::Value {
+    let store = Store::open(store).unwrap();
+    let active = &store.state().active;
+    serde_json::json!({
+        "metadata": {"name": name, "annotations": {
+            "wgmesh.dev/public-key": active.public_key.to_base64(),
+            "wgmesh.dev/key-generation": active.generation.to_string(),
+            "wgmesh.dev/key-created": key_created,
+            "wgmesh.dev/audit-head": store.audit_head().unwrap().to_string(),
+        }},
+    })
+}
+
+#[test]
+fn inventory_reads_the_nodes_in_text_json_and_csv() {
+    let (tmp, a, b) = witnessed_pair();
+    let nodes = serde_json::json!([
+        published_node("node-b", &b, "2020-01-01T00:00:00Z"),
+        published_node("node-a", &a, "2999-01-01T00:00:00Z"),
+        {"metadata": {"name": "node-z"}},
+    ]);
+    let kc = mock_api(tmp.path(), nodes);
+    let kc = kc.to_str().unwrap();
+    let text = ok(&a, &["inventory", "--kubeconfig", kc]);
+    assert!(
+        text.contains("node-b") && text.contains("OVERDUE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("3 nodes: 1 ok, 1 OVERDUE (max key age 90d)"),
+        "{text}"
+    );
+    assert!(text.contains("no-key"), "{text}");
+
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        &a,
+        &[
+            "inventory",
+            "--kubeconfig",
+            kc,
+            "--output",
+            "json",
+            "--max-key-age",
+            "12h",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(json["policy"]["max_key_age_seconds"], 43_200);
+    assert_eq!(json["nodes"][0]["node"], "node-a");
+    assert_eq!(json["nodes"][0]["generation"], 2);
+    let head = Store::open(&a).unwrap().audit_head().unwrap();
+    assert_eq!(json["nodes"][0]["audit_head"]["seq"], head.seq);
+    assert_eq!(json["nodes"][1]["status"], "overdue");
+
+    let csv = ok(&a, &["inventory", "--kubeconfig", kc, "--output", "csv"]);
+    assert!(csv.starts_with("node,status,overdue,fingerprint,"), "{csv}");
+    assert_eq!(csv.lines().count(), 4);
+
+    let bad = wgmesh(
+        &a,
+        &["inventory", "--kubeconfig", kc, "--max-key-age", "ninety"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn evidence_writes_a_verifiable_bundle() {
+    let (tmp, a, b) = witnessed_pair();
+    let nodes = serde_json::json!([
+        published_node("node-a", &a, "2026-01-01T00:00:00Z"),
+        published_node("node-b", &b, "2026-01-01T00:00:00Z"),
+    ]);
+    let kc = mock_api(tmp.path(), nodes);
+    let out_dir = tmp.path().join("bundle");
+    let stdout = ok(
+        &a,
+        &[
+            "evidence",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--witness",
+            b.to_str().unwrap(),
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+        ],
+    );
+    assert!(stdout.contains("evidence bundle written"), "{stdout}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["complete"], true, "{manifest}");
+    assert_eq!(manifest["about"]["node"], "node-a");
+    assert_eq!(manifest["about"]["verification_ok"], true);
+    assert_eq!(
+        manifest["about"]["inventory"]["published_head_matches_log"],
+        true
+    );
+    let names: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "policy.json",
+        "audit.jsonl",
+        "audit.head",
+        "verification.json",
+        "inventory.json",
+        "inventory.csv",
+        "witnesses/1-node-b/audit.jsonl",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    // Every digest matches the file, as `sha256sum -c` would check.
+    for f in manifest["files"].as_array().unwrap() {
+        let data = fs::read(out_dir.join(f["name"].as_str().unwrap())).unwrap();
+        use sha2::Digest as _;
+        assert_eq!(f["sha256"], wgmesh::text::hex(&sha2::Sha256::digest(&data)));
+    }
+    assert_eq!(
+        fs::read(out_dir.join("audit.jsonl")).unwrap(),
+        fs::read(a.join("audit.jsonl")).unwrap()
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(out_dir.join("verification.json")).unwrap()).unwrap();
+    assert_eq!(v["witnesses"]["checked"], 1);
+    // The bundle itself can be verified again, its witnesses included.
+    let again = ok(
+        &out_dir,
+        &[
+            "audit",
+            "verify",
+            "--witness",
+            out_dir.join("witnesses/1-node-b").to_str().unwrap(),
+        ],
+    );
+    assert!(again.contains("witnesses OK"), "{again}");
+    // The bundle holds no private key.
+    for name in &names {
+        let text = fs::read_to_string(out_dir.join(name)).unwrap_or_default();
+        let secret = fs::read_to_string(a.join("key-2.key")).unwrap();
+        assert!(!text.contains(secret.trim()), "{name}");
+    }
+}
+
+#[test]
+fn evidence_without_api_access_says_what_is_missing() {
+    let tmp = populated();
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let kc = kubeconfig(tmp.path(), &format!("http://127.0.0.1:{port}"));
+    let out_dir = tmp.path().join("bundle");
+    let out = wgmesh(
+        tmp.path(),
+        &[
+            "evidence",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an incomplete bundle is not a success"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("inventory.json is missing: cannot read Nodes"),
+        "{err}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["complete"], false);
+    let missing: Vec<&str> = manifest["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(missing, ["inventory.json", "inventory.csv"]);
+    assert!(out_dir.join("audit.jsonl").exists() && out_dir.join("verification.json").exists());
+    // Never into a directory that already holds something.
+    let again = wgmesh(
+        tmp.path(),
+        &[
+            "evidence",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 }

@@ -11,7 +11,15 @@
 //! reordering or truncation of records is detected and the first bad line named.
 //! Someone who can write both `audit.jsonl` and `audit.head` can still rewrite the
 //! whole history consistently; copying `wgmesh keys audit verify`'s head hash
-//! somewhere they cannot write (a ticket, a SIEM) closes that gap.
+//! somewhere they cannot write (a ticket, a SIEM) closes that gap, and so do the
+//! other nodes: each publishes its head on its Node ([`AuditHead`]), each records
+//! the heads it sees from the others (`peer-head` records), and
+//! [`verify_against_witnesses`] checks one node's log against those records.
+//!
+//! Format compatibility: the fields added after the first release (`proof`,
+//! `unconfirmed`, `peer_head`) are left out of a record, and of its hash input,
+//! when they are empty, so every record written before they existed still
+//! serializes and hashes byte for byte as it did.
 
 use std::fmt;
 
@@ -41,11 +49,21 @@ pub enum EventKind {
     Destroyed,
     /// A key was revoked in an emergency.
     Revoked,
-    /// Recovery: the records of an operation were written (write-ahead) but
-    /// `state.json` never committed it, so the change they describe did not
-    /// happen. `reason` names their seq range; the fingerprints and generation
-    /// are those of the operation's main record.
+    /// A change that did not take effect. Two sources, told apart by `actor`:
+    /// recovery (`wgmesh:recovery`), when the records of an operation were
+    /// written (write-ahead) but `state.json` never committed it (`reason`
+    /// names their seq range; the fingerprints and generation are those of
+    /// the operation's main record); or a rotation abandoned on purpose (the
+    /// staged key withdrawn, `new_fingerprint`), followed by its `destroyed`.
     Aborted,
+    /// The grace period after an activation is over: the previous key
+    /// (`old_fingerprint`) is no longer accepted for any session. Always
+    /// followed by that key's `destroyed`.
+    GraceEnded,
+    /// This node saw another node (`peer`) publish its audit head
+    /// (`peer_head`): a witness record, so that node cannot later rewrite
+    /// the history up to that head unnoticed.
+    PeerHead,
 }
 
 impl fmt::Display for EventKind {
@@ -58,6 +76,8 @@ impl fmt::Display for EventKind {
             EventKind::Destroyed => "destroyed",
             EventKind::Revoked => "revoked",
             EventKind::Aborted => "aborted",
+            EventKind::GraceEnded => "grace-ended",
+            EventKind::PeerHead => "peer-head",
         })
     }
 }
@@ -82,8 +102,21 @@ pub struct AuditRecord {
     /// Who caused it: a person (`cli:<user>`) or a component (`agent`).
     pub actor: String,
     pub reason: String,
-    /// For `peer-confirmed`: the peer node's name.
+    /// For `peer-confirmed`: the peer node's name; for `peer-head`: the node
+    /// whose head was seen.
     pub peer: Option<String>,
+    /// For `peer-confirmed`: how the confirmation was proven (the handshake
+    /// under the new key that completed, with whom and when).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+    /// For `activated`: the peers that had not confirmed the new key at
+    /// activation (`[]`: every peer had). Absent when the actor did not track
+    /// confirmations (an activation by hand, or a revoke).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unconfirmed: Option<Vec<String>>,
+    /// For `peer-head`: the head `peer` published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_head: Option<Head>,
     /// `hash` of the previous record, or [`GENESIS_HASH`] for the first.
     pub prev_hash: String,
     /// SHA-256 (hex) of this record's canonical JSON without the `hash` field.
@@ -103,7 +136,19 @@ struct Body<'a> {
     actor: &'a str,
     reason: &'a str,
     peer: &'a Option<String>,
+    // Left out when empty, exactly as in `AuditRecord`: records from before
+    // these fields existed keep their hashes.
+    #[serde(skip_serializing_if = "absent")]
+    proof: &'a Option<String>,
+    #[serde(skip_serializing_if = "absent")]
+    unconfirmed: &'a Option<Vec<String>>,
+    #[serde(skip_serializing_if = "absent")]
+    peer_head: &'a Option<Head>,
     prev_hash: &'a str,
+}
+
+fn absent<T>(value: &&Option<T>) -> bool {
+    value.is_none()
 }
 
 /// The anchor at the end of the chain (`audit.head`).
@@ -140,9 +185,26 @@ pub struct Entry {
     pub new_fingerprint: Option<Fingerprint>,
     pub generation: u64,
     pub peer: Option<String>,
+    pub proof: Option<String>,
+    pub unconfirmed: Option<Vec<String>>,
+    pub peer_head: Option<Head>,
 }
 
 impl Entry {
+    /// An entry with only the event and generation set.
+    pub fn new(event: EventKind, generation: u64) -> Self {
+        Self {
+            event,
+            old_fingerprint: None,
+            new_fingerprint: None,
+            generation,
+            peer: None,
+            proof: None,
+            unconfirmed: None,
+            peer_head: None,
+        }
+    }
+
     /// The audit entry a rotation event implies.
     pub fn from_key_event(event: &KeyEvent) -> Self {
         let (kind, old, new, generation) = match event {
@@ -153,13 +215,13 @@ impl Entry {
             }
             KeyEvent::Destroyed(k) => (EventKind::Destroyed, Some(k), None, k.generation),
             KeyEvent::Revoked(k) => (EventKind::Revoked, Some(k), None, k.generation),
+            KeyEvent::GraceEnded(k) => (EventKind::GraceEnded, Some(k), None, k.generation),
+            KeyEvent::Aborted(k) => (EventKind::Aborted, None, Some(k), k.generation),
         };
         Self {
-            event: kind,
             old_fingerprint: old.map(|k| k.fingerprint),
             new_fingerprint: new.map(|k| k.fingerprint),
-            generation,
-            peer: None,
+            ..Self::new(kind, generation)
         }
     }
 }
@@ -178,6 +240,9 @@ impl AuditRecord {
             actor: ctx.actor.clone(),
             reason: ctx.reason.clone(),
             peer: entry.peer,
+            proof: entry.proof,
+            unconfirmed: entry.unconfirmed,
+            peer_head: entry.peer_head,
             prev_hash: head.hash.clone(),
             hash: String::new(),
         };
@@ -198,6 +263,9 @@ impl AuditRecord {
             actor: &self.actor,
             reason: &self.reason,
             peer: &self.peer,
+            proof: &self.proof,
+            unconfirmed: &self.unconfirmed,
+            peer_head: &self.peer_head,
             prev_hash: &self.prev_hash,
         };
         // Serializing plain strings, integers and options cannot fail.
@@ -381,6 +449,267 @@ pub fn verify(log: &[u8], head: Option<&Head>) -> Result<Verified, VerifyError> 
     })
 }
 
+/// Verifies the chain alone, taking the log's own last record as the anchor:
+/// for a log whose `audit.head` is not at hand (a witness's log copied on its
+/// own). A cut at the end of such a log cannot be detected.
+pub fn verify_chain(log: &[u8]) -> Result<Verified, VerifyError> {
+    let text = String::from_utf8_lossy(log);
+    let last = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<AuditRecord>(l).ok())
+        .map(|r| r.head());
+    verify(log, last.as_ref())
+}
+
+/// The records before the first bad line `error` names: what can still be
+/// shown, and checked against witnesses, of a log that does not verify.
+pub fn readable_prefix(log: &[u8], error: &VerifyError) -> Vec<AuditRecord> {
+    String::from_utf8_lossy(log)
+        .lines()
+        .take(error.line.saturating_sub(1))
+        .map_while(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The head a node publishes for `records` (its verified log): the last
+/// record other than `peer-head`. Witness records never move it, or two
+/// agents would witness each other's witnessing for ever (A appends, B
+/// records A's new head, B's head moves, A records that, ...); they are
+/// pinned by the node's next key event instead. `None` for a log without one.
+pub fn published_head(records: &[AuditRecord]) -> Option<Head> {
+    records
+        .iter()
+        .rev()
+        .find(|r| r.event != EventKind::PeerHead)
+        .map(AuditRecord::head)
+}
+
+/// A node's audit head as published on its Node (`wgmesh.dev/audit-head`):
+/// the sequence number and SHA-256 of one record of its log, written
+/// `<seq>:<64 lowercase hex>`. Because every record's hash covers the one
+/// before it, a head pins the whole log up to that record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuditHead {
+    /// At least 1: an empty log has nothing to pin.
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// Why a text is not an [`AuditHead`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditHeadError {
+    #[error("{given:?} is not an audit head; write <seq>:<hash>, the record's sequence number and its 64-hex-digit SHA-256, e.g. 12:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")]
+    NoSeparator { given: String },
+    #[error("sequence number {given:?} is not a whole number from 1 (plain decimal digits)")]
+    BadSeq { given: String },
+    #[error("hash {given:?} is not a SHA-256 in 64 lowercase hex digits")]
+    BadHash { given: String },
+}
+
+impl AuditHead {
+    /// The hash in lowercase hex, as the log writes it.
+    pub fn hash_hex(&self) -> String {
+        crate::text::hex(&self.hash)
+    }
+
+    /// The head of `head`'s record (the anchor-file form).
+    pub fn from_head(head: &Head) -> Result<Self, AuditHeadError> {
+        format!("{}:{}", head.seq, head.hash).parse()
+    }
+
+    pub fn to_head(&self) -> Head {
+        Head {
+            seq: self.seq,
+            hash: self.hash_hex(),
+        }
+    }
+}
+
+impl fmt::Display for AuditHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash_hex())
+    }
+}
+
+impl fmt::Debug for AuditHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AuditHead({self})")
+    }
+}
+
+impl std::str::FromStr for AuditHead {
+    type Err = AuditHeadError;
+
+    /// Strict: only the one form the agent writes (a decimal seq without sign
+    /// or leading zeros, a lowercase hash, no spaces), so that no two spellings
+    /// of one head exist.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let shorten = |t: &str| t.chars().take(80).collect::<String>();
+        let (seq, hash) = text
+            .split_once(':')
+            .ok_or_else(|| AuditHeadError::NoSeparator {
+                given: shorten(text),
+            })?;
+        let bad_seq = || AuditHeadError::BadSeq {
+            given: shorten(seq),
+        };
+        let canonical_digits = !seq.is_empty()
+            && seq.bytes().all(|b| b.is_ascii_digit())
+            && !(seq.len() > 1 && seq.starts_with('0'));
+        if !canonical_digits {
+            return Err(bad_seq());
+        }
+        let seq: u64 = seq.parse().map_err(|_| bad_seq())?;
+        if seq == 0 {
+            return Err(bad_seq());
+        }
+        let bad_hash = || AuditHeadError::BadHash {
+            given: shorten(hash),
+        };
+        if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad_hash());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).map_err(|_| bad_hash())?;
+        }
+        Ok(Self { seq, hash: out })
+    }
+}
+
+/// What a witness's `peer-head` record says that the checked log does not
+/// bear out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WitnessProblem {
+    /// The log ends before the witnessed seq: records were cut (or the whole
+    /// log replaced by a shorter one).
+    Missing { log_ends_at: u64 },
+    /// The log has a different record at the witnessed seq: history up to
+    /// there was rewritten (even if its own chain was recomputed to verify).
+    Differs { found: String },
+}
+
+/// One witnessed head that the checked log contradicts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessFinding {
+    /// The witness node (its records' `node`).
+    pub witness: String,
+    /// The seq of the witness's `peer-head` record.
+    pub witness_seq: u64,
+    /// When the witness recorded it.
+    pub witnessed_at: Timestamp,
+    /// The head it recorded for the checked node.
+    pub head: Head,
+    pub problem: WitnessProblem,
+}
+
+impl fmt::Display for WitnessFinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seq {}: {} recorded (its record seq {}, at {}) that this node's log had hash {} there, but ",
+            self.head.seq, self.witness, self.witness_seq, self.witnessed_at, self.head.hash
+        )?;
+        match &self.problem {
+            WitnessProblem::Missing { log_ends_at } => write!(
+                f,
+                "the log ends at seq {log_ends_at}: records were cut from it after the witness saw them"
+            ),
+            WitnessProblem::Differs { found } => write!(
+                f,
+                "the record there has hash {found}: the log was rewritten after the witness saw it"
+            ),
+        }
+    }
+}
+
+/// The result of [`verify_against_witnesses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessReport {
+    /// The node whose log was checked.
+    pub node: String,
+    /// The witnesses whose logs held at least one head of `node`, sorted.
+    pub witnesses: Vec<String>,
+    /// How many witnessed heads were checked.
+    pub checked: usize,
+    /// The highest witnessed seq the log bears out: every record up to it
+    /// is pinned by a witness (a hash covers all records before it).
+    pub pinned_up_to: u64,
+    /// Every witnessed head the log contradicts, in witness order.
+    pub problems: Vec<WitnessFinding>,
+}
+
+impl WitnessReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks `node`'s log against the `peer-head` records other nodes' logs
+/// hold about it: each witnessed (seq, hash) must be the record at that seq.
+/// This is what catches a node that rewrote its own history and recomputed
+/// its chain and head (its plain `verify` passes) or cut records others had
+/// already seen. `log` must be a verified log or a verified prefix (records
+/// in seq order from 1); witness logs should be verified by the caller, and
+/// a witness's records about itself (the checked log passed as a witness)
+/// are ignored.
+pub fn verify_against_witnesses(
+    node: &str,
+    log: &[AuditRecord],
+    witnesses: &[&[AuditRecord]],
+) -> WitnessReport {
+    let mut report = WitnessReport {
+        node: node.to_string(),
+        witnesses: Vec::new(),
+        checked: 0,
+        pinned_up_to: 0,
+        problems: Vec::new(),
+    };
+    for witness_log in witnesses {
+        for record in witness_log.iter() {
+            let (EventKind::PeerHead, Some(peer), Some(head)) =
+                (record.event, &record.peer, &record.peer_head)
+            else {
+                continue;
+            };
+            if peer != node || record.node == node {
+                continue;
+            }
+            if !report.witnesses.contains(&record.node) {
+                report.witnesses.push(record.node.clone());
+            }
+            report.checked += 1;
+            let at = usize::try_from(head.seq)
+                .ok()
+                .and_then(|s| s.checked_sub(1));
+            let problem = match at.map(|i| log.get(i)) {
+                // seq 0 pins nothing (no published head has it).
+                None => continue,
+                Some(None) => WitnessProblem::Missing {
+                    log_ends_at: log.last().map_or(0, |r| r.seq),
+                },
+                Some(Some(found)) if found.hash != head.hash => WitnessProblem::Differs {
+                    found: found.hash.clone(),
+                },
+                Some(Some(_)) => {
+                    report.pinned_up_to = report.pinned_up_to.max(head.seq);
+                    continue;
+                }
+            };
+            report.problems.push(WitnessFinding {
+                witness: record.node.clone(),
+                witness_seq: record.seq,
+                witnessed_at: record.time,
+                head: head.clone(),
+                problem,
+            });
+        }
+    }
+    report.witnesses.sort();
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,13 +862,7 @@ mod tests {
         let extra = AuditRecord::new(
             &last.head(),
             &ctx("hand"),
-            Entry {
-                event: EventKind::Revoked,
-                old_fingerprint: None,
-                new_fingerprint: None,
-                generation: 9,
-                peer: None,
-            },
+            Entry::new(EventKind::Revoked, 9),
         );
         let mut l = orig.clone();
         l.push(extra.to_line());
@@ -569,5 +892,108 @@ mod tests {
         ] {
             assert!(verify(input, Some(&Head::empty())).is_err());
         }
+    }
+
+    #[test]
+    fn new_fields_are_left_out_when_empty_and_the_documented_recipe_still_hashes() {
+        let (log, _) = sample();
+        for line in log.lines() {
+            for field in ["proof", "unconfirmed", "peer_head"] {
+                assert!(!line.contains(field), "{line}");
+            }
+        }
+        let mut entry = Entry::new(EventKind::PeerConfirmed, 2);
+        entry.peer = Some("node-b".into());
+        entry.proof = Some("handshake under key 0011223344556677 completed".into());
+        let mut activated = Entry::new(EventKind::Activated, 2);
+        activated.unconfirmed = Some(vec!["node-c".into()]);
+        let mut seen = Entry::new(EventKind::PeerHead, 0);
+        seen.peer = Some("node-b".into());
+        seen.peer_head = Some(Head {
+            seq: 4,
+            hash: "ab".repeat(32),
+        });
+        let records = chain(&Head::empty(), &ctx("t"), vec![entry, activated, seen]);
+        let mut text = String::new();
+        for r in &records {
+            let line = r.to_line();
+            // keys/README.md: strip the hash field, sha256 the rest.
+            let cut = line.rfind(",\"hash\":").unwrap();
+            let body = format!("{}}}", &line[..cut]);
+            assert_eq!(crate::text::hex(&Sha256::digest(body.as_bytes())), r.hash);
+            text.push_str(&line);
+            text.push('\n');
+        }
+        assert!(text.contains("\"proof\":\"handshake under key"));
+        assert!(text.contains("\"unconfirmed\":[\"node-c\"]"));
+        assert!(text.contains(&format!(
+            "\"peer_head\":{{\"seq\":4,\"hash\":\"{}\"}}",
+            "ab".repeat(32)
+        )));
+        let v = verify(text.as_bytes(), records.last().map(|r| r.head()).as_ref()).unwrap();
+        assert_eq!(v.records, records);
+        // An explicit null is not the canonical form: an edit.
+        let nulled = text.replacen(",\"prev_hash\"", ",\"proof\":null,\"prev_hash\"", 2);
+        assert!(verify(nulled.as_bytes(), Some(&v.head)).is_err());
+    }
+
+    #[test]
+    fn audit_heads_parse_only_in_canonical_form() {
+        let hash = "0f".repeat(32);
+        let head: AuditHead = format!("12:{hash}").parse().unwrap();
+        assert_eq!(head.seq, 12);
+        assert_eq!(head.to_string(), format!("12:{hash}"));
+        assert_eq!(AuditHead::from_head(&head.to_head()), Ok(head));
+        for bad in [
+            String::new(),
+            "12".into(),
+            format!("0:{hash}"),
+            format!("012:{hash}"),
+            format!("-1:{hash}"),
+            format!(" 12:{hash}"),
+            format!("12:{}", hash.to_uppercase()),
+            format!("12:{hash}0"),
+            format!("18446744073709551616:{hash}"),
+        ] {
+            assert!(bad.parse::<AuditHead>().is_err(), "{bad:?}");
+        }
+        let err = "12:xyz".parse::<AuditHead>().unwrap_err();
+        assert!(err.to_string().contains("64 lowercase hex"), "{err}");
+    }
+
+    #[test]
+    fn witnesses_only_speak_for_other_nodes() {
+        let (log, _) = sample();
+        let a: Vec<AuditRecord> = verify_chain(log.as_bytes()).unwrap().records;
+        let claim = |witness: &str, about: &str, seq: u64, hash: &str| {
+            let ctx = Context {
+                node: witness.into(),
+                ..ctx("witness")
+            };
+            let mut e = Entry::new(EventKind::PeerHead, 0);
+            e.peer = Some(about.into());
+            e.peer_head = Some(Head {
+                seq,
+                hash: hash.into(),
+            });
+            chain(&Head::empty(), &ctx, vec![e])
+        };
+        let good = claim("node-b", "node-a", 3, &a[2].hash);
+        let other = claim("node-c", "node-x", 3, "00");
+        let itself = claim("node-a", "node-a", 3, "00");
+        let r = verify_against_witnesses("node-a", &a, &[&good, &other, &itself]);
+        assert!(r.ok(), "{:?}", r.problems);
+        assert_eq!((r.checked, r.pinned_up_to), (1, 3));
+        assert_eq!(r.witnesses, ["node-b"]);
+        let beyond = claim("node-c", "node-a", 99, &a[2].hash);
+        let r = verify_against_witnesses("node-a", &a, &[&good, &beyond]);
+        assert_eq!(r.problems.len(), 1);
+        assert_eq!(
+            r.problems[0].problem,
+            WitnessProblem::Missing {
+                log_ends_at: a.len() as u64
+            }
+        );
+        assert!(r.problems[0].to_string().contains("cut"));
     }
 }

@@ -1,8 +1,11 @@
 //! Key material and its lifecycle: the key types, the on-disk store, the rotation
-//! state machine and the tamper-evident audit log.
+//! state machine, the tamper-evident audit log, and the evidence built from
+//! them (key inventory, evidence bundle).
 
 pub mod audit;
+pub mod evidence;
 pub mod rotation;
+pub mod schedule;
 pub mod store;
 mod types;
 

@@ -3,7 +3,8 @@
 //! ```text
 //!            stage(next)             activate               destroy_old
 //!   Idle ───────────────▶ Staged ───────────────▶ Activated ───────────────▶ Idle
-//!    ▲                      │                        │
+//!    ▲  ▲                   │                        │
+//!    │  └────── abort ──────┤                        │
 //!    └──────── revoke(new) ─┴──────── revoke(new) ───┘   (from any state)
 //! ```
 //!
@@ -12,6 +13,8 @@
 //!   pre-accept (published as `next-public-key`). Traffic still uses the active key.
 //! - **Activated**: the next key became the active one; the previous key is kept
 //!   until peers have confirmed the switch, then destroyed (`destroy_old`).
+//! - **abort** withdraws a staged key (Staged → Idle): the rotation is abandoned
+//!   and the key that was never used is destroyed.
 //! - **revoke** is the emergency path: every existing key is destroyed at once and a
 //!   fresh key becomes active; peers drop the node until they see the new key.
 //!
@@ -88,6 +91,12 @@ pub enum KeyEvent {
     Destroyed(KeyMeta),
     /// `old` was revoked (it is destroyed by a following `Destroyed`).
     Revoked(KeyMeta),
+    /// The previous key's grace period is over: it is no longer accepted (it
+    /// is destroyed by a following `Destroyed`).
+    GraceEnded(KeyMeta),
+    /// The staged key was withdrawn before it was ever activated (it is
+    /// destroyed by a following `Destroyed`).
+    Aborted(KeyMeta),
 }
 
 /// The result of a transition.
@@ -196,7 +205,26 @@ impl KeyState {
         })
     }
 
-    /// Activated → Idle: the previous key is destroyed.
+    /// Staged → Idle: the rotation is abandoned and the staged key, which
+    /// never carried traffic, is destroyed. The active key stays.
+    pub fn abort(&self) -> Result<Transition, RotationError> {
+        let Some(staged) = self.staged.clone() else {
+            return Err(RotationError::NothingStaged);
+        };
+        let mut state = self.clone();
+        state.staged = None;
+        Ok(Transition {
+            state,
+            events: vec![
+                KeyEvent::Aborted(staged.clone()),
+                KeyEvent::Destroyed(staged.clone()),
+            ],
+            destroy: vec![staged],
+        })
+    }
+
+    /// Activated → Idle: the grace period of the previous key ends (it is no
+    /// longer accepted) and it is destroyed.
     pub fn destroy_old(&self) -> Result<Transition, RotationError> {
         if self.staged.is_some() {
             return Err(RotationError::NoPreviousKey(self.phase()));
@@ -208,7 +236,10 @@ impl KeyState {
         state.previous = None;
         Ok(Transition {
             state,
-            events: vec![KeyEvent::Destroyed(previous.clone())],
+            events: vec![
+                KeyEvent::GraceEnded(previous.clone()),
+                KeyEvent::Destroyed(previous.clone()),
+            ],
             destroy: vec![previous],
         })
     }
@@ -315,7 +346,13 @@ mod tests {
         let t3 = t2.state.destroy_old().unwrap();
         assert_eq!(t3.state.phase(), Phase::Idle);
         assert_eq!(t3.destroy, vec![s0.active.clone()]);
-        assert_eq!(t3.events, vec![KeyEvent::Destroyed(s0.active.clone())]);
+        assert_eq!(
+            t3.events,
+            vec![
+                KeyEvent::GraceEnded(s0.active.clone()),
+                KeyEvent::Destroyed(s0.active.clone())
+            ]
+        );
         assert_eq!(t3.state.next_generation(), 3);
     }
 
@@ -364,6 +401,29 @@ mod tests {
             idle.stage(again.clone()),
             Err(RotationError::KeyReused(again.fingerprint))
         );
+    }
+
+    #[test]
+    fn abort_withdraws_only_a_staged_key() {
+        let (idle, _) = KeyState::initial(meta(1));
+        assert_eq!(idle.abort(), Err(RotationError::NothingStaged));
+        let next = meta(2);
+        let staged = idle.stage(next.clone()).unwrap().state;
+        let t = staged.abort().unwrap();
+        assert_eq!(t.state, idle, "back to the keys from before the stage");
+        assert_eq!(
+            t.events,
+            vec![
+                KeyEvent::Aborted(next.clone()),
+                KeyEvent::Destroyed(next.clone())
+            ]
+        );
+        assert_eq!(t.destroy, vec![next]);
+        // The state alone no longer names generation 2; the store still never
+        // reuses it, because its log does (see the store's tests).
+        assert_eq!(t.state.next_generation(), 2);
+        let activated = staged.activate().unwrap().state;
+        assert_eq!(activated.abort(), Err(RotationError::NothingStaged));
     }
 
     #[test]

@@ -36,7 +36,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::audit::{self, AuditRecord, Context, Entry, EventKind, Head, Verified, VerifyError};
+use super::audit::{
+    self, AuditHead, AuditRecord, Context, Entry, EventKind, Head, Verified, VerifyError,
+};
 use super::rotation::{KeyMeta, KeyState, RotationError, Transition};
 use super::{KeyError, PrivateKey, PublicKey};
 
@@ -87,6 +89,9 @@ pub enum StoreError {
     Rotation(#[from] RotationError),
     #[error("the audit log {file} does not verify, so no key operation will append to it: {error}. Inspect it with `wgmesh keys audit verify`")]
     AuditBroken { file: PathBuf, error: VerifyError },
+    /// An audit record would lack what every record must say.
+    #[error("the {field} of an audit record must not be empty: every key event says who did it, why, and (for a peer's confirmation) how it was proven")]
+    EmptyField { field: &'static str },
 }
 
 /// The contents of `state.json`.
@@ -143,7 +148,10 @@ impl Uncommitted {
             [EventKind::Generated] => "init",
             [EventKind::Generated, EventKind::Staged] => "rotate --stage",
             [EventKind::Activated] => "rotate --activate",
-            [EventKind::Destroyed] => "rotate --destroy-old",
+            [EventKind::GraceEnded, EventKind::Destroyed] | [EventKind::Destroyed] => {
+                "rotate --destroy-old"
+            }
+            [EventKind::Aborted, EventKind::Destroyed] => "rotate --abort",
             [EventKind::Revoked, ..] => "revoke",
             _ => "a key operation",
         }
@@ -175,11 +183,9 @@ impl Uncommitted {
             .find(|r| r.event == EventKind::Activated)
             .or(self.records.last());
         Entry {
-            event: EventKind::Aborted,
             old_fingerprint: main.and_then(|r| r.old_fingerprint),
             new_fingerprint: main.and_then(|r| r.new_fingerprint),
-            generation: main.map_or(0, |r| r.generation),
-            peer: None,
+            ..Entry::new(EventKind::Aborted, main.map_or(0, |r| r.generation))
         }
     }
 }
@@ -347,9 +353,61 @@ impl Store {
             .transpose()
     }
 
+    /// The previous private key, kept after an activation until the grace
+    /// period ends.
+    pub fn previous_private(&self) -> Result<Option<PrivateKey>> {
+        self.state
+            .previous
+            .as_ref()
+            .map(|m| read_key(&self.dir, m))
+            .transpose()
+    }
+
+    /// What the audit log says about the rotation in progress: the peers
+    /// that confirmed the staged key (or, once activated, the active key)
+    /// and when the active key was activated. For the agent's rotation
+    /// driver, which must pick up where it left off after a restart.
+    pub fn rotation_progress(&self) -> Result<RotationProgress> {
+        let log = read_optional(&self.dir.join(AUDIT_FILE))?.unwrap_or_default();
+        let head = read_head(&self.dir)?;
+        let records = match audit::verify(&log, head.as_ref()) {
+            Ok(v) => v.records,
+            Err(error) => {
+                return Err(StoreError::AuditBroken {
+                    file: self.dir.join(AUDIT_FILE),
+                    error,
+                })
+            }
+        };
+        let target = self
+            .state
+            .staged
+            .as_ref()
+            .unwrap_or(&self.state.active)
+            .fingerprint;
+        let confirmed = records
+            .iter()
+            .filter(|r| r.event == EventKind::PeerConfirmed)
+            .filter(|r| r.new_fingerprint == Some(target))
+            .filter_map(|r| r.peer.clone())
+            .collect();
+        let activated_at = records
+            .iter()
+            .rev()
+            .find(|r| {
+                r.event == EventKind::Activated
+                    && r.new_fingerprint == Some(self.state.active.fingerprint)
+            })
+            .map(|r| r.time);
+        Ok(RotationProgress {
+            confirmed,
+            activated_at,
+        })
+    }
+
     /// Generates the next key and stages it.
     pub fn stage(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, generation, now| {
+        self.mutate(who, no_edit, |state, generation, now| {
             let key = PrivateKey::generate();
             let meta = KeyMeta::new(generation, now, key.public_key());
             let t = state.stage(meta.clone())?;
@@ -357,19 +415,47 @@ impl Store {
         })
     }
 
-    /// Makes the staged key the active one.
-    pub fn activate(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, _, _| Ok((state.activate()?, None)))
+    /// Makes the staged key the active one. `unconfirmed` is recorded in the
+    /// `activated` record: the peers that had not confirmed the new key
+    /// (`Some(&[])`: every peer had), or `None` when the caller does not
+    /// track confirmations (an activation by hand), which the record then
+    /// says by leaving the field out. Why it was activated now (all confirmed,
+    /// or the deadline passed) belongs in `who.reason`.
+    pub fn activate(&mut self, unconfirmed: Option<&[String]>, who: &Attribution) -> Result<()> {
+        let mut unconfirmed: Option<Vec<String>> = unconfirmed.map(<[String]>::to_vec);
+        if let Some(peers) = unconfirmed.as_mut() {
+            // One spelling per set, so two logs of the same facts read alike.
+            peers.sort();
+            peers.dedup();
+        }
+        let edit = move |entries: &mut [Entry]| {
+            for e in entries.iter_mut() {
+                if e.event == EventKind::Activated {
+                    e.unconfirmed = unconfirmed.clone();
+                }
+            }
+        };
+        self.mutate(who, edit, |state, _, _| Ok((state.activate()?, None)))
     }
 
-    /// Destroys the previous key after an activation.
+    /// Ends the previous key's grace period and destroys it, after an
+    /// activation: records `grace-ended` (the old key is no longer accepted;
+    /// the caller removes it from the device first) and `destroyed`.
     pub fn destroy_old(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, _, _| Ok((state.destroy_old()?, None)))
+        self.mutate(who, no_edit, |state, _, _| Ok((state.destroy_old()?, None)))
+    }
+
+    /// Abandons a staged rotation: the staged key is withdrawn and destroyed
+    /// (records `aborted` then `destroyed`, with `who`'s reason); the active
+    /// key stays. The withdrawn key's generation is never used again. Refused
+    /// (nothing written) when no rotation is staged.
+    pub fn abort_staged(&mut self, who: &Attribution) -> Result<()> {
+        self.mutate(who, no_edit, |state, _, _| Ok((state.abort()?, None)))
     }
 
     /// Emergency: destroys every key now and activates a fresh one.
     pub fn revoke(&mut self, who: &Attribution) -> Result<()> {
-        self.mutate(who, |state, generation, now| {
+        self.mutate(who, no_edit, |state, generation, now| {
             let key = PrivateKey::generate();
             let meta = KeyMeta::new(generation, now, key.public_key());
             let t = state.revoke(meta.clone())?;
@@ -377,8 +463,21 @@ impl Store {
         })
     }
 
-    /// Records that a peer confirmed it accepts `generation` of this node's key.
-    pub fn record_peer_confirmed(&mut self, peer: &str, who: &Attribution) -> Result<()> {
+    /// Records that `peer` confirmed this node's new key, and how that was
+    /// proven (`proof`: cryptographic evidence only, e.g. "handshake under key
+    /// <fp> completed with peer <node> (<peer key fp>) at <time>"; never a
+    /// timer). The key confirmed is the staged one while a rotation is staged
+    /// (the userspace protocol: peers confirm before activation), else the
+    /// active one (kernel peers follow after the switch); `old_fingerprint` is
+    /// the key it succeeds, if the node still holds it.
+    pub fn record_peer_confirmed(
+        &mut self,
+        peer: &str,
+        proof: &str,
+        who: &Attribution,
+    ) -> Result<()> {
+        require("peer", peer)?;
+        require("proof", proof)?;
         let _lock = lock(&self.dir)?;
         // Another process may have rotated since this handle loaded: record the
         // keys as they are now.
@@ -389,15 +488,108 @@ impl Store {
             Some(&self.state),
             read_verified(&self.dir)?,
         )?;
-        let active = &self.state.active;
+        let state = &self.state;
+        let (old, new) = match &state.staged {
+            Some(staged) => (Some(&state.active), staged),
+            None => (state.previous.as_ref(), &state.active),
+        };
         let entry = Entry {
-            event: EventKind::PeerConfirmed,
-            old_fingerprint: self.state.previous.as_ref().map(|k| k.fingerprint),
-            new_fingerprint: Some(active.fingerprint),
-            generation: active.generation,
+            old_fingerprint: old.map(|k| k.fingerprint),
+            new_fingerprint: Some(new.fingerprint),
             peer: Some(peer.to_string()),
+            proof: Some(proof.to_string()),
+            ..Entry::new(EventKind::PeerConfirmed, new.generation)
         };
         self.append(&log.head, who, Timestamp::now(), [entry])
+    }
+
+    /// The head this node publishes on its Node (`wgmesh.dev/audit-head`):
+    /// its log's last record other than `peer-head` (see
+    /// [`audit::published_head`] for why witness records do not move it).
+    /// Reads only. Fails when the log does not verify: a node must not vouch
+    /// for a log it cannot check.
+    pub fn audit_head(&self) -> Result<AuditHead> {
+        let path = self.dir.join(AUDIT_FILE);
+        let log = Self::verify_audit(&self.dir)?.map_err(|error| StoreError::AuditBroken {
+            file: path.clone(),
+            error,
+        })?;
+        let head = audit::published_head(&log.records).ok_or_else(|| StoreError::Corrupt {
+            file: path.clone(),
+            detail: "the audit log holds no key event, so there is no head to publish".into(),
+            fix: "an initialized store always logs its first key; restore the log from a backup"
+                .into(),
+        })?;
+        AuditHead::from_head(&head).map_err(|e| StoreError::Corrupt {
+            file: path,
+            detail: format!("its record seq {} has no usable head ({e})", head.seq),
+            fix: "inspect it with `wgmesh keys audit verify`".into(),
+        })
+    }
+
+    /// The node a store directory belongs to, from its `state.json` (`None`
+    /// without one). Reads only: no lock, no recovery, no key file.
+    pub fn node_of(dir: &Path) -> Result<Option<String>> {
+        let path = dir.join(STATE_FILE);
+        match read_optional(&path)? {
+            Some(text) => Ok(Some(parse_state(&path, &text)?.node)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records, as a witness, that `node` published `head`, appending a
+    /// `peer-head` record only when it differs from the last head recorded
+    /// for that node (the agent calls this whenever it sees a Node's head;
+    /// repeats cost nothing). Returns whether a record was appended. The
+    /// store's own node is never witnessed (returns false): a node vouching
+    /// for itself proves nothing.
+    pub fn record_peer_head(
+        &mut self,
+        node: &str,
+        head: &AuditHead,
+        who: &Attribution,
+    ) -> Result<bool> {
+        require("node", node)?;
+        if node == self.node {
+            return Ok(false);
+        }
+        let _lock = lock(&self.dir)?;
+        *self = Self::load(&self.dir)?;
+        let log = recover(
+            &self.dir,
+            &self.node,
+            Some(&self.state),
+            read_verified(&self.dir)?,
+        )?;
+        let last = log
+            .records
+            .iter()
+            .rev()
+            .filter(|r| r.event == EventKind::PeerHead && r.peer.as_deref() == Some(node))
+            .find_map(|r| r.peer_head.as_ref());
+        let head = head.to_head();
+        if last == Some(&head) {
+            return Ok(false);
+        }
+        if let Some(last) = last.filter(|l| l.seq >= head.seq) {
+            // A log only grows: a head that does not move forward means that
+            // node's log was cut, restored from an older copy or rewritten.
+            // Recorded all the same; verification against witnesses names it.
+            tracing::warn!(
+                node,
+                from_seq = last.seq,
+                to_seq = head.seq,
+                "a node's published audit head did not move forward: its log was cut, restored or rewritten"
+            );
+        }
+        let entry = Entry {
+            peer: Some(node.to_string()),
+            peer_head: Some(head),
+            // Not about a key of this node.
+            ..Entry::new(EventKind::PeerHead, 0)
+        };
+        self.append(&log.head, who, Timestamp::now(), [entry])?;
+        Ok(true)
     }
 
     /// Reads and verifies the audit log (shared helper for the CLI).
@@ -429,8 +621,9 @@ impl Store {
     /// transition, then writes the new key file, the audit records, the state
     /// (the commit point), and destroys what the transition retired plus any
     /// orphans. `step` gets the lowest generation a new key may take.
-    fn mutate<F>(&mut self, who: &Attribution, step: F) -> Result<()>
+    fn mutate<E, F>(&mut self, who: &Attribution, edit: E, step: F) -> Result<()>
     where
+        E: FnOnce(&mut [Entry]),
         F: FnOnce(&KeyState, u64, Timestamp) -> Result<(Transition, Option<(KeyMeta, PrivateKey)>)>,
     {
         let _lock = lock(&self.dir)?;
@@ -448,18 +641,22 @@ impl Store {
         let logged = log.records.iter().map(|r| r.generation).max().unwrap_or(0);
         let generation = self.state.next_generation().max(logged.saturating_add(1));
         let (transition, new_key) = step(&self.state, generation, now)?;
+        let mut entries: Vec<Entry> = transition
+            .events
+            .iter()
+            .map(Entry::from_key_event)
+            .collect();
+        edit(&mut entries);
+        // Checked before anything is written: a refused operation leaves no trace.
+        require("actor", &who.actor)?;
+        require("reason", &who.reason)?;
         if let Some((meta, key)) = &new_key {
             write_key(&self.dir, meta, key)?;
         }
         let previous_orphans = std::mem::take(&mut self.orphans);
         // Write-ahead: the records go to the log before state.json commits the
         // change, so no crash can leave a key change the log does not show.
-        self.append(
-            &log.head,
-            who,
-            now,
-            transition.events.iter().map(Entry::from_key_event),
-        )?;
+        self.append(&log.head, who, now, entries)?;
         crash_point()?;
         self.commit_state(transition.state)?;
         for meta in &transition.destroy {
@@ -527,6 +724,8 @@ impl Store {
         time: Timestamp,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<()> {
+        require("actor", &who.actor)?;
+        require("reason", &who.reason)?;
         let ctx = Context {
             node: self.node.clone(),
             actor: who.actor.clone(),
@@ -538,6 +737,17 @@ impl Store {
     }
 }
 
+/// The no-op entry edit, for operations that record the transition as it is.
+fn no_edit(_: &mut [Entry]) {}
+
+/// Refuses an empty (or all-whitespace) audit field.
+fn require(field: &'static str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(StoreError::EmptyField { field });
+    }
+    Ok(())
+}
+
 /// Now, truncated to whole seconds: key creation times are published in the
 /// `key-created` annotation at second precision, and the store agrees with it.
 fn now_seconds() -> Timestamp {
@@ -546,6 +756,13 @@ fn now_seconds() -> Timestamp {
 }
 
 /// The path of generation `n`'s key file.
+/// See [`Store::rotation_progress`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RotationProgress {
+    pub confirmed: std::collections::BTreeSet<String>,
+    pub activated_at: Option<jiff::Timestamp>,
+}
+
 pub fn key_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("key-{generation}.key"))
 }
@@ -686,8 +903,9 @@ fn reflected(record: &AuditRecord, state: Option<&KeyState>) -> bool {
         state.is_some_and(|s| fp.is_some_and(|fp| s.keys().any(|k| k.fingerprint == fp)))
     };
     match record.event {
-        // Change nothing state.json holds.
-        EventKind::PeerConfirmed | EventKind::Aborted => true,
+        // Change nothing state.json holds. (A withdrawn stage's `aborted` is
+        // followed by a `destroyed`, which is what gets checked.)
+        EventKind::PeerConfirmed | EventKind::Aborted | EventKind::PeerHead => true,
         EventKind::Generated => holds(record.new_fingerprint),
         EventKind::Staged => state.is_some_and(|s| {
             s.staged.as_ref().map(|k| k.fingerprint) == record.new_fingerprint
@@ -696,7 +914,7 @@ fn reflected(record: &AuditRecord, state: Option<&KeyState>) -> bool {
         EventKind::Activated => {
             state.is_some_and(|s| Some(s.active.fingerprint) == record.new_fingerprint)
         }
-        EventKind::Destroyed | EventKind::Revoked => {
+        EventKind::Destroyed | EventKind::Revoked | EventKind::GraceEnded => {
             state.is_some() && !holds(record.old_fingerprint)
         }
     }
@@ -716,8 +934,10 @@ fn uncommitted(records: &[AuditRecord], state: Option<&KeyState>) -> Option<Unco
 
 /// Where the last operation's records begin. One operation's records share
 /// time, actor and reason, and come in the shapes the rotation state machine
-/// emits: `generated` (init), `generated, staged`, `activated`, `destroyed`, and
-/// `revoked, generated, activated, destroyed…` (revoke).
+/// emits: `generated` (init), `generated, staged`, `activated`, `grace-ended,
+/// destroyed` (or a lone `destroyed` in logs from before `grace-ended`),
+/// `aborted, destroyed` (a withdrawn stage), and `revoked, generated,
+/// activated, destroyed…` (revoke).
 fn operation_start(records: &[AuditRecord]) -> usize {
     let n = records.len();
     let Some(last) = records.last() else {
@@ -737,8 +957,18 @@ fn operation_start(records: &[AuditRecord]) -> usize {
                 && is(i - 3, EventKind::Revoked)
                 && is(i - 2, EventKind::Generated)
                 && is(i - 1, EventKind::Activated);
+            // The key a grace-ended or a withdrawn stage is about is the one
+            // the `destroyed` after it destroys.
+            let before_last_is = |event: EventKind| {
+                n >= 2 && is(n - 2, event) && {
+                    let r = &records[n - 2];
+                    r.old_fingerprint.or(r.new_fingerprint) == last.old_fingerprint
+                }
+            };
             if revoke {
                 i - 3
+            } else if before_last_is(EventKind::GraceEnded) || before_last_is(EventKind::Aborted) {
+                n - 2
             } else {
                 n - 1
             }
@@ -1008,13 +1238,7 @@ fn read_verified(dir: &Path) -> Result<Verified> {
 
 /// Verifies the chain alone, taking the log's own last record as the anchor.
 fn chain_only(log: &[u8]) -> std::result::Result<audit::Verified, VerifyError> {
-    let text = String::from_utf8_lossy(log);
-    let last = text
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str::<AuditRecord>(l).ok())
-        .map(|r| r.head());
-    audit::verify(log, last.as_ref())
+    audit::verify_chain(log)
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> StoreError + '_ {
@@ -1034,6 +1258,11 @@ mod tests {
             actor: "cli:test".into(),
             reason: reason.into(),
         }
+    }
+
+    /// An activation that does not track peers (as `rotate --activate` does).
+    fn activate_by_hand(store: &mut Store, who: &Attribution) -> Result<()> {
+        store.activate(None, who)
     }
 
     fn mode(path: &Path) -> u32 {
@@ -1133,7 +1362,7 @@ mod tests {
         assert_eq!(store.state().active, first);
         assert!(store.staged_private().unwrap().is_some());
 
-        store.activate(&who("quarterly")).unwrap();
+        store.activate(None, &who("quarterly")).unwrap();
         assert_eq!(store.state().phase(), Phase::Activated);
         assert_eq!(store.state().active.generation, 2);
         assert!(dir.join("key-1.key").exists(), "kept until destroy-old");
@@ -1146,7 +1375,14 @@ mod tests {
         assert_eq!(reopened.state(), store.state());
         assert_eq!(
             events(dir),
-            ["generated", "generated", "staged", "activated", "destroyed"]
+            [
+                "generated",
+                "generated",
+                "staged",
+                "activated",
+                "grace-ended",
+                "destroyed"
+            ]
         );
     }
 
@@ -1173,7 +1409,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut store = Store::init(tmp.path(), "node-a", &who("t")).unwrap();
         let before = fs::read(tmp.path().join(AUDIT_FILE)).unwrap();
-        assert!(store.activate(&who("t")).is_err());
+        assert!(store.activate(None, &who("t")).is_err());
         assert!(store.destroy_old(&who("t")).is_err());
         assert_eq!(fs::read(tmp.path().join(AUDIT_FILE)).unwrap(), before);
     }
@@ -1202,7 +1438,7 @@ mod tests {
         // Simulate a crash between the log append and the head update.
         fs::write(dir.join(HEAD_FILE), &old_head).unwrap();
         assert!(Store::verify_audit(dir).unwrap().is_err());
-        store.activate(&who("t")).unwrap();
+        store.activate(None, &who("t")).unwrap();
         assert!(Store::verify_audit(dir).unwrap().is_ok());
 
         // Now tamper: the next operation must refuse to append.
@@ -1367,12 +1603,12 @@ mod tests {
         type Step = fn(&mut Store, &Attribution) -> Result<()>;
         let cases: [(&str, usize, Step, &[&str]); 4] = [
             ("rotate --stage", 0, Store::stage, &["generated", "staged"]),
-            ("rotate --activate", 1, Store::activate, &["activated"]),
+            ("rotate --activate", 1, activate_by_hand, &["activated"]),
             (
                 "rotate --destroy-old",
                 2,
                 Store::destroy_old,
-                &["destroyed"],
+                &["grace-ended", "destroyed"],
             ),
             (
                 "revoke",
@@ -1391,7 +1627,7 @@ mod tests {
             let tmp = tempfile::tempdir().unwrap();
             let dir = tmp.path();
             let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
-            let setups: [Step; 2] = [Store::stage, Store::activate];
+            let setups: [Step; 2] = [Store::stage, activate_by_hand];
             for s in &setups[..setup] {
                 s(&mut store, &who("t")).unwrap();
             }
@@ -1501,13 +1737,13 @@ mod tests {
         let mut agent = Store::open(dir).unwrap();
         // Three commits well within a second: same mtime second, often the
         // same length, possibly a reused inode. Content tells them apart.
-        for step in [Store::stage, Store::activate, Store::destroy_old] {
+        for step in [Store::stage, activate_by_hand, Store::destroy_old] {
             step(&mut cli, &who("t")).unwrap();
             assert!(agent.reload_if_changed().unwrap());
             assert_eq!(agent.state(), cli.state());
         }
         // A refused step writes nothing, so nothing to reload.
-        assert!(cli.activate(&who("t")).is_err());
+        assert!(cli.activate(None, &who("t")).is_err());
         assert!(!agent.reload_if_changed().unwrap());
         // Rewritten but the same keys (here: another formatting): re-read, false.
         let state = fs::read(dir.join(STATE_FILE)).unwrap();
@@ -1535,5 +1771,373 @@ mod tests {
         fs::set_permissions(&staged, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(agent.reload_if_changed().unwrap());
         assert!(agent.state().staged.is_some());
+    }
+
+    fn rewrite_reason(dir: &Path, seq: u64, reason: &str) {
+        // A consistent rewrite, as root on the node could do it: edit a
+        // record, recompute every hash after it and the anchor.
+        let log = fs::read_to_string(dir.join(AUDIT_FILE)).unwrap();
+        let mut records: Vec<AuditRecord> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut prev = audit::GENESIS_HASH.to_string();
+        let mut text = String::new();
+        for r in &mut records {
+            if r.seq == seq {
+                r.reason = reason.into();
+            }
+            r.prev_hash = prev.clone();
+            r.hash = r.body_hash();
+            prev = r.hash.clone();
+            text.push_str(&r.to_line());
+            text.push('\n');
+        }
+        fs::write(dir.join(AUDIT_FILE), text).unwrap();
+        write_head(dir, &records.last().unwrap().head()).unwrap();
+    }
+
+    fn records(dir: &Path) -> Vec<AuditRecord> {
+        Store::verify_audit(dir).unwrap().unwrap().records
+    }
+
+    #[test]
+    fn a_full_protocol_rotation_records_proof_unconfirmed_and_grace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let old = store.state().active.clone();
+        store.stage(&who("max key age reached")).unwrap();
+        let next = store.state().staged.clone().unwrap();
+        let proof = format!(
+            "handshake under key {} completed with peer node-b (0123456789abcdef) at 2026-11-21T11:42:55Z",
+            next.fingerprint
+        );
+        let agent = Attribution {
+            actor: "agent".into(),
+            reason: "rotation to generation 2".into(),
+        };
+        store
+            .record_peer_confirmed("node-b", &proof, &agent)
+            .unwrap();
+        // No proof, no record: a timer is not evidence.
+        let before = records(dir).len();
+        assert!(matches!(
+            store.record_peer_confirmed("node-c", " ", &agent),
+            Err(StoreError::EmptyField { field: "proof" })
+        ));
+        assert_eq!(records(dir).len(), before);
+
+        let late = vec!["node-d".to_string(), "node-c".into(), "node-c".into()];
+        store
+            .activate(Some(&late), &who("deadline passed: 2 peers unconfirmed"))
+            .unwrap();
+        store
+            .destroy_old(&who("grace period of 180 s over"))
+            .unwrap();
+
+        let log = records(dir);
+        let kinds: Vec<String> = log.iter().map(|r| r.event.to_string()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "generated",
+                "generated",
+                "staged",
+                "peer-confirmed",
+                "activated",
+                "grace-ended",
+                "destroyed"
+            ]
+        );
+        let confirmed = &log[3];
+        assert_eq!(confirmed.peer.as_deref(), Some("node-b"));
+        assert_eq!(confirmed.proof.as_deref(), Some(proof.as_str()));
+        assert_eq!(confirmed.old_fingerprint, Some(old.fingerprint));
+        assert_eq!(confirmed.new_fingerprint, Some(next.fingerprint));
+        assert_eq!(confirmed.generation, 2);
+        assert_eq!(
+            (confirmed.actor.as_str(), confirmed.reason.as_str()),
+            ("agent", "rotation to generation 2")
+        );
+        let activated = &log[4];
+        assert_eq!(
+            activated.unconfirmed.as_deref(),
+            Some(&["node-c".to_string(), "node-d".into()][..]),
+            "sorted, deduplicated"
+        );
+        assert!(activated.reason.contains("deadline"));
+        let grace = &log[5];
+        assert_eq!(grace.old_fingerprint, Some(old.fingerprint));
+        assert_eq!(grace.reason, "grace period of 180 s over");
+        assert_eq!(log[6].old_fingerprint, Some(old.fingerprint));
+        for r in &log {
+            assert!(!r.actor.is_empty() && !r.reason.is_empty(), "seq {}", r.seq);
+        }
+        // `[]` (all confirmed) and None (not tracked) are told apart.
+        store.stage(&who("t")).unwrap();
+        store
+            .activate(Some(&[]), &who("all peers confirmed"))
+            .unwrap();
+        assert_eq!(last_record(dir).unconfirmed, Some(vec![]));
+        assert!(last_record(dir).to_line().contains("\"unconfirmed\":[]"));
+        store.destroy_old(&who("t")).unwrap();
+        store.stage(&who("t")).unwrap();
+        store.activate(None, &who("by hand")).unwrap();
+        let by_hand = last_record(dir);
+        assert_eq!(by_hand.unconfirmed, None);
+        assert!(!by_hand.to_line().contains("unconfirmed"));
+    }
+
+    #[test]
+    fn a_peer_confirmation_after_the_switch_names_the_active_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let old = store.state().active.fingerprint;
+        store.stage(&who("t")).unwrap();
+        store.activate(None, &who("kernel: switch first")).unwrap();
+        store
+            .record_peer_confirmed("node-b", "handshake completed", &who("t"))
+            .unwrap();
+        let r = last_record(dir);
+        assert_eq!(r.old_fingerprint, Some(old));
+        assert_eq!(r.new_fingerprint, Some(store.state().active.fingerprint));
+    }
+
+    #[test]
+    fn abort_staged_withdraws_and_destroys_the_staged_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let active = store.state().active.clone();
+        assert!(matches!(
+            store.abort_staged(&who("nothing to abort")),
+            Err(StoreError::Rotation(RotationError::NothingStaged))
+        ));
+        store.stage(&who("quarterly")).unwrap();
+        let staged = store.state().staged.clone().unwrap();
+        store
+            .abort_staged(&who("change freeze: rotation postponed"))
+            .unwrap();
+        assert_eq!(store.state().phase(), Phase::Idle);
+        assert_eq!(store.state().active, active);
+        assert!(!key_path(dir, staged.generation).exists());
+        let log = records(dir);
+        let tail: Vec<(EventKind, Option<crate::keys::Fingerprint>)> = log[log.len() - 2..]
+            .iter()
+            .map(|r| (r.event, r.new_fingerprint.or(r.old_fingerprint)))
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                (EventKind::Aborted, Some(staged.fingerprint)),
+                (EventKind::Destroyed, Some(staged.fingerprint))
+            ]
+        );
+        assert_eq!(
+            log[log.len() - 2].reason,
+            "change freeze: rotation postponed"
+        );
+        assert_eq!(log[log.len() - 2].actor, "cli:test");
+        // The withdrawn generation is never reused.
+        store.stage(&who("t")).unwrap();
+        assert_eq!(store.state().staged.as_ref().unwrap().generation, 3);
+    }
+
+    #[test]
+    fn an_interrupted_abort_is_recognised_as_one_operation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        store.stage(&who("t")).unwrap();
+        crash_next_commit();
+        assert!(store.abort_staged(&who("t")).is_err());
+        let pending = Store::uncommitted(dir).unwrap().unwrap();
+        assert_eq!(pending.operation(), "rotate --abort");
+        assert_eq!(pending.records.len(), 2);
+        let reopened = Store::open(dir).unwrap();
+        assert_eq!(
+            reopened.state().phase(),
+            Phase::Staged,
+            "the abort never took effect"
+        );
+        assert_eq!(last_record(dir).actor, RECOVERY_ACTOR);
+    }
+
+    #[test]
+    fn every_record_needs_an_actor_and_a_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let before = fs::read(dir.join(AUDIT_FILE)).unwrap();
+        let err = store.revoke(&who("")).unwrap_err();
+        assert!(
+            matches!(err, StoreError::EmptyField { field: "reason" }),
+            "{err}"
+        );
+        let nobody = Attribution {
+            actor: " ".into(),
+            reason: "r".into(),
+        };
+        assert!(matches!(
+            store.stage(&nobody),
+            Err(StoreError::EmptyField { field: "actor" })
+        ));
+        assert_eq!(fs::read(dir.join(AUDIT_FILE)).unwrap(), before);
+        assert_eq!(
+            find_orphans(dir, store.state()).unwrap(),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[test]
+    fn the_published_head_skips_witness_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let first = store.audit_head().unwrap();
+        assert_eq!(first.seq, 1);
+        assert_eq!(first.hash_hex(), records(dir)[0].hash);
+        let seen: AuditHead = format!("4:{}", "cd".repeat(32)).parse().unwrap();
+        assert!(store
+            .record_peer_head("node-b", &seen, &who("witness"))
+            .unwrap());
+        // Otherwise two agents would witness each other's witnessing for ever.
+        assert_eq!(store.audit_head().unwrap(), first);
+        store.stage(&who("t")).unwrap();
+        let moved = store.audit_head().unwrap();
+        assert_eq!(moved.seq, 4, "generated, staged after the peer-head");
+        // A log that does not verify has no head to publish.
+        let log = fs::read_to_string(dir.join(AUDIT_FILE)).unwrap();
+        fs::write(
+            dir.join(AUDIT_FILE),
+            log.replacen("\"reason\":\"t\"", "\"reason\":\"x\"", 1),
+        )
+        .unwrap();
+        assert!(matches!(
+            store.audit_head(),
+            Err(StoreError::AuditBroken { .. })
+        ));
+    }
+
+    #[test]
+    fn record_peer_head_appends_only_on_a_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut store = Store::init(dir, "node-a", &who("t")).unwrap();
+        let head = |seq: u64, byte: &str| -> AuditHead {
+            format!("{seq}:{}", byte.repeat(32)).parse().unwrap()
+        };
+        let w = who("saw the Node's audit head change");
+        assert!(store
+            .record_peer_head("node-b", &head(3, "aa"), &w)
+            .unwrap());
+        assert!(!store
+            .record_peer_head("node-b", &head(3, "aa"), &w)
+            .unwrap());
+        assert!(store
+            .record_peer_head("node-c", &head(3, "aa"), &w)
+            .unwrap());
+        assert!(
+            !store
+                .record_peer_head("node-b", &head(3, "aa"), &w)
+                .unwrap(),
+            "per node"
+        );
+        assert!(store
+            .record_peer_head("node-b", &head(5, "bb"), &w)
+            .unwrap());
+        // Going back is recorded too: it is evidence of a rewrite there.
+        assert!(store
+            .record_peer_head("node-b", &head(3, "aa"), &w)
+            .unwrap());
+        // Never about itself.
+        assert!(!store
+            .record_peer_head("node-a", &head(9, "aa"), &w)
+            .unwrap());
+        let log = records(dir);
+        let heads: Vec<(String, u64)> = log
+            .iter()
+            .filter(|r| r.event == EventKind::PeerHead)
+            .map(|r| (r.peer.clone().unwrap(), r.peer_head.as_ref().unwrap().seq))
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                ("node-b".into(), 3),
+                ("node-c".into(), 3),
+                ("node-b".into(), 5),
+                ("node-b".into(), 3)
+            ]
+        );
+        let r = log.last().unwrap();
+        assert_eq!(r.peer_head.as_ref().unwrap().hash, "aa".repeat(32));
+        assert_eq!((r.generation, r.actor.as_str()), (0, "cli:test"));
+        assert!(Store::uncommitted(dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_rewritten_history_passes_plain_verify_but_not_its_witnesses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+        let mut a = Store::init(&a_dir, "node-a", &who("first key")).unwrap();
+        let mut b = Store::init(&b_dir, "node-b", &who("first key")).unwrap();
+        a.stage(&who("quarterly")).unwrap();
+        a.activate(Some(&[]), &who("all peers confirmed")).unwrap();
+        // B's agent sees A's published head and records it.
+        assert!(b
+            .record_peer_head("node-a", &a.audit_head().unwrap(), &who("witness"))
+            .unwrap());
+        a.destroy_old(&who("grace over")).unwrap();
+
+        let check = |a_dir: &Path| {
+            let a_log = records(a_dir);
+            let b_log = records(&b_dir);
+            audit::verify_against_witnesses("node-a", &a_log, &[&b_log])
+        };
+        let report = check(&a_dir);
+        assert!(report.ok(), "{:?}", report.problems);
+        assert_eq!((report.checked, report.pinned_up_to), (1, 4));
+        assert_eq!(report.witnesses, ["node-b"]);
+
+        // Root on node-a rewrites why the key was staged, chain recomputed.
+        rewrite_reason(&a_dir, 3, "routine");
+        assert!(
+            Store::verify_audit(&a_dir).unwrap().is_ok(),
+            "plain verify passes"
+        );
+        let report = check(&a_dir);
+        assert!(!report.ok());
+        assert_eq!(report.problems.len(), 1);
+        let finding = &report.problems[0];
+        assert_eq!((finding.head.seq, finding.witness.as_str()), (4, "node-b"));
+        assert!(matches!(
+            finding.problem,
+            audit::WitnessProblem::Differs { .. }
+        ));
+        assert!(finding.to_string().contains("seq 4"), "{finding}");
+        assert!(finding.to_string().contains("rewritten"), "{finding}");
+
+        // Cutting back to before the witnessed head is caught as well.
+        let lines: Vec<String> = fs::read_to_string(a_dir.join(AUDIT_FILE))
+            .unwrap()
+            .lines()
+            .take(3)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(a_dir.join(AUDIT_FILE), lines.concat()).unwrap();
+        write_head(&a_dir, &records_unanchored(&a_dir)).unwrap();
+        let report = check(&a_dir);
+        assert!(matches!(
+            report.problems[0].problem,
+            audit::WitnessProblem::Missing { log_ends_at: 3 }
+        ));
+    }
+
+    fn records_unanchored(dir: &Path) -> Head {
+        audit::verify_chain(&fs::read(dir.join(AUDIT_FILE)).unwrap())
+            .unwrap()
+            .head
     }
 }

@@ -32,6 +32,7 @@ use serde_json::{Map, Value};
 
 use super::annotations::{self as ann, MAX_VALUE_LEN};
 use super::NodeRecord;
+use crate::keys::audit::{AuditHead, AuditHeadError};
 use crate::keys::{KeyError, PublicKey};
 
 /// Field name used in errors about the Node's own pod CIDR allocation.
@@ -154,6 +155,10 @@ pub enum Reason {
         endpoint: SocketAddr,
         why: &'static str,
     },
+    /// An `audit-head` that does not parse. Never a reason to reject a Node:
+    /// the head is evidence for the audit trail, not part of the mesh.
+    #[error("not a usable audit head: {0}; the agent on that node writes it, so check that node's agent version and its audit log (`wgmesh keys audit verify`)")]
+    BadAuditHead(AuditHeadError),
     /// Not an integer in 0..=65535.
     #[error(
         "{given:?} is not a keepalive interval; write whole seconds from 0 (off) to 65535, \
@@ -241,6 +246,9 @@ pub struct LocalAnnotations {
     /// Informational; written canonical, sorted and deduplicated, and left out
     /// entirely when empty.
     pub pod_cidrs: Vec<IpNet>,
+    /// The store's published audit head (`Store::audit_head`); `None` removes
+    /// the annotation (a node whose log does not verify vouches for nothing).
+    pub audit_head: Option<AuditHead>,
 }
 
 /// Decodes and validates one Node. See the module docs for the text rules.
@@ -291,6 +299,8 @@ pub fn decode(node: &Node, cfg: &ValidationConfig) -> Result<NodeRecord, Rejecte
 
     let pod_cidrs = d.pod_cidrs(node, cfg);
     let node_ips = node_ips(node, cfg);
+    // Not through `d`: a bad head is ignored, never a reason to reject.
+    let audit_head = audit_head(node).ok().flatten();
 
     match (name, public_key, endpoint) {
         (Some(name), Some(public_key), Some(endpoint)) if d.errors.is_empty() => Ok(NodeRecord {
@@ -305,6 +315,7 @@ pub fn decode(node: &Node, cfg: &ValidationConfig) -> Result<NodeRecord, Rejecte
             pod_cidrs,
             persistent_keepalive,
             node_ips,
+            audit_head,
         }),
         (name, _, _) => {
             // Every `None` above was recorded as an error, so `errors` is not
@@ -317,6 +328,68 @@ pub fn decode(node: &Node, cfg: &ValidationConfig) -> Result<NodeRecord, Rejecte
                 node_ips,
             })
         }
+    }
+}
+
+/// The node's published audit head (`wgmesh.dev/audit-head`), for the agent to
+/// witness with `Store::record_peer_head`. `Ok(None)` when absent.
+///
+/// Separate from [`decode`] on purpose: a bad head is ignored for the mesh (the
+/// Node keeps its peer; [`NodeRecord::audit_head`] is then `None`) and this
+/// error is what the agent logs instead. It also answers for a Node that
+/// [`decode`] rejects, whose history is worth witnessing all the same.
+pub fn audit_head(node: &Node) -> Result<Option<AuditHead>, NodeError> {
+    let mut d = Decoder {
+        annotations: node.metadata.annotations.as_ref(),
+        errors: Vec::new(),
+    };
+    let head = d.optional(ann::AUDIT_HEAD, parse_audit_head);
+    match d.errors.pop() {
+        Some(error) => Err(error),
+        None => Ok(head),
+    }
+}
+
+/// The key annotations of a Node, each decoded on its own: what a key
+/// inventory needs, with no opinion on the rest of the Node (a Node whose
+/// endpoint is broken still has a key whose age matters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFields {
+    /// `metadata.name` (empty when the Node has none).
+    pub name: String,
+    pub public_key: Option<PublicKey>,
+    pub key_generation: Option<u64>,
+    pub key_created: Option<Timestamp>,
+    pub next_public_key: Option<PublicKey>,
+    pub audit_head: Option<AuditHead>,
+    /// Every key annotation that is present but unusable, plus `public-key`
+    /// as [`Reason::Missing`] when absent; in the order of the fields above.
+    pub errors: Vec<NodeError>,
+}
+
+/// Decodes [`KeyFields`] with the same text rules as [`decode`].
+pub fn key_fields(node: &Node) -> KeyFields {
+    let mut d = Decoder {
+        annotations: node.metadata.annotations.as_ref(),
+        errors: Vec::new(),
+    };
+    let public_key = d.required(ann::PUBLIC_KEY, parse_key);
+    let key_generation = d.optional(ann::KEY_GENERATION, parse_u64);
+    let key_created = d.optional(ann::KEY_CREATED, parse_timestamp);
+    let mut next_public_key = d.optional(ann::NEXT_PUBLIC_KEY, parse_key);
+    if next_public_key.is_some() && next_public_key == public_key {
+        d.error(ann::NEXT_PUBLIC_KEY, Reason::NextKeyIsCurrent);
+        next_public_key = None;
+    }
+    let audit_head = d.optional(ann::AUDIT_HEAD, parse_audit_head);
+    KeyFields {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        public_key,
+        key_generation,
+        key_created,
+        next_public_key,
+        audit_head,
+        errors: d.errors,
     }
 }
 
@@ -350,7 +423,8 @@ pub fn node_ips(node: &Node, cfg: &ValidationConfig) -> Vec<IpAddr> {
 /// accepts: keys in base64, the timestamp as RFC 3339 UTC with second precision
 /// (`2026-11-21T11:36:24Z`), the endpoint as `SocketAddr` prints it, CIDRs
 /// truncated to their network, sorted, deduplicated and joined by `,` with no
-/// spaces. `next-public-key` is absent when `None`, `pod-cidrs` when empty.
+/// spaces, the audit head as `<seq>:<hash>`. `next-public-key` and
+/// `audit-head` are absent when `None`, `pod-cidrs` when empty.
 ///
 /// Timestamps before year 0 have no RFC 3339 form and would not decode; a key
 /// is never created then.
@@ -374,6 +448,9 @@ pub fn encode(local: &LocalAnnotations) -> BTreeMap<String, String> {
     if !cidrs.is_empty() {
         let text: Vec<String> = cidrs.iter().map(IpNet::to_string).collect();
         out.insert(ann::POD_CIDRS.to_owned(), text.join(","));
+    }
+    if let Some(head) = &local.audit_head {
+        out.insert(ann::AUDIT_HEAD.to_owned(), head.to_string());
     }
     out
 }
@@ -598,6 +675,10 @@ fn canonical_set(nets: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
 
 fn parse_key(text: &str) -> Result<PublicKey, Reason> {
     PublicKey::from_base64(text).map_err(Reason::BadKey)
+}
+
+fn parse_audit_head(text: &str) -> Result<AuditHead, Reason> {
+    text.parse().map_err(Reason::BadAuditHead)
 }
 
 /// Plain decimal digits only: `str::parse` would also take a leading `+`.
@@ -884,7 +965,12 @@ mod tests {
             next_public_key: Some(key(2)),
             endpoint: "192.0.2.10:51820".parse().unwrap(),
             pod_cidrs: vec![net("fd00:10:244:1::/64"), net("10.244.1.0/24")],
+            audit_head: Some(head(7)),
         }
+    }
+
+    fn head(seq: u64) -> AuditHead {
+        format!("{seq}:{}", "ab".repeat(32)).parse().unwrap()
     }
 
     /// A node whose annotations are all valid, with `overrides` replacing or
@@ -955,8 +1041,61 @@ mod tests {
                 pod_cidrs: vec![net("10.244.1.0/24"), net("fd00:10:244:1::/64")],
                 persistent_keepalive: Some(25),
                 node_ips: vec![],
+                audit_head: Some(head(7)),
             }
         );
+    }
+
+    #[test]
+    fn a_bad_audit_head_is_ignored_with_a_reason_not_rejected() {
+        let hash = "ab".repeat(32);
+        for bad in [
+            "7".to_owned(),
+            "x:abab".to_owned(),
+            format!("0:{hash}"),
+            format!("07:{hash}"),
+            format!("+7:{hash}"),
+            format!("7:{}", hash.to_uppercase()),
+            format!("7:{}", &hash[2..]),
+            format!("7:{hash}:1"),
+        ] {
+            let node = valid_node(&[(ann::AUDIT_HEAD, &bad)], &[]);
+            let record = decode(&node, &cfg()).expect("the peer is kept");
+            assert_eq!(record.audit_head, None, "{bad}");
+            let error = audit_head(&node).unwrap_err();
+            assert_eq!(error.field, ann::AUDIT_HEAD);
+            assert!(matches!(error.reason, Reason::BadAuditHead(_)), "{bad}");
+            assert!(error.to_string().contains("audit head"), "{error}");
+            // The inventory reads it the same way, and says why.
+            let fields = key_fields(&node);
+            assert_eq!(fields.audit_head, None);
+            assert_eq!(fields.errors.len(), 1, "{bad}");
+        }
+        let absent = valid_node(&[], &[ann::AUDIT_HEAD]);
+        assert_eq!(audit_head(&absent), Ok(None));
+        assert_eq!(decode(&absent, &cfg()).unwrap().audit_head, None);
+        // Surrounding whitespace, like every annotation.
+        let spaced = valid_node(&[(ann::AUDIT_HEAD, &format!(" {}\n", head(3)))], &[]);
+        assert_eq!(audit_head(&spaced), Ok(Some(head(3))));
+    }
+
+    #[test]
+    fn a_rejected_node_still_yields_its_audit_head_and_key_fields() {
+        let node = valid_node(&[(ann::ENDPOINT, "garbage")], &[]);
+        assert!(decode(&node, &cfg()).is_err());
+        assert_eq!(audit_head(&node), Ok(Some(head(7))));
+        let fields = key_fields(&node);
+        assert_eq!(fields.name, NAME);
+        assert_eq!(fields.public_key, Some(key(1)));
+        assert_eq!(fields.key_generation, Some(3));
+        assert_eq!(fields.next_public_key, Some(key(2)));
+        assert!(fields.errors.is_empty(), "{:?}", fields.errors);
+
+        let bare = valid_node(&[(ann::KEY_CREATED, "soon")], &[ann::PUBLIC_KEY]);
+        let fields = key_fields(&bare);
+        let problems: Vec<&str> = fields.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(problems, [ann::PUBLIC_KEY, ann::KEY_CREATED]);
+        assert_eq!(fields.errors[0].reason, Reason::Missing);
     }
 
     #[test]
@@ -1060,13 +1199,16 @@ mod tests {
         assert_eq!(map[ann::ENDPOINT], "192.0.2.10:51820");
         assert_eq!(map[ann::POD_CIDRS], "10.244.1.0/24,fd00:10:244:1::/64");
         assert_eq!(map[ann::PUBLIC_KEY].len(), 44);
+        assert_eq!(map[ann::AUDIT_HEAD], format!("7:{}", "ab".repeat(32)));
         assert!(map.keys().all(|k| ann::AGENT_OWNED.contains(&k.as_str())));
 
         local.next_public_key = None;
         local.pod_cidrs.clear();
+        local.audit_head = None;
         let map = encode(&local);
         assert!(!map.contains_key(ann::NEXT_PUBLIC_KEY));
         assert!(!map.contains_key(ann::POD_CIDRS));
+        assert!(!map.contains_key(ann::AUDIT_HEAD));
     }
 
     #[test]
@@ -1080,6 +1222,7 @@ mod tests {
         assert_eq!(record.endpoint, local.endpoint);
         assert!(!record.endpoint_forced);
         assert_eq!(record.pod_cidrs, canonical_set(local.pod_cidrs));
+        assert_eq!(record.audit_head, local.audit_head);
     }
 
     #[test]
@@ -1650,7 +1793,24 @@ mod tests {
         let patch = merge_patch(&bare, &desired).unwrap();
         assert_eq!(
             patch["metadata"]["annotations"].as_object().unwrap().len(),
-            6
+            7
+        );
+
+        // A new head is one key; a head withdrawn is removed with null.
+        let mut moved = local();
+        moved.audit_head = Some(head(8));
+        let patch = merge_patch(&node, &moved).unwrap();
+        assert_eq!(
+            patch,
+            serde_json::json!({"metadata": {"annotations": {
+                "wgmesh.dev/audit-head": format!("8:{}", "ab".repeat(32)),
+            }}})
+        );
+        moved.audit_head = None;
+        let patch = merge_patch(&node, &moved).unwrap();
+        assert_eq!(
+            patch["metadata"]["annotations"][ann::AUDIT_HEAD],
+            Value::Null
         );
     }
 
@@ -1707,16 +1867,20 @@ mod tests {
             proptest::option::of(arb_key()),
             arb_endpoint(),
             proptest::collection::vec(arb_cidr(), 1..5),
+            proptest::option::of((1..=u64::MAX, any::<[u8; 32]>())),
         )
-            .prop_filter("next key differs", |(k, _, _, n, _, _)| Some(*k) != *n)
+            .prop_filter("next key differs", |(k, _, _, n, _, _, _)| Some(*k) != *n)
             .prop_map(
-                |(public_key, key_generation, secs, next, endpoint, cidrs)| LocalAnnotations {
-                    public_key,
-                    key_generation,
-                    key_created: Timestamp::from_second(secs).unwrap(),
-                    next_public_key: next,
-                    endpoint,
-                    pod_cidrs: cidrs,
+                |(public_key, key_generation, secs, next, endpoint, cidrs, head)| {
+                    LocalAnnotations {
+                        public_key,
+                        key_generation,
+                        key_created: Timestamp::from_second(secs).unwrap(),
+                        next_public_key: next,
+                        endpoint,
+                        pod_cidrs: cidrs,
+                        audit_head: head.map(|(seq, hash)| AuditHead { seq, hash }),
+                    }
                 },
             )
     }
@@ -1819,6 +1983,7 @@ mod tests {
             prop_assert_eq!(record.endpoint, local.endpoint);
             prop_assert!(!record.endpoint_forced);
             prop_assert_eq!(record.pod_cidrs, expected);
+            prop_assert_eq!(record.audit_head, local.audit_head);
             prop_assert_eq!(merge_patch(&node, &local), None);
         }
     }

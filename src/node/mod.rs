@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use jiff::Timestamp;
 
+use crate::keys::audit::AuditHead;
 use crate::keys::PublicKey;
 
 mod codec;
@@ -24,10 +25,19 @@ pub mod annotations {
     pub const NEXT_PUBLIC_KEY: &str = "wgmesh.dev/next-public-key";
     pub const ENDPOINT: &str = "wgmesh.dev/endpoint";
     pub const POD_CIDRS: &str = "wgmesh.dev/pod-cidrs";
+    /// `<seq>:<sha256 hex>` of the node's audit log head (see
+    /// `keys::audit::AuditHead`): what the other nodes witness. Informational
+    /// for the mesh: a bad value never costs the node its peer.
+    pub const AUDIT_HEAD: &str = "wgmesh.dev/audit-head";
     /// Set by people, never by the agent: overrides `endpoint`.
     pub const FORCE_ENDPOINT: &str = "wgmesh.dev/force-endpoint";
     /// Set by people, never by the agent: seconds, 0 = off.
     pub const PERSISTENT_KEEPALIVE: &str = "wgmesh.dev/persistent-keepalive";
+    /// Set by people, never by the agent: an RFC 3339 UTC time. The node's
+    /// agent stages a key rotation once this is newer than its active key
+    /// (after its share of `--rotation-stagger`, so annotating every Node at
+    /// once rotates them one after another).
+    pub const ROTATE_REQUESTED: &str = "wgmesh.dev/rotate-requested";
 
     /// The keys the agent writes on its own Node (and may remove).
     pub const AGENT_OWNED: &[&str] = &[
@@ -37,6 +47,7 @@ pub mod annotations {
         NEXT_PUBLIC_KEY,
         ENDPOINT,
         POD_CIDRS,
+        AUDIT_HEAD,
     ];
 
     /// No annotation value may be longer than this (bytes).
@@ -73,4 +84,9 @@ pub struct NodeRecord {
     /// can name it: unicast only, none inside a cluster pod CIDR; IPv4-mapped
     /// IPv6 written as IPv4. Sorted, deduplicated. See [`node_ips`].
     pub node_ips: Vec<IpAddr>,
+    /// `audit-head`: the node's published audit head, for witnessing. `None`
+    /// when absent *or unusable*: a bad head never costs the node its peer
+    /// (it is evidence, not mesh configuration); [`audit_head`] gives the
+    /// reason to log.
+    pub audit_head: Option<AuditHead>,
 }
