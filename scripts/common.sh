@@ -5,7 +5,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-log() { printf '\n==> %s\n' "$*" >&2; }
+# Each step's line says how long the previous step took and the total so far,
+# so a CI log shows the time of every tier.
+LOG_LAST=$SECONDS
+log() {
+    printf '\n==> [%ds, previous step %ds] %s\n' "$SECONDS" "$((SECONDS - LOG_LAST))" "$*" >&2
+    LOG_LAST=$SECONDS
+}
 
 # Debian packages the build and tests need: a C compiler for ring, pkg-config;
 # for the network-namespace tests and scripts/bench-dataplane: ip (iproute2),

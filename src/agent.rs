@@ -46,6 +46,8 @@ use kube::{Api, Client};
 use tokio::sync::Notify;
 
 use crate::k8s::{K8sError, Publisher};
+use crate::keys::rotation::Phase;
+use crate::keys::schedule::{self, Handshake, Step};
 use crate::keys::store::{Attribution, Store, StoreError};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
@@ -53,7 +55,7 @@ use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec};
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
 use crate::telemetry::{self, PassState, Telemetry};
 use crate::wg::kernel::{select_backend, BackendKind};
-use crate::wg::{self, Backend, LocalDevice};
+use crate::wg::{self, Backend, Capabilities, ExtraRole, LocalDevice};
 
 /// The tunnel MTU when the underlay's is unknown: 1500 − 80.
 const DEFAULT_MTU: u16 = 1420;
@@ -69,6 +71,9 @@ const WATCH_TICK: Duration = Duration::from_millis(500);
 /// [`RETRY_MAX`] while failures last.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(16);
+
+/// How often a node in the middle of a key rotation re-checks its progress.
+const ROTATION_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -106,6 +111,11 @@ pub struct AgentConfig {
     pub backend: BackendKind,
     /// Where to write the CNI conflist; `None`: do not write one.
     pub cni_dir: Option<PathBuf>,
+    /// When to rotate the static key and how long each step may take.
+    pub rotation: schedule::Policy,
+    /// The window over which nodes spread a rotation requested on all of
+    /// them at once.
+    pub rotation_stagger: Duration,
     /// Replace a conflist of the same name that wgmesh did not write.
     pub cni_overwrite: bool,
 }
@@ -160,6 +170,8 @@ pub struct PassReport {
     /// A write to the API (annotations or an Event) failed; the data path
     /// was programmed anyway and the write is retried within seconds.
     pub api_failed: bool,
+    /// A key rotation is in progress (staged or in its grace period).
+    pub rotating: bool,
 }
 
 impl PassReport {
@@ -172,6 +184,17 @@ impl PassReport {
             || self.routes_changed > 0
             || self.cni_written
     }
+}
+
+/// What the device step learnt, for the rotation driver.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceView {
+    pub caps: Capabilities,
+    pub handshakes: Vec<Handshake>,
+}
+
+fn to_timestamp(t: std::time::SystemTime) -> jiff::Timestamp {
+    jiff::Timestamp::try_from(t).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
 
 /// The device, shared with the blocking task that talks to it.
@@ -190,6 +213,9 @@ pub struct Agent {
     /// found (to be reported in the API step).
     reported_bypasses: Vec<String>,
     pending_bypasses: Option<Vec<String>>,
+    /// The audit head last recorded per other node (`None`: its annotation
+    /// is bad, already logged).
+    witnessed: HashMap<String, Option<crate::keys::audit::AuditHead>>,
     /// Each peer's endpoint as the previous pass published it, so that a
     /// peer that roamed (NAT rebinding) keeps its new address until its Node
     /// publishes a different one.
@@ -252,6 +278,7 @@ impl Agent {
             reported: HashMap::new(),
             reported_bypasses: Vec::new(),
             pending_bypasses: None,
+            witnessed: HashMap::new(),
             last_endpoints: HashMap::new(),
             last_endpoint: None,
             last_mtu: None,
@@ -307,6 +334,9 @@ impl Agent {
             next_public_key: state.staged.as_ref().map(|k| k.public_key),
             endpoint,
             pod_cidrs: own_cidrs.clone(),
+            // A log that does not verify publishes no head (the annotation
+            // goes), rather than a head nobody can check.
+            audit_head: self.store.audit_head().ok(),
         };
 
         // 2. Plan.
@@ -325,21 +355,42 @@ impl Agent {
         let plan = mesh::plan(&mcfg, &decoded);
         report.peers = plan.peers.len();
         report.excluded = plan.excluded.len();
-        self.telemetry.set_pass(PassState::from_plan(
-            &plan,
-            state.active.generation,
-            Some(state.active.created),
-        ));
-
-        // 3. The data path. Each step runs whatever the one before did.
-        let device = self.program_device(&private, &plan).await;
-        match &device {
-            Ok(n) => report.device_changes = *n,
-            Err(e) => {
-                tracing::warn!(error = %e, "device not configured; routes and backstops are still repaired")
+        let mut pass_state =
+            PassState::from_plan(&plan, state.active.generation, Some(state.active.created));
+        pass_state.rotation_phase = state.phase().to_string();
+        if state.phase() != Phase::Idle {
+            if let Ok(progress) = self.store.rotation_progress() {
+                pass_state.unconfirmed_peers = plan
+                    .peers
+                    .iter()
+                    .filter(|p| !progress.confirmed.contains(&p.node))
+                    .count();
             }
         }
+        self.telemetry.set_pass(pass_state);
+
+        // 3. The data path. Each step runs whatever the one before did.
+        let extra = match state.phase() {
+            Phase::Staged => self.store.staged_private()?.map(|k| (k, ExtraRole::Next)),
+            Phase::Activated => self
+                .store
+                .previous_private()?
+                .map(|k| (k, ExtraRole::Previous)),
+            Phase::Idle => None,
+        };
+        let device = self.program_device(&private, extra, &plan).await;
+        let view = match &device {
+            Ok((n, view)) => {
+                report.device_changes = *n;
+                Some(view.clone())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "device not configured; routes and backstops are still repaired");
+                None
+            }
+        };
         self.telemetry.set_device_ok(device.is_ok());
+        let device = device.map(|_| ());
         let mtu = match (self.cfg.mtu, self.net.clone()) {
             (Some(m), _) => m,
             (None, Some(net)) => self.tunnel_mtu(&net, endpoint, &plan).await,
@@ -356,6 +407,11 @@ impl Agent {
             None => Ok(()),
         };
 
+        // The key rotation's next step, on the device's evidence.
+        if let Some(view) = &view {
+            report.rotating = self.drive_rotation(own, &plan, view);
+        }
+
         // 4. The CNI config: pods only start once their traffic is closed.
         let cni = match (&network, self.cfg.cni_dir.clone()) {
             (Ok(()), Some(dir)) => self.write_cni(&dir, &own_cidrs, mtu).map(|w| {
@@ -363,6 +419,10 @@ impl Agent {
             }),
             _ => Ok(()),
         };
+
+        // Witness every other node's audit head in this node's own log, so
+        // a node that later rewrites its history is contradicted here.
+        self.witness_heads(nodes);
 
         // 5. The API side, best effort.
         match self.publisher.publish(own, &desired).await {
@@ -594,6 +654,141 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs the rotation driver ([`schedule::next_step`]) and applies its
+    /// step to the store; the next pass (the store's change wakes it) puts
+    /// the result on the device and the Node. Returns whether a rotation is
+    /// in progress (the loop then re-checks every second, for
+    /// confirmations and deadlines).
+    fn drive_rotation(&mut self, own: &Node, plan: &Plan, view: &DeviceView) -> bool {
+        let state = self.store.state().clone();
+        let progress = match self.store.rotation_progress() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the rotation's progress from the audit log; no rotation step");
+                return state.phase() != Phase::Idle;
+            }
+        };
+        let requested = own
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotations::ROTATE_REQUESTED))
+            .and_then(|v| v.trim().parse::<jiff::Timestamp>().ok())
+            .and_then(|t| {
+                // A cluster-wide request (every Node annotated at once) is
+                // staggered: each node waits its own share of the window.
+                let wait = schedule::jitter_for(&self.cfg.node_name, self.cfg.rotation_stagger);
+                t.checked_add(jiff::SignedDuration::try_from(wait).ok()?)
+                    .ok()
+            });
+        let peers: Vec<schedule::Peer> = plan
+            .peers
+            .iter()
+            .map(|p| schedule::Peer {
+                node: p.node.clone(),
+                public_key: p.config.public_key,
+            })
+            .collect();
+        let inputs = schedule::Inputs {
+            now: jiff::Timestamp::now(),
+            node: &self.cfg.node_name,
+            phase: state.phase(),
+            active: &state.active,
+            staged: state.staged.as_ref(),
+            activated_at: progress.activated_at,
+            requested,
+            peers: &peers,
+            confirmed: &progress.confirmed,
+            handshakes: &view.handshakes,
+            dual_identity: view.caps.dual_identity,
+        };
+        let Some(step) = schedule::next_step(&self.cfg.rotation, &inputs) else {
+            // A request whose staggered start is still ahead counts as in
+            // progress, so the loop wakes for it rather than at the resync.
+            let pending = requested.is_some_and(|r| r > state.active.created && r > inputs.now);
+            return state.phase() != Phase::Idle || pending;
+        };
+        let who = |reason: &str| Attribution {
+            actor: "agent".into(),
+            reason: reason.to_owned(),
+        };
+        let result = match &step {
+            Step::Stage { reason } => self.store.stage(&who(reason)),
+            Step::Confirm(proofs) => proofs.iter().try_for_each(|(peer, proof)| {
+                self.store
+                    .record_peer_confirmed(peer, proof, &who("peer confirmed the key"))
+            }),
+            Step::Activate {
+                unconfirmed,
+                reason,
+            } => self.store.activate(Some(unconfirmed), &who(reason)),
+            Step::EndGrace { reason } => self.store.destroy_old(&who(reason)),
+        };
+        if let (Ok(()), Step::Activate { unconfirmed, .. }) = (&result, &step) {
+            let outcome = if unconfirmed.is_empty() {
+                "all-confirmed"
+            } else if view.caps.dual_identity {
+                "deadline"
+            } else {
+                "single-identity"
+            };
+            self.telemetry
+                .rotations
+                .get_or_create(&crate::telemetry::ResultLabel {
+                    result: outcome.into(),
+                })
+                .inc();
+        }
+        match result {
+            Ok(()) => tracing::info!(?step, "key rotation step done"),
+            Err(e) => tracing::warn!(?step, error = %e, "key rotation step failed; retrying"),
+        }
+        true
+    }
+
+    /// Records each other Node's `wgmesh.dev/audit-head` when it changed
+    /// since this agent last recorded it. Best effort: a failure is logged
+    /// and retried on the next pass; a bad annotation is logged once.
+    fn witness_heads(&mut self, nodes: &[Arc<Node>]) {
+        let who = Attribution {
+            actor: "agent".into(),
+            reason: "audit head published on the peer's Node".into(),
+        };
+        for n in nodes {
+            let Some(name) = n.metadata.name.as_deref() else {
+                continue;
+            };
+            if name == self.cfg.node_name {
+                continue;
+            }
+            let head = match node::audit_head(n) {
+                Ok(Some(h)) => h,
+                Ok(None) => continue,
+                Err(e) => {
+                    if self.witnessed.get(name) != Some(&None) {
+                        tracing::warn!(node = name, error = %e, "not witnessing this node's audit head");
+                        self.witnessed.insert(name.to_owned(), None);
+                    }
+                    continue;
+                }
+            };
+            if self.witnessed.get(name) == Some(&Some(head)) {
+                continue;
+            }
+            match self.store.record_peer_head(name, &head, &who) {
+                Ok(recorded) => {
+                    if recorded {
+                        tracing::info!(node = name, %head, "witnessed the node's audit head");
+                    }
+                    self.witnessed.insert(name.to_owned(), Some(head));
+                }
+                Err(e) => {
+                    tracing::warn!(node = name, error = %e, "cannot record the node's audit head; retrying on the next pass")
+                }
+            }
+        }
+    }
+
     fn event_failed(&self, report: &mut PassReport, reason: &str, e: &K8sError) {
         report.api_failed = true;
         self.telemetry.api_errors.inc();
@@ -655,7 +850,12 @@ impl Agent {
         mtu
     }
 
-    async fn program_device(&mut self, private: &PrivateKey, plan: &Plan) -> Result<usize> {
+    async fn program_device(
+        &mut self,
+        private: &PrivateKey,
+        extra: Option<(PrivateKey, ExtraRole)>,
+        plan: &Plan,
+    ) -> Result<(usize, DeviceView)> {
         let desired = plan.peer_configs();
         let backend = self.backend.clone();
         let key = private.clone();
@@ -665,37 +865,68 @@ impl Agent {
         // down must not keep a stale address); from then on a peer that
         // roamed keeps its new address until its Node publishes another.
         let previous = std::mem::take(&mut self.last_endpoints);
-        let (changes, published) = tokio::task::spawn_blocking(
-            move || -> wg::Result<(wg::ChangeSet, HashMap<PublicKey, SocketAddr>)> {
+        type Done = (wg::ChangeSet, HashMap<PublicKey, SocketAddr>, DeviceView);
+        let (changes, published, view) =
+            tokio::task::spawn_blocking(move || -> wg::Result<Done> {
                 // A poisoned lock only means an earlier pass panicked mid-call;
                 // the device itself is the source of truth, so carry on.
                 let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
                 let state = backend.state()?;
+                let caps = backend.capabilities();
                 let mut desired = desired;
                 let published =
                     mesh::keep_roamed_endpoints(&state.peers, &mut desired, Some(&previous));
                 let local = LocalDevice {
                     private_key: &key,
                     listen_port: port,
+                    extra: extra.as_ref().map(|(k, role)| (k, *role)),
                 };
-                let changes = wg::reconcile(&state, &local, &desired);
+                let changes = wg::reconcile(&state, &local, &desired, caps);
                 backend.apply(&changes)?;
-                Ok((changes, published))
-            },
-        )
-        .await??;
+                // The rotation driver's evidence: every established session
+                // (which local key with which remote key, since when); a
+                // device that cannot tell reports each peer's last handshake,
+                // which is under its one (active) key.
+                let handshakes = if caps.dual_identity {
+                    state
+                        .sessions
+                        .iter()
+                        .map(|s| Handshake {
+                            local: s.local,
+                            remote: s.remote,
+                            at: to_timestamp(s.established),
+                        })
+                        .collect()
+                } else {
+                    backend
+                        .peer_stats()
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|p| {
+                            Some(Handshake {
+                                local: key.public_key(),
+                                remote: p.public_key,
+                                at: to_timestamp(p.last_handshake?),
+                            })
+                        })
+                        .collect()
+                };
+                let view = DeviceView { caps, handshakes };
+                Ok((changes, published, view))
+            })
+            .await??;
         // Only once applied: an endpoint that never reached the device must
         // not count as set.
         self.last_endpoints = published;
         if changes.is_empty() {
-            return Ok(0);
+            return Ok((0, view));
         }
         let (mut add, mut remove, mut update) = (0, 0, 0);
         for c in &changes.peers {
             match c {
                 PeerChange::Add(_) => add += 1,
                 PeerChange::Remove(_) => remove += 1,
-                PeerChange::Update { .. } => update += 1,
+                PeerChange::Update { .. } | PeerChange::Promote { .. } => update += 1,
             }
         }
         tracing::info!(
@@ -703,12 +934,15 @@ impl Agent {
             removed = remove,
             updated = update,
             key_set = changes.private_key.is_some(),
+            extra_identity = ?changes.extra_identity.as_ref().map(|e| e.as_ref().map(|(_, role)| *role)),
             listen_port = ?changes.listen_port,
             "device updated"
         );
-        Ok(changes.peers.len()
+        let n = changes.peers.len()
             + usize::from(changes.private_key.is_some())
-            + usize::from(changes.listen_port.is_some()))
+            + usize::from(changes.extra_identity.is_some())
+            + usize::from(changes.listen_port.is_some());
+        Ok((n, view))
     }
 
     /// Logs and raises one Event per rejected Node and reason; a Node that is
@@ -893,16 +1127,20 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         let nodes = reader.state();
         // After a failure the next pass comes soon (and sooner than the
         // resync): a 429 or an outage must not leave the mesh stale.
+        let mut rotating = false;
         let again = match agent.pass(&nodes).await {
             Ok(report) if report.api_failed => {
+                rotating = report.rotating;
                 tracing::info!(?report, "pass done but an API write failed");
                 Some(retry)
             }
             Ok(report) if report.wrote() => {
+                rotating = report.rotating;
                 tracing::info!(?report, "pass");
                 None
             }
             Ok(report) => {
+                rotating = report.rotating;
                 tracing::debug!(?report, "pass: nothing to change");
                 None
             }
@@ -915,7 +1153,12 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
             Some(r) => (r * 2).min(RETRY_MAX),
             None => RETRY_MIN,
         };
-        let wait = again.unwrap_or(resync).min(resync);
+        let mut wait = again.unwrap_or(resync).min(resync);
+        if rotating {
+            // Confirmations appear on the device without any event, and the
+            // deadlines pass: look again every second until the rotation ends.
+            wait = wait.min(ROTATION_TICK);
+        }
         let deadline = tokio::time::Instant::now() + wait;
         let mut tick = tokio::time::interval(WATCH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
@@ -89,6 +90,10 @@ pub struct PassState {
     pub rejected: Vec<RejectedView>,
     pub key_generation: u64,
     pub key_created: Option<jiff::Timestamp>,
+    /// The key rotation phase: idle, staged or activated.
+    pub rotation_phase: String,
+    /// Peers that have not confirmed the staged (or newly active) key.
+    pub unconfirmed_peers: usize,
 }
 
 impl PassState {
@@ -121,6 +126,8 @@ impl PassState {
                 .collect(),
             key_generation,
             key_created,
+            rotation_phase: "idle".into(),
+            unconfirmed_peers: 0,
         }
     }
 }
@@ -167,6 +174,14 @@ pub struct Telemetry {
     /// `ip route`/`ip rule` syntax.
     bypasses: Arc<Mutex<Vec<String>>>,
     pub route_bypasses: Gauge,
+    /// Activations by result: the last rotation's outcome is the counter
+    /// that moved last.
+    pub rotations: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
 }
 
 #[derive(Debug)]
@@ -272,6 +287,28 @@ impl prometheus_client::collector::Collector for MeshCollector {
         )?)?;
 
         let mut family = encoder.encode_descriptor(
+            "wgmesh_rotation_phase",
+            "1 for the key rotation phase this node is in (idle, staged, activated)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for phase in ["idle", "staged", "activated"] {
+            let label = StateLabel {
+                state: phase.into(),
+            };
+            let on = i64::from(
+                pass.rotation_phase == phase || (pass.rotation_phase.is_empty() && phase == "idle"),
+            );
+            ConstGauge::new(on).encode(family.encode_family(&label)?)?;
+        }
+        ConstGauge::new(pass.unconfirmed_peers as i64).encode(encoder.encode_descriptor(
+            "wgmesh_rotation_unconfirmed_peers",
+            "Peers that have not yet confirmed this node's staged or newly active key",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut family = encoder.encode_descriptor(
             "wgmesh_rejected_nodes",
             "Nodes that got no peer, by reason",
             None,
@@ -307,6 +344,12 @@ impl Telemetry {
             Unit::Seconds,
             reconcile_seconds.clone(),
         );
+        let rotations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "wgmesh_rotations",
+            "Key rotations this agent activated, by result (all-confirmed, deadline, single-identity)",
+            rotations.clone(),
+        );
         let api_errors = Counter::default();
         registry.register(
             "wgmesh_api_errors",
@@ -337,6 +380,7 @@ impl Telemetry {
             routes_ok: Arc::new(AtomicBool::new(true)),
             bypasses: Arc::new(Mutex::new(Vec::new())),
             route_bypasses,
+            rotations,
         }
     }
 
@@ -509,6 +553,8 @@ mod tests {
             }],
             key_generation: 3,
             key_created: Some(jiff::Timestamp::now()),
+            rotation_phase: "staged".into(),
+            unconfirmed_peers: 1,
         });
         let now = SystemTime::now();
         let stats = vec![PeerStats {
@@ -521,6 +567,12 @@ mod tests {
         t.set_live(peer_views(&t.pass(), &stats, now));
         t.reconcile_seconds.observe(0.002);
         t.api_errors.inc();
+        t.rotations
+            .get_or_create(&ResultLabel {
+                result: "all-confirmed".into(),
+            })
+            .inc();
+        t.set_bypasses(vec!["10.244.9.0/24 via 192.0.2.9 proto static".into()]);
         let text = t.render();
         for want in [
             "wgmesh_peers{state=\"healthy\"} 1",
@@ -535,6 +587,11 @@ mod tests {
             "wgmesh_rejected_nodes{reason=\"invalid wgmesh.dev/public-key\"} 1",
             "wgmesh_reconcile_duration_seconds_count 1",
             "wgmesh_api_errors_total 1",
+            "wgmesh_rotation_phase{state=\"staged\"} 1",
+            "wgmesh_rotation_phase{state=\"idle\"} 0",
+            "wgmesh_rotation_unconfirmed_peers 1",
+            "wgmesh_rotations_total{result=\"all-confirmed\"} 1",
+            "wgmesh_route_bypasses 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

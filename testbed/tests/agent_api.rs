@@ -77,6 +77,8 @@ fn config(c: &Cluster, node: &str) -> AgentConfig {
         route_table: 51820,
         rule_priority: 5210,
         api_servers: Vec::new(),
+        rotation: wgmesh::keys::schedule::Policy::default(),
+        rotation_stagger: Duration::from_secs(0),
         mtu: None,
         persistent_keepalive: None,
         manage_network: false,
