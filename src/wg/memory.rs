@@ -56,6 +56,17 @@ impl MemoryBackend {
         self.inner.lock().ok().and_then(|i| i.last.clone())
     }
 
+    /// Records a completed handshake, as a real device would report it:
+    /// how tests give the rotation driver its evidence.
+    pub fn add_session(&self, session: super::SessionInfo) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.state
+                .sessions
+                .retain(|s| (s.local, s.remote) != (session.local, session.remote));
+            i.state.sessions.push(session);
+        }
+    }
+
     pub fn snapshot(&self) -> DeviceState {
         self.inner
             .lock()

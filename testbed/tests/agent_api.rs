@@ -283,3 +283,171 @@ async fn the_endpoint_comes_from_force_endpoint_and_never_from_virtualbox_nat() 
         Some("198.51.100.7:40000")
     );
 }
+
+/// A whole key rotation driven by the agent against the API and an
+/// in-memory device: requested by annotation, staged (the device holds the
+/// next key as its second identity, the Node shows next-public-key),
+/// confirmed only once the device reports a handshake under the new key,
+/// activated, the old key kept for the grace period and destroyed; an agent
+/// restart in the middle picks up where the log says it was; a peer that
+/// joins mid-rotation and never confirms is named at the deadline.
+#[tokio::test]
+async fn the_agent_rotates_its_key_on_request_confirmed_by_handshakes() {
+    use wgmesh::keys::audit::EventKind;
+    use wgmesh::keys::rotation::Phase;
+    use wgmesh::keys::store::Store;
+    use wgmesh::wg::{ExtraRole, SessionInfo};
+
+    let c = cluster().await;
+    add_node(&c.server, "node-a", "192.0.2.1");
+    add_node(&c.server, "node-b", "192.0.2.2");
+    let kb = PrivateKey::generate().public_key();
+    annotate(&c.server, "node-b", &kb.to_base64(), "192.0.2.2:51820");
+    let device = MemoryBackend::new();
+    let mut cfg = config(&c, "node-a");
+    cfg.rotation.confirm_deadline = Duration::from_secs(3600);
+    cfg.rotation.grace = Duration::from_secs(0);
+    let client = wgmesh::k8s::client(Some(&c.kubeconfig)).await.unwrap();
+    let backend: wgmesh::agent::SharedBackend = Arc::new(std::sync::Mutex::new(device.clone()));
+    let mut a = Agent::with_backend(cfg.clone(), client.clone(), backend.clone())
+        .await
+        .unwrap();
+    a.pass(&nodes(&c.server)).await.unwrap();
+    let k1 = Store::open(&c.store).unwrap().state().active.clone();
+
+    // Nothing is due: the key is new and nobody asked.
+    let report = a.pass(&nodes(&c.server)).await.unwrap();
+    assert!(!report.rotating, "{report:?}");
+    assert_eq!(Store::open(&c.store).unwrap().state().phase(), Phase::Idle);
+
+    // An operator asks; the next pass stages, the one after programs it.
+    // (A request counts once it is newer than the key, in whole seconds.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let asked = k8s_openapi::jiff::Timestamp::now();
+    c.server
+        .merge_patch_node(
+            "node-a",
+            &json!({"metadata": {"annotations": {
+                "wgmesh.dev/rotate-requested": format!("{asked:.0}"),
+            }}}),
+        )
+        .unwrap();
+    let mut staged = None;
+    for _ in 0..3 {
+        a.pass(&nodes(&c.server)).await.unwrap();
+        staged = Store::open(&c.store).unwrap().state().staged.clone();
+        if staged.is_some() {
+            break;
+        }
+    }
+    let k2 = staged.expect("staged on request");
+    a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(
+        device.snapshot().extra_identity,
+        Some((k2.public_key, ExtraRole::Next)),
+        "the device holds the next key as its second identity"
+    );
+    assert_eq!(device.snapshot().public_key, Some(k1.public_key));
+    assert_eq!(
+        annotation(&c.server, "node-a", "next-public-key"),
+        Some(k2.public_key.to_base64())
+    );
+
+    // No evidence, no confirmation: passes change nothing.
+    for _ in 0..2 {
+        let r = a.pass(&nodes(&c.server)).await.unwrap();
+        assert!(r.rotating);
+    }
+    assert_eq!(
+        Store::open(&c.store).unwrap().state().phase(),
+        Phase::Staged
+    );
+
+    // A restarted agent carries on from the store and the log.
+    let mut a = Agent::with_backend(cfg.clone(), client.clone(), backend.clone())
+        .await
+        .unwrap();
+    // node-b completes a handshake with the next key.
+    device.add_session(SessionInfo {
+        peer: kb,
+        local: k2.public_key,
+        remote: kb,
+        established: std::time::SystemTime::now(),
+    });
+    for _ in 0..4 {
+        a.pass(&nodes(&c.server)).await.unwrap();
+    }
+    let store = Store::open(&c.store).unwrap();
+    let records = Store::verify_audit(&c.store).unwrap().unwrap().records;
+    let confirmed: Vec<_> = records
+        .iter()
+        .filter(|r| r.event == EventKind::PeerConfirmed)
+        .collect();
+    assert_eq!(confirmed.len(), 1, "{records:#?}");
+    assert_eq!(confirmed[0].peer.as_deref(), Some("node-b"));
+    assert!(
+        confirmed[0]
+            .proof
+            .as_deref()
+            .is_some_and(|p| p.contains("handshake") && p.contains(&k2.fingerprint.to_string())),
+        "{:?}",
+        confirmed[0].proof
+    );
+    let activated = records
+        .iter()
+        .find(|r| r.event == EventKind::Activated)
+        .expect("activated");
+    assert_eq!(activated.unconfirmed.as_deref(), Some(&[][..]));
+    // Grace 0: the old key went in the same run of passes.
+    assert_eq!(store.state().active.public_key, k2.public_key);
+    assert_eq!(store.state().phase(), Phase::Idle, "old key destroyed");
+    assert!(records
+        .iter()
+        .any(|r| r.event == EventKind::Destroyed && r.old_fingerprint == Some(k1.fingerprint)));
+    a.pass(&nodes(&c.server)).await.unwrap();
+    assert_eq!(device.snapshot().public_key, Some(k2.public_key));
+    assert_eq!(device.snapshot().extra_identity, None);
+    assert_eq!(
+        annotation(&c.server, "node-a", "public-key"),
+        Some(k2.public_key.to_base64())
+    );
+    assert_eq!(annotation(&c.server, "node-a", "next-public-key"), None);
+    assert_eq!(
+        annotation(&c.server, "node-a", "key-generation").as_deref(),
+        Some("2")
+    );
+
+    // A second rotation, with a peer that joins mid-way and never confirms:
+    // at the deadline the key is activated anyway and the peer is named.
+    let mut cfg = cfg;
+    cfg.rotation.confirm_deadline = Duration::from_secs(0);
+    let mut a = Agent::with_backend(cfg, client, backend).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.server
+        .merge_patch_node(
+            "node-a",
+            &json!({"metadata": {"annotations": {
+                "wgmesh.dev/rotate-requested": format!("{:.0}", k8s_openapi::jiff::Timestamp::now()),
+            }}}),
+        )
+        .unwrap();
+    add_node(&c.server, "node-c", "192.0.2.3");
+    let kc = PrivateKey::generate().public_key();
+    annotate(&c.server, "node-c", &kc.to_base64(), "192.0.2.3:51820");
+    for _ in 0..6 {
+        a.pass(&nodes(&c.server)).await.unwrap();
+    }
+    let records = Store::verify_audit(&c.store).unwrap().unwrap().records;
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r.event == EventKind::Activated)
+        .unwrap();
+    assert_eq!(last.generation, 3);
+    let unconfirmed = last.unconfirmed.clone().unwrap_or_default();
+    assert!(
+        unconfirmed.contains(&"node-b".to_string()) && unconfirmed.contains(&"node-c".to_string()),
+        "{unconfirmed:?}"
+    );
+    assert!(last.reason.contains("deadline"), "{}", last.reason);
+}
