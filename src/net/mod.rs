@@ -753,13 +753,32 @@ impl Net {
 
     /// The main table's IPv4 and IPv6 routes.
     async fn main_table(&self) -> Result<Vec<RouteEntry>> {
-        let mut entries = Vec::new();
+        Ok(self
+            .route_messages()
+            .await?
+            .iter()
+            .filter_map(RouteEntry::from_message)
+            .collect())
+    }
+
+    /// Every IPv4 and IPv6 route of every table, as the kernel sends them.
+    /// (Without strict checking, which rtnetlink does not enable, the kernel
+    /// ignores a table filter in a dump request and sends them all anyway.)
+    pub(crate) async fn route_messages(&self) -> Result<Vec<RouteMessage>> {
+        let mut out = Vec::new();
         let dumps = [
-            ("IPv4", RouteMessageBuilder::<Ipv4Addr>::new().build()),
-            ("IPv6", RouteMessageBuilder::<Ipv6Addr>::new().build()),
+            (
+                "IPv4",
+                AddressFamily::Inet,
+                RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            ),
+            (
+                "IPv6",
+                AddressFamily::Inet6,
+                RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            ),
         ];
-        for (family, query) in dumps {
-            let v4 = family == "IPv4";
+        for (family, af, query) in dumps {
             match self
                 .handle
                 .route()
@@ -770,12 +789,8 @@ impl Net {
             {
                 // Filter on the family: a kernel without IPv6 answers an
                 // AF_INET6 dump with every family's routes.
-                Ok(msgs) => entries.extend(
-                    msgs.iter()
-                        .filter_map(RouteEntry::from_message)
-                        .filter(|e| e.destination.addr().is_ipv4() == v4),
-                ),
-                Err(e) if !v4 && errno(&e) == Some(libc::EAFNOSUPPORT) => {}
+                Ok(msgs) => out.extend(msgs.into_iter().filter(|m| m.header.address_family == af)),
+                Err(e) if af == AddressFamily::Inet6 && errno(&e) == Some(libc::EAFNOSUPPORT) => {}
                 Err(source) => {
                     return Err(NetError::RouteDump {
                         family,
@@ -784,7 +799,7 @@ impl Net {
                 }
             }
         }
-        Ok(entries)
+        Ok(out)
     }
 }
 

@@ -76,7 +76,7 @@ use rtnetlink::packet_route::rule::{
     RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
 };
 use rtnetlink::packet_route::{AddressFamily, IpProtocol};
-use rtnetlink::{IpVersion, RouteMessageBuilder};
+use rtnetlink::IpVersion;
 
 use super::routes::{self, Device, RouteEntry};
 use super::{
@@ -1144,40 +1144,14 @@ impl Net {
         Ok(entries)
     }
 
-    /// Every IPv4 and IPv6 route of every table. (Without strict checking,
-    /// which rtnetlink does not enable, the kernel ignores a table filter in
-    /// a dump request and sends them all anyway.)
+    /// Every IPv4 and IPv6 route of every table.
     async fn route_dump(&self) -> Result<Vec<AnyRoute>> {
-        let mut entries = Vec::new();
-        let dumps = [
-            ("IPv4", RouteMessageBuilder::<Ipv4Addr>::new().build()),
-            ("IPv6", RouteMessageBuilder::<Ipv6Addr>::new().build()),
-        ];
-        for (family, query) in dumps {
-            let v4 = family == "IPv4";
-            match self
-                .handle
-                .route()
-                .get(query)
-                .execute()
-                .try_collect::<Vec<_>>()
-                .await
-            {
-                Ok(msgs) => entries.extend(
-                    msgs.iter()
-                        .filter_map(AnyRoute::from_message)
-                        .filter(|e| e.destination.addr().is_ipv4() == v4),
-                ),
-                Err(e) if !v4 && errno(&e) == Some(libc::EAFNOSUPPORT) => {}
-                Err(source) => {
-                    return Err(NetError::RouteDump {
-                        family,
-                        source: Box::new(source),
-                    })
-                }
-            }
-        }
-        Ok(entries)
+        Ok(self
+            .route_messages()
+            .await?
+            .iter()
+            .filter_map(AnyRoute::from_message)
+            .collect())
     }
 
     async fn link_names(&self) -> Result<BTreeMap<u32, String>> {

@@ -54,6 +54,18 @@ struct ApiArgs {
     )]
     cluster_cidr: Vec<String>,
 
+    /// Allocate spec.podCIDRs to new Nodes (the controller-manager's
+    /// --allocate-node-cidrs). `false`: Nodes are created without spec.podCIDRs, as in
+    /// clusters without node IPAM, and each node claims its CIDRs itself (the
+    /// wgmesh.dev/pod-cidrs annotation).
+    #[arg(
+        long,
+        env = "WGMESH_TESTBED_ALLOCATE_NODE_CIDRS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    allocate_node_cidrs: bool,
+
     /// Prefix length of each Node's IPv4 pod CIDR.
     #[arg(
         long,
@@ -91,12 +103,13 @@ fn run_api(args: ApiArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let mut cluster_cidrs = Vec::new();
-    for text in args
-        .cluster_cidr
-        .iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-    {
+    // No cluster CIDR: the allocator hands out nothing (see IpamConfig).
+    let allocate: &[String] = if args.allocate_node_cidrs {
+        &args.cluster_cidr
+    } else {
+        &[]
+    };
+    for text in allocate.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         match text.parse() {
             Ok(net) => cluster_cidrs.push(net),
             Err(e) => {

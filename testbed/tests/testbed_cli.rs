@@ -1,5 +1,8 @@
 //! The testbed end to end through its binary: `up --nodes 3 --pods 1`, `check`,
-//! `drill --only bad-annotations`, `down`, then nothing of it is left. Needs root,
+//! `drill --only bad-annotations`, `down`, then nothing of it is left; and the same
+//! without spec.podCIDRs (`up --no-spec-pod-cidrs`, `check`, `drill --only
+//! cidr-overlap`). The tests run one at a time (two testbeds at once on a small
+//! machine would make their timings each other's). Needs root,
 //! /dev/net/tun, iproute2, ping and tcpdump; without them it prints SKIP, except
 //! under CI=true where it fails.
 
@@ -7,6 +10,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wgmesh-testbed");
+
+/// One testbed at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `Err` when the test cannot run here (it then prints SKIP, or fails under CI=true).
+fn may_run(test: &str) -> bool {
+    match prerequisites() {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{test} cannot run under CI: {why}");
+            }
+            eprintln!("SKIP {test}: {why}");
+            false
+        }
+    }
+}
 
 fn prerequisites() -> Result<(), String> {
     let uid = Command::new("id")
@@ -90,13 +110,10 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 
 #[test]
 fn up_check_down_leaves_nothing_behind() {
-    if let Err(why) = prerequisites() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("testbed_cli cannot run under CI: {why}");
-        }
-        eprintln!("SKIP testbed_cli: {why}");
+    if !may_run("testbed_cli") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let guard = Guard {
         state_root: tempfile::tempdir().unwrap(),
         wgmesh: wgmesh_bin(),
@@ -145,4 +162,33 @@ fn up_check_down_leaves_nothing_behind() {
     assert!(!guard.state_root.path().join(&ids[0]).exists());
     // Idempotent.
     assert!(guard.run(&["down", "--id", &ids[0]]).status.success());
+}
+
+#[test]
+fn without_spec_pod_cidrs_check_passes_and_the_older_node_wins_an_overlap() {
+    if !may_run("testbed_cli no-spec-pod-cidrs") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = Guard {
+        state_root: tempfile::tempdir().unwrap(),
+        wgmesh: wgmesh_bin(),
+    };
+    let up = guard.run(&["up", "--nodes", "3", "--pods", "1", "--no-spec-pod-cidrs"]);
+    assert!(up.status.success(), "up failed");
+    let status = guard.run(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("no spec.podCIDRs"), "{text}");
+    assert!(text.contains("pod CIDRs 10.244.1.0/24"), "{text}");
+
+    let check = guard.run(&["check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "check failed:\n{text}");
+    assert!(text.contains("PASS class pod-pod-ipv4"), "{text}");
+
+    let drill = guard.run(&["drill", "--only", "cidr-overlap"]);
+    let text = String::from_utf8_lossy(&drill.stdout);
+    assert!(drill.status.success(), "drill failed:\n{text}");
+    assert!(text.contains("PASS drill cidr-overlap"), "{text}");
+    assert!(guard.run(&["down"]).status.success(), "down failed");
 }

@@ -43,6 +43,10 @@ pub const DRILLS: &[(&str, &str)] = &[
         "api-outage",
         "the API server stopped for 60 s: traffic keeps flowing; afterwards a new node converges",
     ),
+    (
+        "cidr-overlap",
+        "newer Nodes claiming pod CIDRs that overlap an older node's: no peer anywhere, one Warning Event per agent, the older node keeps its peers and traffic",
+    ),
 ];
 
 /// Traffic of the agent-kill drill: two flows of 500 datagrams a second.
@@ -151,6 +155,7 @@ fn run_one(tb: &mut Testbed, name: &'static str) -> Result<Report> {
         "boot-without-dataplane" => boot_without_dataplane(tb),
         "revoke" => revoke(tb),
         "bad-annotations" => bad_annotations(tb),
+        "cidr-overlap" => cidr_overlap(tb),
         _ => Err(Error::Other(format!("no drill {name}"))),
     };
     let t1 = unix_now();
@@ -977,8 +982,8 @@ fn bad_cases(tb: &Testbed) -> Result<Vec<BadCase>> {
         },
         BadCase {
             name: "cidr-outside-spec",
-            what: "pod-cidrs outside spec.podCIDRs",
-            set: vec![("pod-cidrs", "10.244.255.0/24".into())],
+            what: "pod-cidrs outside spec.podCIDRs / cluster",
+            set: vec![("pod-cidrs", "=OUTSIDE".into())],
         },
         BadCase {
             name: "bad-endpoint",
@@ -1121,7 +1126,7 @@ fn bad_body(
                 "labels": {"wgmesh.dev/testbed": tb.state.id, "wgmesh.dev/drill": "bad-annotations"}}}),
         )?;
         created.push(name.clone());
-        let spec: Vec<String> = node["spec"]["podCIDRs"]
+        let mut spec: Vec<String> = node["spec"]["podCIDRs"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -1129,6 +1134,16 @@ fn bad_body(
                     .collect()
             })
             .unwrap_or_default();
+        // Without spec.podCIDRs (up --no-spec-pod-cidrs) a Node claims its CIDRs
+        // with the annotation alone: each bad Node gets a free one of its own, so
+        // its only fault is the value under test; "outside" is then outside the
+        // cluster CIDRs (the bound of a claim in that mode).
+        let outside = if tb.state.no_spec_pod_cidrs {
+            spec = vec![format!("10.244.{}.0/24", 200 + i)];
+            "10.245.0.0/24"
+        } else {
+            "10.244.255.0/24"
+        };
         let spec_v4 = spec
             .iter()
             .find(|c| !c.contains(':'))
@@ -1150,6 +1165,7 @@ fn bad_body(
                 "=PUBLIC" => key.clone(),
                 "=SPEC," => format!("{},", spec.join(",")),
                 "=SPEC-HOSTBITS" => hostbits.clone(),
+                "=OUTSIDE" => outside.to_string(),
                 _ => v.clone(),
             };
             ann.insert(k, v);
@@ -1305,6 +1321,280 @@ fn bad_body(
             if unchanged { "unchanged" } else { "CHANGED" },
             matrix.passed(),
             matrix.tested()
+        ),
+        phases: Vec::new(),
+    })
+}
+
+// ---- cidr-overlap ---------------------------------------------------------------------
+
+/// One Node the cidr-overlap drill creates: its name, what it claims, whether the
+/// claim must be rejected, and its key.
+struct Claim {
+    case: &'static str,
+    name: String,
+    cidr: String,
+    rejected: bool,
+    key: String,
+}
+
+/// Newer Nodes (no namespace behind them) claim pod CIDRs overlapping the oldest
+/// node's: the same CIDR, one inside it, one covering it (and its neighbour's). With
+/// `up --no-spec-pod-cidrs` the claim is the `wgmesh.dev/pod-cidrs` annotation alone
+/// (what `--pod-cidrs` publishes); otherwise the Node's spec.podCIDRs (set at
+/// creation, so the API's IPAM allocates nothing) and the annotation agree. A control
+/// Node claims a free CIDR and must become a peer everywhere.
+fn cidr_overlap(tb: &mut Testbed) -> Result<Body> {
+    mesh_consistent(tb)
+        .map_err(|e| Error::Other(format!("mesh not whole before the drill: {e}")))?;
+    let (x, older) = pair(tb)?;
+    let older_cidr = older
+        .pod_cidrs
+        .iter()
+        .find(|c| !c.contains(':'))
+        .cloned()
+        .ok_or_else(|| Error::Other(format!("{} has no IPv4 pod CIDR", older.name)))?;
+    let net: ipnet::Ipv4Net = older_cidr
+        .parse()
+        .map_err(|_| Error::Other(format!("bad CIDR {older_cidr}")))?;
+    let inside = ipnet::Ipv4Net::new(
+        (u32::from(net.network()) + (1 << (32 - net.prefix_len() - 1))).into(),
+        net.prefix_len() + 1,
+    )
+    .map_err(|e| Error::Other(e.to_string()))?;
+    let covering = ipnet::Ipv4Net::new(net.network(), net.prefix_len() - 1)
+        .map_err(|e| Error::Other(e.to_string()))?
+        .trunc();
+    let agents: Vec<String> = tb.state.nodes.iter().map(|n| n.name.clone()).collect();
+    let before = peer_sets(tb);
+    let tag = format!("{:04x}", (unix_now() as u64) & 0xffff);
+    let mut claims: Vec<Claim> = [
+        ("same", older_cidr.clone(), true),
+        ("inside", inside.to_string(), true),
+        ("covering", covering.to_string(), true),
+        ("control-free", "10.244.250.0/24".to_string(), false),
+    ]
+    .into_iter()
+    .map(|(case, cidr, rejected)| Claim {
+        case,
+        name: format!("overlap-{tag}-{case}"),
+        cidr,
+        rejected,
+        key: wgmesh::keys::PrivateKey::generate()
+            .public_key()
+            .to_base64(),
+    })
+    .collect();
+    // Traffic between the older node and another one for the whole drill: the older
+    // node must keep its peers (and its pods their traffic).
+    let secs = 2.0 * RESYNC_SECONDS as f64 + 8.0;
+    let flows = Flows::start(pod_flows(&x, &older, 250, secs, 46000)?)?;
+    let mut created = Vec::new();
+    let result = overlap_body(tb, &mut claims, &older, &agents, &before, &mut created);
+    let results = flows.finish(Duration::from_secs(1));
+    for name in &created {
+        let _ = tb.delete_node_object(name);
+    }
+    let mut body = result?;
+    print_flows(&results);
+    let sent: u64 = results.iter().map(|r| r.sent.len() as u64).sum();
+    let lost: u64 = results.iter().map(FlowResult::lost).sum();
+    body.ok &= sent > 0 && lost == 0;
+    body.figure.push_str(&format!(
+        "; {} <-> {} traffic lost {lost} of {sent} datagrams",
+        x.name, older.name
+    ));
+    Ok(body)
+}
+
+fn overlap_body(
+    tb: &mut Testbed,
+    claims: &mut [Claim],
+    older: &NodeRecord,
+    agents: &[String],
+    before: &BTreeMap<String, Option<BTreeSet<String>>>,
+    created: &mut Vec<String>,
+) -> Result<Body> {
+    let no_spec = tb.state.no_spec_pod_cidrs;
+    let t_create = Instant::now();
+    for (i, c) in claims.iter().enumerate() {
+        let mut node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": c.name,
+            "labels": {"wgmesh.dev/testbed": tb.state.id, "wgmesh.dev/drill": "cidr-overlap"}}});
+        if !no_spec {
+            node["spec"] = json!({"podCIDR": c.cidr, "podCIDRs": [c.cidr]});
+        }
+        let made = tb.api("POST", "/api/v1/nodes", "application/json", &node)?;
+        created.push(c.name.clone());
+        let spec = made["spec"]["podCIDRs"].clone();
+        let want_spec = if no_spec {
+            Value::Null
+        } else {
+            json!([c.cidr])
+        };
+        if spec != want_spec {
+            return Err(Error::Other(format!(
+                "the API gave {} spec.podCIDRs {spec}, not {want_spec}",
+                c.name
+            )));
+        }
+        tb.api(
+            "PATCH",
+            &format!("/api/v1/nodes/{}", c.name),
+            "application/merge-patch+json",
+            &json!({"metadata": {"annotations": {
+                "wgmesh.dev/public-key": c.key,
+                "wgmesh.dev/key-generation": "1",
+                "wgmesh.dev/key-created": "2025-01-01T00:00:00Z",
+                "wgmesh.dev/endpoint": format!("192.0.2.{}:{WG_PORT}", 230 + i),
+                "wgmesh.dev/pod-cidrs": c.cidr,
+            }}}),
+        )?;
+    }
+    println!(
+        "  created {} Nodes (newer than every real node, no namespace behind them), claiming {}: {}",
+        claims.len(),
+        if no_spec {
+            "with the wgmesh.dev/pod-cidrs annotation only (no spec.podCIDRs)"
+        } else {
+            "in spec.podCIDRs and the annotation"
+        },
+        claims
+            .iter()
+            .map(|c| format!("{} {}", c.case, c.cidr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  the older node: {} with {}",
+        older.name,
+        older.pod_cidrs.join(",")
+    );
+    let watch = Duration::from_secs(2 * RESYNC_SECONDS + 2);
+    let left = watch.saturating_sub(t_create.elapsed());
+    println!(
+        "  watching devices and Events for {:.0} s (over 2 resyncs)",
+        left.as_secs_f64()
+    );
+    sys::sleep(left)?;
+    let events = list_events(tb)?;
+    let mut warnings: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let mut sample: BTreeMap<String, String> = BTreeMap::new();
+    for ev in &events {
+        if ev.type_ != "Warning" || !created.contains(&ev.regarding) {
+            continue;
+        }
+        let e = warnings
+            .entry((ev.regarding.clone(), ev.instance.clone()))
+            .or_default();
+        e.0 += 1;
+        e.1 += ev.occurrences;
+        sample
+            .entry(format!("{} {}", ev.regarding, ev.instance))
+            .or_insert_with(|| format!("{}: {}", ev.reason, ev.message));
+    }
+    let devices: BTreeMap<String, Option<Vec<sys::UapiPeer>>> = tb
+        .state
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), sys::uapi_peers(&tb.sock(n))))
+        .collect();
+    let w = agents.iter().map(|a| a.len()).max().unwrap_or(2).max(7);
+    let mut header = format!("  {:14} {:18} {:8}", "case", "claim", "expect");
+    for a in agents {
+        header.push_str(&format!(" {a:>w$}"));
+    }
+    println!("{header}   (cells: Warning Events from that agent / has it as a peer)");
+    let mut good = 0;
+    for c in claims.iter() {
+        let mut line = format!(
+            "  {:14} {:18} {:8}",
+            c.case,
+            c.cidr,
+            if c.rejected { "rejected" } else { "peer" }
+        );
+        let mut ok = true;
+        for a in agents {
+            let (objs, occ) = warnings
+                .get(&(c.name.clone(), a.clone()))
+                .copied()
+                .unwrap_or((0, 0));
+            let peer = devices
+                .get(a)
+                .and_then(|d| d.as_ref())
+                .and_then(|ps| ps.iter().find(|p| p.public_key_b64() == c.key));
+            let has_cidr = peer.is_some_and(|p| p.allowed_ips.contains(&c.cidr));
+            ok &= if c.rejected {
+                objs == 1 && occ == 1 && peer.is_none()
+            } else {
+                objs == 0 && has_cidr
+            };
+            let cell = format!(
+                "{}{}/{}",
+                objs,
+                if occ > objs {
+                    format!("({occ})")
+                } else {
+                    String::new()
+                },
+                if peer.is_some() { "peer" } else { "-" }
+            );
+            line.push_str(&format!(" {cell:>w$}"));
+        }
+        if ok {
+            good += 1;
+        }
+        println!("{line}  {}", if ok { "ok" } else { "WRONG" });
+    }
+    for (k, msg) in &sample {
+        let short: String = msg.chars().take(160).collect();
+        println!("  {k}: {short}");
+    }
+    // The real nodes' peers: every device still has exactly the peers it had
+    // (plus the control Node's).
+    let control: BTreeSet<String> = claims
+        .iter()
+        .filter(|c| !c.rejected)
+        .map(|c| c.key.clone())
+        .collect();
+    let mut kept = true;
+    for (n, set) in before {
+        let now: Option<BTreeSet<String>> = devices.get(n).and_then(|d| d.as_ref()).map(|ps| {
+            ps.iter()
+                .map(|p| p.public_key_b64())
+                .filter(|k| !control.contains(k))
+                .collect()
+        });
+        if now != *set {
+            kept = false;
+            println!("  {n}'s peers CHANGED: {set:?} -> {now:?}");
+        }
+    }
+    let older_peers = devices
+        .get(&older.name)
+        .and_then(|d| d.as_ref())
+        .map_or(0, |ps| {
+            ps.iter()
+                .filter(|p| !control.contains(&p.public_key_b64()))
+                .count()
+        });
+    println!(
+        "  {} keeps {older_peers} peer(s); real nodes' peer sets {}",
+        older.name,
+        if kept {
+            "unchanged on every device"
+        } else {
+            "CHANGED"
+        }
+    );
+    Ok(Body {
+        ok: good == claims.len() && kept,
+        figure: format!(
+            "{good} of {} claims as expected ({} overlapping: no peer anywhere, 1 Warning Event from each of {} agents; 1 free claim a peer everywhere); {} kept its {older_peers} peer(s), peer sets {}",
+            claims.len(),
+            claims.iter().filter(|c| c.rejected).count(),
+            agents.len(),
+            older.name,
+            if kept { "unchanged" } else { "CHANGED" }
         ),
         phases: Vec::new(),
     })

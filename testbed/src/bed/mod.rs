@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod check;
 pub mod drill;
+pub mod rotate;
 pub mod state;
 pub mod sys;
 pub mod topology;

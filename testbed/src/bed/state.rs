@@ -83,6 +83,16 @@ pub struct State {
     /// agent's default, on).
     #[serde(default)]
     pub masquerade: Option<bool>,
+    /// `up --no-spec-pod-cidrs`: the API allocates no spec.podCIDRs; the testbed
+    /// picks each node's pod CIDRs ([`NodeRecord::pod_cidrs`]) and passes them to its
+    /// agent as `--pod-cidrs`, which publishes them as `wgmesh.dev/pod-cidrs`.
+    #[serde(default)]
+    pub no_spec_pod_cidrs: bool,
+    /// The short rotation timings passed to every agent (`--rotation-confirm-deadline
+    /// 30s` ...), when the `wgmesh` binary had those flags at `up`; empty when it had
+    /// none of them (then `rotate` fails, naming the missing flags).
+    #[serde(default)]
+    pub rotation_flags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -51,7 +51,18 @@ pub struct Options {
     pub encrypt_host_traffic: bool,
     /// Pass `--masquerade <this>` to every agent (`None`: the agent's default).
     pub masquerade: Option<bool>,
+    /// Nodes without spec.podCIDRs: the API allocates none, the testbed picks each
+    /// node's CIDRs ([`testbed_pod_cidrs`]) and passes them as `--pod-cidrs`.
+    pub no_spec_pod_cidrs: bool,
 }
+
+/// The agent flags and values that give the testbed short rotation timings (the
+/// defaults are minutes): passed to every agent when the `wgmesh` binary has them.
+pub const ROTATION_TIMINGS: &[(&str, &str)] = &[
+    ("--rotation-confirm-deadline", "30s"),
+    ("--rotation-grace", "10s"),
+    ("--rotation-stagger", "5s"),
+];
 
 /// How to add one node.
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +155,7 @@ impl Testbed {
             next_node: 1,
             encrypt_host_traffic: opts.encrypt_host_traffic,
             masquerade: opts.masquerade,
+            no_spec_pod_cidrs: opts.no_spec_pod_cidrs,
             ..Default::default()
         };
         state.save()?;
@@ -180,7 +192,7 @@ impl Testbed {
     /// Fails early, naming the flag, when the `wgmesh` binary lacks an agent flag this
     /// testbed was asked to pass (rather than agents exiting on a usage error and
     /// `up` timing out).
-    fn probe_agent_flags(&self) -> Result<()> {
+    fn probe_agent_flags(&mut self) -> Result<()> {
         let mut want = Vec::new();
         if self.state.encrypt_host_traffic {
             want.push("--encrypt-host-traffic");
@@ -188,13 +200,38 @@ impl Testbed {
         if self.state.masquerade.is_some() {
             want.push("--masquerade");
         }
-        if want.is_empty() {
-            return Ok(());
+        if self.state.no_spec_pod_cidrs {
+            want.push("--pod-cidrs");
         }
         let wg = self.wgmesh.display().to_string();
         let help = sys::run(&[&wg, "agent", "--help"])?;
+        // Rotation timings are passed when the binary has them; `rotate` fails,
+        // naming the flags, when it had not.
+        let mut rotation = Vec::new();
+        let mut missing = Vec::new();
+        for (flag, value) in ROTATION_TIMINGS {
+            if help_has_flag(&help, flag) {
+                rotation.extend([flag.to_string(), value.to_string()]);
+            } else {
+                missing.push(*flag);
+            }
+        }
+        if missing.is_empty() {
+            self.say(format!(
+                "agents get short rotation timings: {}",
+                rotation.join(" ")
+            ));
+        } else {
+            self.say(format!(
+                "{wg} has no `agent {}`: agents run with the default rotation timings \
+                 (`rotate` will fail until the binary has them)",
+                missing.join("`, `")
+            ));
+        }
+        self.state.rotation_flags = rotation;
+        self.state.save()?;
         for flag in want {
-            if !help.contains(flag) {
+            if !help_has_flag(&help, flag) {
                 return Err(Error::Other(format!(
                     "{wg} has no `agent {flag}` (see `wgmesh agent --help`); \
                      build a wgmesh that has it or leave the option out"
@@ -444,6 +481,8 @@ impl Testbed {
             self.state.kubeconfig.display().to_string(),
             "--cluster-cidr".into(),
             self.state.cluster_cidrs.join(","),
+            "--allocate-node-cidrs".into(),
+            (!self.state.no_spec_pod_cidrs).to_string(),
         ];
         self.spawn("api", &u, &argv, Some(&url_file))?;
         let mut url = String::new();
@@ -591,7 +630,7 @@ impl Testbed {
             &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name,
                 "labels": {"kubernetes.io/hostname": name, "wgmesh.dev/testbed": self.state.id}}}),
         )?;
-        let pod_cidrs: Vec<String> = created["spec"]["podCIDRs"]
+        let spec_cidrs: Vec<String> = created["spec"]["podCIDRs"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -599,6 +638,17 @@ impl Testbed {
                     .collect()
             })
             .unwrap_or_default();
+        let pod_cidrs = if self.state.no_spec_pod_cidrs {
+            if !spec_cidrs.is_empty() {
+                return Err(Error::Other(format!(
+                    "the API gave {name} spec.podCIDRs {} although it runs with --allocate-node-cidrs false",
+                    spec_cidrs.join(",")
+                )));
+            }
+            testbed_pod_cidrs(index, dual)
+        } else {
+            spec_cidrs
+        };
         if pod_cidrs.is_empty() {
             return Err(Error::Other(format!("the API gave {name} no pod CIDR")));
         }
@@ -751,6 +801,10 @@ impl Testbed {
         if let Some(m) = self.state.masquerade {
             argv.extend(["--masquerade".to_string(), m.to_string()]);
         }
+        if self.state.no_spec_pod_cidrs {
+            argv.extend(["--pod-cidrs".to_string(), pod_cidrs.join(",")]);
+        }
+        argv.extend(self.state.rotation_flags.iter().cloned());
         self.spawn(&format!("{name}-agent"), &ns, &argv, None)?;
         let addrs: Vec<String> = underlay.iter().map(|a| a.to_string()).collect();
         self.say(format!(
@@ -833,6 +887,29 @@ impl Testbed {
         self.state.save()?;
         Ok(())
     }
+}
+
+/// The pod CIDRs the testbed gives node `n<index>` when Nodes have no
+/// spec.podCIDRs: what the API's IPAM would have allocated to the index-th node
+/// (10.244.<index-1>.0/24, fd00:10:244:<index-1>::/64), never reused in one testbed.
+pub fn testbed_pod_cidrs(index: u32, dual_stack: bool) -> Vec<String> {
+    let i = index.saturating_sub(1);
+    let mut out = vec![format!("10.244.{i}.0/24")];
+    if dual_stack {
+        out.push(format!("fd00:10:244:{i:x}::/64"));
+    }
+    out
+}
+
+/// Whether `--help` text lists `flag` as an option (not merely as a prefix of a
+/// longer one, e.g. `--pod-cidrs` in `--pod-cidrs-foo`).
+pub fn help_has_flag(help: &str, flag: &str) -> bool {
+    help.match_indices(flag).any(|(i, _)| {
+        let next = help[i + flag.len()..].chars().next();
+        let prev = help[..i].chars().next_back();
+        !matches!(next, Some(c) if c.is_ascii_alphanumeric() || c == '-')
+            && !matches!(prev, Some(c) if c.is_ascii_alphanumeric() || c == '-')
+    })
 }
 
 /// Seconds since the Unix epoch, as a float (tcpdump `-tt` prints the same clock).

@@ -386,6 +386,8 @@ pub struct Flows {
     receivers: Vec<(JoinHandle<()>, Arrivals)>,
     specs: Vec<FlowSpec>,
     stop: Arc<AtomicBool>,
+    /// Senders stop at their next datagram (receivers keep going until `finish`).
+    stop_send: Arc<AtomicBool>,
 }
 
 const MAGIC: u32 = 0x7767_7462; // "wgtb"
@@ -472,10 +474,12 @@ impl Flows {
             }
         }
         let started = Instant::now();
+        let stop_send = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
         for (id, spec) in specs.iter().enumerate() {
             let spec = spec.clone();
             let stop2 = stop.clone();
+            let stop_send2 = stop_send.clone();
             senders.push(std::thread::spawn(move || {
                 let mut sent = Vec::new();
                 let mut errors = 0u64;
@@ -495,7 +499,7 @@ impl Flows {
                 let interval = Duration::from_secs_f64(1.0 / f64::from(spec.pps.max(1)));
                 let total = (spec.pps as f64 * spec.duration.as_secs_f64()).ceil() as u64;
                 for seq in 0..total {
-                    if stop2.load(Ordering::SeqCst) {
+                    if stop2.load(Ordering::SeqCst) || stop_send2.load(Ordering::SeqCst) {
                         break;
                     }
                     let due = started + interval.mul_f64(seq as f64);
@@ -521,7 +525,14 @@ impl Flows {
             receivers,
             specs,
             stop,
+            stop_send,
         })
+    }
+
+    /// Ends every flow before its duration: senders stop at their next datagram;
+    /// [`Self::finish`] then collects what was sent (what was not sent is not lost).
+    pub fn stop_sending(&self) {
+        self.stop_send.store(true, Ordering::SeqCst);
     }
 
     /// Waits for every sender to finish, gives the last datagrams `grace` to arrive,
