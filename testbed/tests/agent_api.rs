@@ -419,7 +419,6 @@ async fn the_agent_rotates_its_key_on_request_confirmed_by_handshakes() {
 
     // A second rotation, with a peer that joins mid-way and never confirms:
     // at the deadline the key is activated anyway and the peer is named.
-    let mut cfg = cfg;
     cfg.rotation.confirm_deadline = Duration::from_secs(0);
     let mut a = Agent::with_backend(cfg, client, backend).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
