@@ -77,3 +77,52 @@ setup() {
     ensure_kubectl
     ensure_rust
 }
+
+# The VM tier (scripts/test-vm): qemu, a Debian kernel that ships wireguard.ko,
+# busybox-static (virtme-ng's initramfs) and virtme-ng, pinned, in a venv of its
+# own under target/. Sets VM_KERNEL (the /boot/vmlinuz-* to boot: the newest one
+# whose modules include WireGuard; linux-image-amd64 is installed if none does)
+# and VNG (the vng executable).
+VNG_VERSION=1.42
+ensure_vm() {
+    local missing=() p
+    for p in qemu-system-x86 busybox-static python3; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [[ -z $(vm_kernel) ]]; then
+        missing+=(linux-image-amd64)
+    fi
+    if ((${#missing[@]})); then
+        log "installing Debian packages for the VM tier: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    VM_KERNEL="$(vm_kernel)"
+    if [[ -z $VM_KERNEL ]]; then
+        echo "no /boot/vmlinuz-* with a wireguard module under /lib/modules" >&2
+        return 1
+    fi
+    local venv="$ROOT/target/vm-tools/venv"
+    VNG="$venv/bin/vng"
+    if ! "$VNG" --version 2>/dev/null | grep -qF "$VNG_VERSION"; then
+        log "installing virtme-ng $VNG_VERSION (pip, in $venv)"
+        rm -rf "$venv"
+        if ! python3 -m venv "$venv" 2>/dev/null; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            python3 -m venv "$venv"
+        fi
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "virtme-ng==$VNG_VERSION"
+    fi
+}
+
+# The newest installed kernel image whose modules include WireGuard.
+vm_kernel() {
+    local image version
+    for image in $(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
+        version="${image#/boot/vmlinuz-}"
+        if compgen -G "/lib/modules/$version/kernel/drivers/net/wireguard/wireguard.ko*" >/dev/null; then
+            echo "$image"
+            return
+        fi
+    done
+}

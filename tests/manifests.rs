@@ -674,3 +674,100 @@ fn the_dashboard_uses_exactly_the_exported_metric_names() {
     let unused: Vec<_> = METRICS.iter().filter(|m| !used.contains(*m)).collect();
     assert!(unused.is_empty(), "metrics on no panel: {unused:?}");
 }
+
+/// `manifests/kernel/04-daemonset.yaml`, the kernel-mode variant, installed
+/// instead of `04-daemonset.yaml`: the same DaemonSet (name, namespace,
+/// selector, rollout, init container, security, probes, token, key store,
+/// CNI) with the agent alone and its backend fixed to `kernel`: no dataplane
+/// container, no /dev/net/tun, no UAPI socket directory. Checked as the
+/// userspace one turned into it, so the two cannot drift apart.
+#[test]
+fn the_kernel_daemonset_is_the_agent_alone_with_the_backend_fixed() {
+    let file = "kernel/04-daemonset.yaml";
+    let text = std::fs::read_to_string(manifests_dir().join(file)).unwrap();
+    let values: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("{file}: not valid YAML: {e}"));
+    assert_eq!(values.len(), 1, "{file}: one document");
+    let doc = Doc {
+        file: file.into(),
+        value: values.into_iter().next().unwrap(),
+    };
+    assert_eq!(doc.kind(), "apps/v1/DaemonSet");
+    let kernel: DaemonSet = strict(&doc).unwrap_or_else(|e| panic!("{e}"));
+
+    let pod = kernel.spec.template.spec.as_ref().unwrap();
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["agent"], "the agent alone");
+    let agent = &pod.containers[0];
+    assert_eq!(
+        agent.command.as_deref(),
+        Some(
+            &[
+                "wgmesh".to_string(),
+                "agent".into(),
+                "--backend".into(),
+                "kernel".into()
+            ][..]
+        ),
+        "the backend fixed, not probed"
+    );
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    assert!(
+        !volumes.iter().any(|v| v
+            .host_path
+            .as_ref()
+            .is_some_and(|h| h.path == "/dev/net/tun")),
+        "no /dev/net/tun"
+    );
+    assert!(
+        !agent
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.mount_path == "/var/run/wireguard"),
+        "no UAPI socket directory"
+    );
+
+    // Everything else is the userspace DaemonSet's.
+    let install = Install::load();
+    let mut want = serde_json::to_value(install.daemon_set()).unwrap();
+    let spec = &mut want["spec"]["template"]["spec"];
+    let containers = spec["containers"].as_array_mut().unwrap();
+    containers.retain(|c| c["name"] != "dataplane");
+    let dataplane_port = serde_json::to_value(
+        install
+            .container("dataplane")
+            .ports
+            .as_deref()
+            .unwrap()
+            .iter()
+            .find(|p| p.name.as_deref() == Some("wireguard"))
+            .expect("the dataplane's wireguard port"),
+    )
+    .unwrap();
+    let agent = &mut containers[0];
+    agent["command"] = serde_json::json!(["wgmesh", "agent", "--backend", "kernel"]);
+    // The kernel's UDP socket takes the port the dataplane reserved.
+    agent["ports"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, dataplane_port);
+    agent["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["mountPath"] != "/var/run/wireguard");
+    spec["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|v| v["name"] != "uapi" && v["name"] != "tun");
+    let got = serde_json::to_value(&kernel).unwrap();
+    let mut differences = Vec::new();
+    lost_fields(&want, &got, "", &mut differences);
+    lost_fields(&got, &want, "", &mut differences);
+    assert!(
+        differences.is_empty(),
+        "{file} differs from 04-daemonset.yaml beyond the kernel-mode changes:\n  {}",
+        differences.join("\n  ")
+    );
+}
