@@ -359,6 +359,12 @@ pub struct StatusArgs {
     /// Directory of the UAPI socket.
     #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
     pub uapi_dir: PathBuf,
+    /// Which device to read, by the agent's rule (`wgmesh agent --backend`):
+    /// kernel (generic netlink), uapi (the UAPI socket), or auto: the UAPI
+    /// socket if one serves the interface, else an existing kernel WireGuard
+    /// link, else the UAPI socket. Never creates a link.
+    #[arg(long, env = "WGMESH_BACKEND", value_enum, default_value_t = wgmesh::wg::kernel::BackendKind::Auto)]
+    pub backend: wgmesh::wg::kernel::BackendKind,
     /// The cluster pod CIDRs, as given to the agent (to plan exactly as it does).
     #[arg(long, env = "WGMESH_CLUSTER_CIDRS", value_delimiter = ',')]
     pub cluster_cidrs: Vec<ipnet::IpNet>,

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod commands;
 pub mod dataplane;
 pub mod k8s;
 pub mod keys;

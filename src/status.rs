@@ -1,7 +1,10 @@
 //! `wgmesh status` and `wgmesh graph`: this node's mesh as `wg show` would
 //! print it, but per node. Built from the device's live counters and the Node
 //! objects (decoded and planned exactly as the agent does), so it works while
-//! the agent is down — when it is most needed. Pure: the CLI fetches.
+//! the agent is down — when it is most needed. Pure: the CLI fetches, reading
+//! the device through the backend the agent's own rule picks
+//! ([`crate::wg::kernel::select_reader`]: kernel WireGuard or a UAPI socket,
+//! never creating a link), and passes its description in.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
@@ -18,6 +21,9 @@ use crate::wg::PeerStats;
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub node: String,
+    /// The device read and how (`Backend::describe`, e.g. "kernel wgmesh0
+    /// (generic netlink)" or "uapi /var/run/wireguard/wgmesh0.sock").
+    pub device: String,
     pub peers: Vec<PeerView>,
     /// Nodes that get no peer, with the reason.
     pub rejected: Vec<RejectedView>,
@@ -27,9 +33,10 @@ pub struct Status {
 }
 
 /// Joins the Nodes (possibly none, if the API was unreachable) with the
-/// device's peers.
+/// device's peers; `device` says which device was read.
 pub fn build(
     local_node: &str,
+    device: &str,
     cluster_cidrs: &[ipnet::IpNet],
     nodes: &[Node],
     stats: &[PeerStats],
@@ -67,6 +74,7 @@ pub fn build(
     };
     Status {
         node: local_node.to_string(),
+        device: device.to_string(),
         peers,
         rejected: pass.rejected.clone(),
         unknown: telemetry::peer_views(&unknown_pass, stats, now),
@@ -111,9 +119,10 @@ pub fn table(status: &Status, now: SystemTime) -> String {
         "STATE",
     ];
     format!(
-        "node {} — {} peers\n{}",
+        "node {} — {} peers — {}\n{}",
         status.node,
         status.peers.len(),
+        status.device,
         crate::text::table(&header, &rows)
     )
 }
@@ -123,7 +132,10 @@ pub fn table(status: &Status, now: SystemTime) -> String {
 /// hands; rejected Nodes as red boxes with the reason.
 pub fn dot(status: &Status) -> String {
     let q = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let mut out = String::from("digraph wgmesh {\n  rankdir=LR;\n  node [shape=ellipse];\n");
+    let mut out = format!(
+        "digraph wgmesh {{\n  // device: {}\n  rankdir=LR;\n  node [shape=ellipse];\n",
+        status.device.replace('\n', " ")
+    );
     let _ = writeln!(out, "  \"{}\" [style=bold];", q(&status.node));
     for p in status.peers.iter().chain(&status.unknown) {
         let (color, style) = match p.state {
@@ -249,6 +261,7 @@ mod tests {
         ];
         let s = build(
             "a",
+            "kernel wgmesh0 (generic netlink)",
             &["10.244.0.0/16".parse().unwrap()],
             &nodes,
             &stats,
@@ -265,6 +278,10 @@ mod tests {
         assert!(t.contains("2.0 KiB / 4.0 KiB"), "{t}");
         assert!(t.contains("rejected: "), "{t}");
         assert!(t.contains(&kb.fingerprint().to_string()), "{t}");
+        assert!(
+            t.starts_with("node a — 2 peers — kernel wgmesh0 (generic netlink)\n"),
+            "{t}"
+        );
         let g = dot(&s);
         assert!(
             g.contains("\"a\" -> \"b\" [color=darkgreen, style=solid"),
@@ -276,6 +293,10 @@ mod tests {
         );
         assert!(g.contains("\"d\" [shape=box, color=red"), "{g}");
         assert!(g.starts_with("digraph wgmesh {") && g.ends_with("}\n"));
+        assert!(
+            g.contains("  // device: kernel wgmesh0 (generic netlink)\n"),
+            "{g}"
+        );
     }
 
     #[test]
@@ -289,7 +310,14 @@ mod tests {
             rx_bytes: 1,
             tx_bytes: 1,
         }];
-        let s = build("a", &[], &[], &stats, now);
+        let s = build(
+            "a",
+            "uapi /var/run/wireguard/wgmesh0.sock",
+            &[],
+            &[],
+            &stats,
+            now,
+        );
         assert!(s.peers.is_empty());
         assert_eq!(s.unknown.len(), 1);
         assert_eq!(s.unknown[0].state, PeerState::Stale);

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 /// Everything one test started; removed on drop, also when the test panics.
 struct Fixture {
     netns: String,
@@ -20,55 +22,34 @@ struct Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         for c in &mut self.children {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            support::stop(c, Duration::from_secs(3));
         }
-        for c in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
+        support::netns_del(&self.netns);
     }
 }
 
+/// What is missing for these tests to run here, if anything.
 fn prerequisites() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
+    if !support::is_root() {
+        return Err("root".into());
     }
     if !Path::new("/dev/net/tun").exists() {
-        return Err("/dev/net/tun missing".into());
+        return Err("/dev/net/tun".into());
     }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Err("`ip` (iproute2) missing".into());
+    if !support::has_ip() {
+        return Err("ip (iproute2)".into());
     }
     Ok(())
 }
 
 /// Returns None (after printing SKIP) when the test cannot run here.
 fn setup(tag: &str) -> Option<Fixture> {
-    if let Err(why) = prerequisites() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("dataplane UAPI test cannot run under CI: {why}");
-        }
-        eprintln!("SKIP dataplane_uapi::{tag}: {why}");
+    if let Err(missing) = prerequisites() {
+        support::skip_or_fail(&format!("dataplane_uapi::{tag}"), &missing);
         return None;
     }
     let netns = format!("wgmu{}{tag}", std::process::id());
-    let ok = Command::new("ip")
-        .args(["netns", "add", &netns])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "ip netns add {netns} failed");
+    support::netns_add(&netns).unwrap_or_else(|e| panic!("{e}"));
     Some(Fixture {
         netns,
         dir: tempfile::tempdir().unwrap(),

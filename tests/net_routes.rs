@@ -17,11 +17,9 @@
 //! `Netns` (also while unwinding from a failed assertion) deletes it, and
 //! namespaces of dead runs (Ctrl-C, SIGKILL) are reaped when the next run starts.
 
-use std::fs::File;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Once};
@@ -34,6 +32,8 @@ use wgmesh::net::{
     ensure_masquerade, Bypass, ClusterRoute, MasqChange, MasqSpec, Net, NetError, PolicySpec,
     RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL,
 };
+
+mod support;
 
 const WG: &str = "wgm0";
 const OTHER: &str = "other0";
@@ -770,9 +770,9 @@ impl Netns {
     /// `None` (after a SKIP line) when the prerequisites are missing; panics
     /// instead when CI=true.
     fn create(case: &str) -> Option<Netns> {
-        let missing = if unsafe { libc::geteuid() } != 0 {
+        let missing = if !support::is_root() {
             Some("root".to_owned())
-        } else if Command::new("ip").arg("-V").output().is_err() {
+        } else if !support::has_ip() {
             Some("ip (iproute2)".to_owned())
         } else {
             None
@@ -782,16 +782,8 @@ impl Netns {
         }
         reap_stale_once();
         let name = format!("{PREFIX}{}-{case}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip");
-        if !out.status.success() {
-            let why = format!(
-                "network namespaces (ip netns add: {})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return skip(case, &why);
+        if let Err(e) = support::netns_add(&name) {
+            return skip(case, &format!("network namespaces ({e})"));
         }
         Some(Netns { ns: Ns { name } })
     }
@@ -804,12 +796,9 @@ impl Netns {
         Fut: Future<Output = ()>,
     {
         let ns = self.ns.clone();
-        let path = format!("/run/netns/{}", ns.name);
         let result = thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
             // Only this thread moves; sockets it opens belong to the netns.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            support::enter_netns(&ns.name).unwrap_or_else(|e| panic!("setns {}: {e}", ns.name));
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -845,20 +834,7 @@ impl Ns {
     }
 
     fn try_ip(&self, args: &str) -> Result<String, String> {
-        let out = Command::new("ip")
-            .args(["-n", &self.name])
-            .args(args.split_whitespace())
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "ip -n {} {args}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        support::ip_in(&self.name, args)
     }
 
     fn ip(&self, args: &str) -> String {
@@ -994,23 +970,14 @@ impl Ns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        support::netns_del(&self.name);
     }
 }
 
 const PREFIX: &str = "wgnr-";
 
 fn skip(case: &str, missing: &str) -> Option<Netns> {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{case}: CI=true and network-namespace prerequisites are missing: {missing}");
-    }
-    // Straight to fd 2: libtest captures eprintln! of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIP net_routes {case}: missing {missing} (with CI=true this fails)"
-    );
+    support::skip_or_fail(&format!("net_routes {case}"), missing);
     None
 }
 
@@ -1030,7 +997,7 @@ fn reap_stale_once() {
                 continue;
             };
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                support::netns_del(&name);
             }
         }
     });
@@ -1195,11 +1162,9 @@ impl Ns {
     /// Runs `f` on a thread inside this namespace; sockets it opens belong
     /// to the namespace for good.
     fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
+        let name = self.name.clone();
         thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            support::enter_netns(&name).unwrap_or_else(|e| panic!("setns {name}: {e}"));
             f()
         })
         .join()

@@ -3,6 +3,7 @@
 //! generated, and replayed without sanitizers, by ordinary tests
 //! (`cargo test --manifest-path fuzz/Cargo.toml`).
 
+pub mod node_plan;
 pub mod uapi;
 pub mod udp;
 

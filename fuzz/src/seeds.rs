@@ -478,6 +478,7 @@ fn write_seeds_if_asked() {
     for (dir, seeds) in [
         (dir("udp_receive"), udp_seeds()),
         (dir("uapi_request"), uapi_seeds()),
+        (dir("node_plan"), crate::node_plan::seeds::all()),
         (regressions_dir("udp_receive"), udp_regressions()),
     ] {
         fs::create_dir_all(&dir).unwrap();
@@ -493,6 +494,7 @@ fn seeds_pass() {
     for (target, run) in [
         ("udp_receive", udp::run as fn(&[u8])),
         ("uapi_request", crate::uapi::run),
+        ("node_plan", crate::node_plan::run),
     ] {
         let mut n = 0;
         for entry in fs::read_dir(dir(target)).unwrap() {
@@ -513,6 +515,7 @@ fn regressions_pass() {
     for (target, run) in [
         ("udp_receive", udp::run as fn(&[u8])),
         ("uapi_request", crate::uapi::run),
+        ("node_plan", crate::node_plan::run),
     ] {
         let Ok(entries) = fs::read_dir(regressions_dir(target)) else {
             continue;
@@ -535,5 +538,9 @@ fn generated_seeds_pass() {
     for (name, bytes) in uapi_seeds() {
         eprintln!("uapi_request/{name}");
         crate::uapi::run(&bytes);
+    }
+    for (name, bytes) in crate::node_plan::seeds::all() {
+        eprintln!("node_plan/{name}");
+        crate::node_plan::run(&bytes);
     }
 }

@@ -5,11 +5,20 @@
 //! live from the device at scrape time, so they are never older than the
 //! scrape; the rest is updated by each reconcile pass.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -19,7 +28,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::keys::{Fingerprint, PublicKey};
 use crate::wg::PeerStats;
@@ -468,73 +476,83 @@ where
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
     loop {
-        let (mut conn, _) = listener.accept().await?;
+        let (conn, _) = listener.accept().await?;
         let telemetry = telemetry.clone();
         let refresh = refresh.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            let head = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = conn.read(&mut buf[len..]).await.ok()?;
-                    if n == 0 {
-                        return None;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        return Some(());
-                    }
-                }
-                None
-            })
-            .await;
-            if !matches!(head, Ok(Some(()))) {
-                return;
+            let service = service_fn(move |req: Request<Incoming>| {
+                let telemetry = telemetry.clone();
+                let refresh = refresh.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &telemetry, refresh).await) }
+            });
+            // One request per connection (scrapers and kubelet probes open a
+            // fresh one each time, and nothing here is worth holding a socket
+            // for), and a client gets 5 s to send its request head, so a
+            // stalled or hostile client on the node cannot pile up tasks.
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(conn), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "telemetry connection");
             }
-            let line = String::from_utf8_lossy(&buf[..len]);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => {
-                    let r = refresh.clone();
-                    let _ = tokio::task::spawn_blocking(r).await;
-                    (
-                        "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        telemetry.render(),
-                    )
-                }
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") => match telemetry.not_ready_reasons() {
-                    why if why.is_empty() => ("200 OK", "text/plain", "ready\n".to_string()),
-                    why => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!("not ready:\n{}\n", why.join("\n")),
-                    ),
-                },
-                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "only GET\n".to_string(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-            let _ = conn.shutdown().await;
         });
     }
+}
+
+async fn respond<F>(
+    req: &Request<Incoming>,
+    telemetry: &Telemetry,
+    refresh: F,
+) -> Response<Full<Bytes>>
+where
+    F: Fn() + Send + 'static,
+{
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            // `refresh` reads the device, which blocks (UAPI socket, netlink).
+            let _ = tokio::task::spawn_blocking(refresh).await;
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                telemetry.render(),
+            )
+        }
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/readyz") => match telemetry.not_ready_reasons() {
+            why if why.is_empty() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            why => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready:\n{}\n", why.join("\n")),
+            ),
+        },
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::PrivateKey;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn metrics_follow_prometheus_naming_and_carry_the_mesh() {
@@ -622,10 +640,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let server = tokio::spawn(serve(addr, t.clone(), || {}));
-        let get = |path: &'static str| async move {
+        let request = |method: &'static str, path: &'static str| async move {
             for _ in 0..50 {
                 if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-                    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
                         .await
                         .unwrap();
                     let mut out = String::new();
@@ -636,6 +654,7 @@ mod tests {
             }
             panic!("server did not start");
         };
+        let get = |path: &'static str| request("GET", path);
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         t.set_synced(true);
@@ -643,7 +662,20 @@ mod tests {
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let metrics = get("/metrics").await;
         assert!(metrics.contains("wgmesh_key_generation"), "{metrics}");
+        assert!(get("/metrics?name=x")
+            .await
+            .contains("wgmesh_key_generation"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        let post = request("POST", "/metrics").await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.ends_with("only GET\n"), "{post}");
+        // The server closes each connection after its response (the reads
+        // above end), and says how long the body is.
+        let ready = get("/readyz").await;
+        assert!(
+            ready.to_ascii_lowercase().contains("content-length: 6\r\n"),
+            "{ready}"
+        );
         server.abort();
     }
 }

@@ -136,6 +136,35 @@ pub async fn select_backend(
     interface: &str,
     uapi_dir: &Path,
 ) -> Result<(SelectedBackend, String)> {
+    select(kind, interface, uapi_dir, LinkPolicy::Create).await
+}
+
+/// [`select_backend`]'s rule for a reader (`wgmesh status`, `wgmesh graph`):
+/// the same choice from the same facts, except that the kernel link is never
+/// created: only an existing kernel WireGuard link counts as usable. A
+/// command that only looks must not leave an interface behind, nor take the
+/// name from a data plane that is about to start.
+pub async fn select_reader(
+    kind: BackendKind,
+    interface: &str,
+    uapi_dir: &Path,
+) -> Result<(SelectedBackend, String)> {
+    select(kind, interface, uapi_dir, LinkPolicy::Existing).await
+}
+
+/// Whether selecting a kernel backend may create its link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkPolicy {
+    Create,
+    Existing,
+}
+
+async fn select(
+    kind: BackendKind,
+    interface: &str,
+    uapi_dir: &Path,
+    policy: LinkPolicy,
+) -> Result<(SelectedBackend, String)> {
     let socket = uapi_dir.join(format!("{interface}.sock"));
     let uapi = || -> SelectedBackend {
         Arc::new(Mutex::new(UapiBackend::for_interface(uapi_dir, interface)))
@@ -153,7 +182,7 @@ pub async fn select_backend(
         (Ok(_), BackendKind::Auto | BackendKind::Kernel) => {
             let name = interface.to_owned();
             Some(
-                tokio::task::spawn_blocking(move || check_kernel_device(&name))
+                tokio::task::spawn_blocking(move || check_kernel_device(&name, policy))
                     .await
                     .unwrap_or_else(|e| Err(e.to_string())),
             )
@@ -182,17 +211,29 @@ pub async fn select_backend(
     }
 }
 
-/// Creates the link if missing and reads the device once: the backend that
-/// did it (its socket open) and whether the link was created, or why kernel
-/// WireGuard cannot drive `interface`.
-fn check_kernel_device(interface: &str) -> std::result::Result<(KernelBackend, bool), String> {
-    let created = ensure_wireguard_link(interface).map_err(|e| e.to_string())?;
+/// Creates the link if missing (when `policy` allows) and reads the device
+/// once: the backend that did it (its socket open) and whether the link was
+/// created, or why kernel WireGuard cannot drive `interface`.
+fn check_kernel_device(
+    interface: &str,
+    policy: LinkPolicy,
+) -> std::result::Result<(KernelBackend, bool), String> {
+    let created = match policy {
+        LinkPolicy::Create => ensure_wireguard_link(interface).map_err(|e| e.to_string())?,
+        LinkPolicy::Existing => {
+            validate_name(interface).map_err(|e| e.to_string())?;
+            false
+        }
+    };
     let mut backend = KernelBackend::new(interface);
     match backend.get_device() {
         Ok(_) => Ok((backend, created)),
         Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Err(format!(
             "interface {interface} exists but is not a kernel WireGuard device"
         )),
+        Err(e) if e.errno() == Some(libc::ENODEV) && policy == LinkPolicy::Existing => {
+            Err(format!("there is no interface {interface}"))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -2089,6 +2130,26 @@ mod tests {
             .unwrap();
         assert!(backend.lock().unwrap().describe().starts_with("uapi "));
         assert!(reason.starts_with("backend uapi requested"), "{reason}");
+
+        // The reader (`wgmesh status`) follows the same rule.
+        let (backend, reason) = select_reader(BackendKind::Auto, "wgmesh0", dir.path())
+            .await
+            .unwrap();
+        assert_eq!(
+            backend.lock().unwrap().describe(),
+            format!("uapi {}", sock.display())
+        );
+        assert!(
+            reason.starts_with("kernel WireGuard unavailable ("),
+            "{reason}"
+        );
+        let Err(e) = select_reader(BackendKind::Kernel, "wgmesh0", dir.path()).await else {
+            panic!("kernel reader selected without kernel WireGuard");
+        };
+        assert!(
+            e.to_string().contains("kernel WireGuard is unavailable"),
+            "{e}"
+        );
     }
 
     /// The peer table as the kernel's `set_peer` changes it, message by

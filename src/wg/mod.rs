@@ -1,9 +1,14 @@
 //! The WireGuard backend seam: one trait, [`Backend`], through which the agent
 //! reads a device's state and applies a change set, whatever implements the
-//! device. Today: [`uapi::UapiBackend`], which drives any implementation that
-//! serves the cross-platform UAPI socket (wgmesh's own data plane,
-//! wireguard-go, boringtun-cli). The kernel backend (generic netlink) comes
-//! behind the same trait.
+//! device. Three implementations:
+//! - [`uapi::UapiBackend`] drives any implementation that serves the
+//!   cross-platform UAPI socket (wgmesh's own data plane, wireguard-go,
+//!   boringtun-cli);
+//! - [`kernel::KernelBackend`] drives kernel WireGuard over rtnetlink and the
+//!   WireGuard generic netlink family; [`kernel::select_backend`] picks one of
+//!   the two by `--backend` (`auto`: a UAPI socket that serves the interface,
+//!   else kernel WireGuard where the host has it, else the UAPI socket);
+//! - [`memory::MemoryBackend`], an in-memory device for tests.
 //!
 //! [`reconcile`] is the pure step in between: desired peers (from the
 //! planner) against the device's state → the minimal [`ChangeSet`]; an empty
