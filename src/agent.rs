@@ -337,6 +337,19 @@ impl Agent {
             // A log that does not verify publishes no head (the annotation
             // goes), rather than a head nobody can check.
             audit_head: self.store.audit_head().ok(),
+            last_rotation: self
+                .store
+                .rotation_progress()
+                .ok()
+                .and_then(|p| p.last_activation)
+                .map(|(at, unconfirmed)| {
+                    let result = match unconfirmed.as_deref() {
+                        Some([]) => "all-confirmed".to_string(),
+                        Some(list) => format!("unconfirmed={}", list.len()),
+                        None => "untracked".to_string(),
+                    };
+                    format!("{at:.0} {result}")
+                }),
         };
 
         // 2. Plan.

@@ -173,6 +173,9 @@ pub struct InventoryRow {
     pub rotation: &'static str,
     pub next_fingerprint: Option<Fingerprint>,
     pub audit_head: Option<AuditHead>,
+    /// `wgmesh.dev/last-rotation` as the node published it: when its last
+    /// activation happened and whether every peer had confirmed.
+    pub last_rotation: Option<String>,
     /// Every unusable key annotation, as `<annotation>: <reason>`, plus a
     /// creation time in the future.
     pub problems: Vec<String>,
@@ -231,6 +234,12 @@ fn row(node: &Node, policy: &Policy, now: Timestamp) -> InventoryRow {
         },
         next_fingerprint: fields.next_public_key.map(|k| k.fingerprint()),
         audit_head: fields.audit_head,
+        last_rotation: node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::node::annotations::LAST_ROTATION))
+            .map(|v| v.chars().take(96).collect()),
         problems,
     }
 }
@@ -266,6 +275,7 @@ pub fn inventory_json(rows: &[InventoryRow], policy: &Policy, now: Timestamp) ->
                 "rotation": r.rotation,
                 "next_fingerprint": r.next_fingerprint,
                 "audit_head": r.audit_head.map(|h| json!({"seq": h.seq, "hash": h.hash_hex()})),
+                "last_rotation": r.last_rotation,
                 "problems": r.problems,
             })
         })
@@ -293,6 +303,7 @@ pub const CSV_HEADER: &[&str] = &[
     "audit_head_seq",
     "audit_head_hash",
     "public_key",
+    "last_rotation",
     "problems",
 ];
 
@@ -322,6 +333,7 @@ pub fn inventory_csv(rows: &[InventoryRow]) -> String {
             opt(r.audit_head.map(|h| h.seq.to_string())),
             opt(r.audit_head.map(|h| h.hash_hex())),
             opt(r.public_key.map(|k| k.to_base64())),
+            opt(r.last_rotation.clone()),
             r.problems.join("; "),
         ]);
     }
@@ -361,6 +373,7 @@ pub fn inventory_text(rows: &[InventoryRow], policy: &Policy) -> String {
                 },
                 r.audit_head
                     .map_or_else(dash, |h| format!("{}:{}…", h.seq, &h.hash_hex()[..16])),
+                r.last_rotation.clone().unwrap_or_else(dash),
             ]
         })
         .collect();
@@ -373,6 +386,7 @@ pub fn inventory_text(rows: &[InventoryRow], policy: &Policy) -> String {
         "AGE/MAX",
         "ROTATION",
         "AUDIT HEAD",
+        "LAST ROTATION",
     ];
     let mut out = crate::text::table(&header, &table_rows);
     for r in rows {

@@ -399,9 +399,15 @@ impl Store {
                     && r.new_fingerprint == Some(self.state.active.fingerprint)
             })
             .map(|r| r.time);
+        let last_activation = records
+            .iter()
+            .rev()
+            .find(|r| r.event == EventKind::Activated)
+            .map(|r| (r.time, r.unconfirmed.clone()));
         Ok(RotationProgress {
             confirmed,
             activated_at,
+            last_activation,
         })
     }
 
@@ -761,6 +767,10 @@ fn now_seconds() -> Timestamp {
 pub struct RotationProgress {
     pub confirmed: std::collections::BTreeSet<String>,
     pub activated_at: Option<jiff::Timestamp>,
+    /// The latest activation in the log: when, and the peers it named as
+    /// unconfirmed (`None`: the activation did not track confirmations,
+    /// e.g. by hand).
+    pub last_activation: Option<(jiff::Timestamp, Option<Vec<String>>)>,
 }
 
 pub fn key_path(dir: &Path, generation: u64) -> PathBuf {

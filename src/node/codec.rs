@@ -249,6 +249,9 @@ pub struct LocalAnnotations {
     /// The store's published audit head (`Store::audit_head`); `None` removes
     /// the annotation (a node whose log does not verify vouches for nothing).
     pub audit_head: Option<AuditHead>,
+    /// The last activation's time and result ([`ann::LAST_ROTATION`]);
+    /// `None` leaves the annotation out.
+    pub last_rotation: Option<String>,
 }
 
 /// Decodes and validates one Node. See the module docs for the text rules.
@@ -448,6 +451,9 @@ pub fn encode(local: &LocalAnnotations) -> BTreeMap<String, String> {
     if !cidrs.is_empty() {
         let text: Vec<String> = cidrs.iter().map(IpNet::to_string).collect();
         out.insert(ann::POD_CIDRS.to_owned(), text.join(","));
+    }
+    if let Some(last) = &local.last_rotation {
+        out.insert(ann::LAST_ROTATION.to_owned(), last.clone());
     }
     if let Some(head) = &local.audit_head {
         out.insert(ann::AUDIT_HEAD.to_owned(), head.to_string());
@@ -966,6 +972,7 @@ mod tests {
             endpoint: "192.0.2.10:51820".parse().unwrap(),
             pod_cidrs: vec![net("fd00:10:244:1::/64"), net("10.244.1.0/24")],
             audit_head: Some(head(7)),
+            last_rotation: Some("2026-11-21T11:36:24Z all-confirmed".into()),
         }
     }
 
@@ -1791,9 +1798,10 @@ mod tests {
         let mut bare = node.clone();
         bare.metadata.annotations = None;
         let patch = merge_patch(&bare, &desired).unwrap();
+        // Every agent-owned key local() sets (all of them).
         assert_eq!(
             patch["metadata"]["annotations"].as_object().unwrap().len(),
-            7
+            8
         );
 
         // A new head is one key; a head withdrawn is removed with null.
@@ -1880,6 +1888,7 @@ mod tests {
                         endpoint,
                         pod_cidrs: cidrs,
                         audit_head: head.map(|(seq, hash)| AuditHead { seq, hash }),
+                        last_rotation: None,
                     }
                 },
             )

@@ -29,6 +29,11 @@ pub mod annotations {
     /// `keys::audit::AuditHead`): what the other nodes witness. Informational
     /// for the mesh: a bad value never costs the node its peer.
     pub const AUDIT_HEAD: &str = "wgmesh.dev/audit-head";
+    /// `<RFC 3339 time> <result>` of the node's last key activation:
+    /// `all-confirmed`, or `unconfirmed=<n>` peers at the deadline or on a
+    /// single-identity device. Informational (for `wgmesh keys inventory`);
+    /// never validated by peers.
+    pub const LAST_ROTATION: &str = "wgmesh.dev/last-rotation";
     /// Set by people, never by the agent: overrides `endpoint`.
     pub const FORCE_ENDPOINT: &str = "wgmesh.dev/force-endpoint";
     /// Set by people, never by the agent: seconds, 0 = off.
@@ -48,6 +53,7 @@ pub mod annotations {
         ENDPOINT,
         POD_CIDRS,
         AUDIT_HEAD,
+        LAST_ROTATION,
     ];
 
     /// No annotation value may be longer than this (bytes).
