@@ -48,7 +48,7 @@ use tokio::sync::Notify;
 use crate::k8s::{K8sError, Publisher};
 use crate::keys::rotation::Phase;
 use crate::keys::schedule::{self, Handshake, Step};
-use crate::keys::store::{Attribution, Store, StoreError};
+use crate::keys::store::{Attribution, RotationProgress, Store, StoreError};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
 use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec};
@@ -327,6 +327,13 @@ impl Agent {
         let endpoint = self.endpoint(own)?;
         let state = self.store.state().clone();
         let own_cidrs = self.own_pod_cidrs(own);
+        // Read and verified once per pass: the log grows with every witnessed
+        // head, and three steps below need what it says.
+        let progress = self.store.rotation_progress();
+        if let Err(e) = &progress {
+            tracing::warn!(error = %e, "cannot read the rotation's progress from the audit log; no rotation step this pass");
+        }
+        let progress = progress.ok();
         let desired = LocalAnnotations {
             public_key: state.active.public_key,
             key_generation: state.active.generation,
@@ -337,11 +344,9 @@ impl Agent {
             // A log that does not verify publishes no head (the annotation
             // goes), rather than a head nobody can check.
             audit_head: self.store.audit_head().ok(),
-            last_rotation: self
-                .store
-                .rotation_progress()
-                .ok()
-                .and_then(|p| p.last_activation)
+            last_rotation: progress
+                .as_ref()
+                .and_then(|p| p.last_activation.clone())
                 .map(|(at, unconfirmed)| {
                     let result = match unconfirmed.as_deref() {
                         Some([]) => "all-confirmed".to_string(),
@@ -372,7 +377,7 @@ impl Agent {
             PassState::from_plan(&plan, state.active.generation, Some(state.active.created));
         pass_state.rotation_phase = state.phase().to_string();
         if state.phase() != Phase::Idle {
-            if let Ok(progress) = self.store.rotation_progress() {
+            if let Some(progress) = &progress {
                 pass_state.unconfirmed_peers = plan
                     .peers
                     .iter()
@@ -422,7 +427,10 @@ impl Agent {
 
         // The key rotation's next step, on the device's evidence.
         if let Some(view) = &view {
-            report.rotating = self.drive_rotation(own, &plan, view);
+            report.rotating = match &progress {
+                Some(progress) => self.drive_rotation(own, &plan, view, progress),
+                None => state.phase() != Phase::Idle,
+            };
         }
 
         // 4. The CNI config: pods only start once their traffic is closed.
@@ -672,15 +680,14 @@ impl Agent {
     /// the result on the device and the Node. Returns whether a rotation is
     /// in progress (the loop then re-checks every second, for
     /// confirmations and deadlines).
-    fn drive_rotation(&mut self, own: &Node, plan: &Plan, view: &DeviceView) -> bool {
+    fn drive_rotation(
+        &mut self,
+        own: &Node,
+        plan: &Plan,
+        view: &DeviceView,
+        progress: &RotationProgress,
+    ) -> bool {
         let state = self.store.state().clone();
-        let progress = match self.store.rotation_progress() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the rotation's progress from the audit log; no rotation step");
-                return state.phase() != Phase::Idle;
-            }
-        };
         let requested = own
             .metadata
             .annotations
