@@ -382,7 +382,7 @@ fn the_admission_policy_binds_the_agent_to_its_own_nodes_wgmesh_annotations() {
     for needle in [
         "request.userInfo.extra['authentication.kubernetes.io/node-name']",
         "[request.name]",
-        "startsWith('wgmesh.dev/')",
+        "k in variables.agentKeys",
         "object.metadata.labels",
         "object.spec == oldObject.spec",
         "object.status == oldObject.status",
@@ -390,10 +390,31 @@ fn the_admission_policy_binds_the_agent_to_its_own_nodes_wgmesh_annotations() {
         assert!(all.contains(needle), "no validation uses {needle}");
     }
     assert!(validations.iter().all(|v| v.message.is_some()));
+
+    // The keys the policy lets the agent write are exactly the ones it owns:
+    // never a key people set (force-endpoint, persistent-keepalive,
+    // rotate-requested). What the API server makes of it is tested on a real
+    // kube-apiserver (testbed/tests/control_plane_real.rs).
+    let variables = spec.variables.as_deref().unwrap_or_default();
+    let agent_keys = variables
+        .iter()
+        .find(|v| v.name == "agentKeys")
+        .expect("a variable agentKeys");
+    let listed: BTreeSet<String> = agent_keys
+        .expression
+        .trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .map(|k| k.trim().trim_matches('\'').to_string())
+        .collect();
+    let owned: BTreeSet<String> = wgmesh::node::annotations::AGENT_OWNED
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
     assert_eq!(
-        wgmesh::ANNOTATION_PREFIX,
-        "wgmesh.dev/",
-        "the policy's prefix"
+        listed, owned,
+        "agentKeys in the policy vs annotations::AGENT_OWNED"
     );
 
     let binding = Install::one(&install.policy_bindings, "ValidatingAdmissionPolicyBinding");

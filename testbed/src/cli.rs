@@ -25,6 +25,13 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `up --control-plane`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ControlPlane {
+    Embedded,
+    Real,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create a testbed and leave it running; prints its id.
@@ -52,6 +59,17 @@ enum Cmd {
         /// to its agent as --pod-cidrs (published as wgmesh.dev/pod-cidrs).
         #[arg(long)]
         no_spec_pod_cidrs: bool,
+        /// Which Kubernetes API the agents talk to: `embedded`, the testbed's
+        /// in-memory API (no build needed), or `real`: etcd, kube-apiserver and
+        /// kube-controller-manager (node IPAM) in the underlay namespace, with TLS,
+        /// manifests/ (RBAC, admission policy) applied with kubectl, and each
+        /// agent on a ServiceAccount token bound to a Pod on its Node.
+        #[arg(long, value_enum, default_value_t = ControlPlane::Embedded)]
+        control_plane: ControlPlane,
+        /// With `--control-plane real`: the directory holding etcd, kube-apiserver
+        /// and kube-controller-manager (`scripts/kube-bins` builds them and prints it).
+        #[arg(long, env = "WGMESH_KUBE_BINS", value_name = "DIR")]
+        kube_bins: Option<PathBuf>,
     },
     /// Nodes, pod CIDRs, processes, and each device's peers (over its UAPI socket).
     Status,
@@ -148,18 +166,24 @@ pub fn main() -> ExitCode {
             encrypt_host_traffic,
             masquerade,
             no_spec_pod_cidrs,
-        } => cmd_up(
-            &UpArgs {
-                nodes,
-                pods,
-                dual_stack,
-                encrypt_host_traffic,
-                masquerade,
-                no_spec_pod_cidrs,
-            },
-            false,
-        )
-        .map(|_| ExitCode::SUCCESS),
+            control_plane,
+            kube_bins,
+        } => real_control_plane(control_plane, kube_bins)
+            .and_then(|real_control_plane| {
+                cmd_up(
+                    &UpArgs {
+                        nodes,
+                        pods,
+                        dual_stack,
+                        encrypt_host_traffic,
+                        masquerade,
+                        no_spec_pod_cidrs,
+                        real_control_plane,
+                    },
+                    false,
+                )
+            })
+            .map(|_| ExitCode::SUCCESS),
         Cmd::Status => open(cli.id.as_deref()).and_then(|tb| cmd_status(&tb)),
         Cmd::Check => open(cli.id.as_deref()).and_then(cmd_check),
         Cmd::Drill { only, list } => {
@@ -314,6 +338,25 @@ struct UpArgs {
     encrypt_host_traffic: bool,
     masquerade: Option<bool>,
     no_spec_pod_cidrs: bool,
+    real_control_plane: Option<PathBuf>,
+}
+
+/// `--control-plane real` needs `--kube-bins`; `embedded` takes none.
+fn real_control_plane(cp: ControlPlane, bins: Option<PathBuf>) -> Result<Option<PathBuf>, Error> {
+    match (cp, bins) {
+        (ControlPlane::Embedded, _) => Ok(None),
+        (ControlPlane::Real, Some(dir)) => {
+            wgmesh_testbed::control_plane::Bins::in_dir(&dir)
+                .map_err(|e| Error::Other(format!("--kube-bins {}: {e}", dir.display())))?;
+            Ok(Some(dir))
+        }
+        (ControlPlane::Real, None) => Err(Error::Other(
+            "--control-plane real needs --kube-bins DIR (or WGMESH_KUBE_BINS): \
+             the directory `scripts/kube-bins` prints after building etcd, \
+             kube-apiserver and kube-controller-manager"
+                .into(),
+        )),
+    }
 }
 
 /// Builds a testbed; on failure or Ctrl-C removes what was built.
@@ -325,6 +368,7 @@ fn cmd_up(args: &UpArgs, quiet_summary: bool) -> Result<Testbed, Error> {
         encrypt_host_traffic,
         masquerade,
         no_spec_pod_cidrs,
+        ref real_control_plane,
     } = *args;
     prerequisites()?;
     if nodes == 0 {
@@ -341,6 +385,7 @@ fn cmd_up(args: &UpArgs, quiet_summary: bool) -> Result<Testbed, Error> {
         encrypt_host_traffic,
         masquerade,
         no_spec_pod_cidrs,
+        real_control_plane: real_control_plane.clone(),
     })?;
     if let Err(e) = tb.up(nodes) {
         let id = tb.state.id.clone();
@@ -627,6 +672,7 @@ fn cmd_demo(nodes: usize, pods: usize, dual_stack: bool) -> Result<ExitCode, Err
             encrypt_host_traffic: false,
             masquerade: None,
             no_spec_pod_cidrs: false,
+            real_control_plane: None,
         },
         true,
     )?;

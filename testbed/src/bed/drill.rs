@@ -1118,22 +1118,11 @@ fn bad_body(
     for (i, c) in cases.iter().enumerate() {
         let name = format!("bad-{tag}-{}", c.name);
         // The Node first (the API's IPAM gives it spec.podCIDRs), as a kubelet would.
-        let node = tb.api(
-            "POST",
-            "/api/v1/nodes",
-            "application/json",
-            &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name,
-                "labels": {"wgmesh.dev/testbed": tb.state.id, "wgmesh.dev/drill": "bad-annotations"}}}),
-        )?;
+        let node = tb.create_node_object(&json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name,
+                "labels": {"wgmesh.dev/testbed": tb.state.id, "wgmesh.dev/drill": "bad-annotations"}}}))?;
         created.push(name.clone());
-        let mut spec: Vec<String> = node["spec"]["podCIDRs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| c.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut spec = super::topology::pod_cidrs_of(&node);
         // Without spec.podCIDRs (up --no-spec-pod-cidrs) a Node claims its CIDRs
         // with the annotation alone: each bad Node gets a free one of its own, so
         // its only fault is the value under test; "outside" is then outside the

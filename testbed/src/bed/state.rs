@@ -93,6 +93,11 @@ pub struct State {
     /// none of them (then `rotate` fails, naming the missing flags).
     #[serde(default)]
     pub rotation_flags: Vec<String>,
+    /// `up --control-plane real`: etcd, kube-apiserver and kube-controller-manager
+    /// (their files under `dir`/control-plane) instead of the in-memory API; each
+    /// agent then has a kubeconfig of its own ([`Self::agent_kubeconfig`]).
+    #[serde(default)]
+    pub control_plane: Option<crate::control_plane::Spec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +142,16 @@ pub struct PodRecord {
 }
 
 impl State {
+    /// The kubeconfig node `name`'s agent uses: its own bound ServiceAccount token on
+    /// a real control plane, the testbed's (single) kubeconfig on the in-memory API.
+    pub fn agent_kubeconfig(&self, name: &str) -> PathBuf {
+        if self.control_plane.is_some() {
+            self.dir.join("kubeconfigs").join(name)
+        } else {
+            self.kubeconfig.clone()
+        }
+    }
+
     pub fn path(&self) -> PathBuf {
         self.dir.join("state.json")
     }

@@ -15,6 +15,7 @@ use super::state::{
 };
 use super::sys::{self, ip, netns_exec};
 use super::{Error, Result};
+use crate::control_plane;
 
 /// The underlay: TEST-NET-1 and the IPv6 documentation prefix, only ever inside the
 /// testbed's own namespaces.
@@ -54,7 +55,17 @@ pub struct Options {
     /// Nodes without spec.podCIDRs: the API allocates none, the testbed picks each
     /// node's CIDRs ([`testbed_pod_cidrs`]) and passes them as `--pod-cidrs`.
     pub no_spec_pod_cidrs: bool,
+    /// Run a real control plane (etcd, kube-apiserver, kube-controller-manager)
+    /// from the binaries in this directory (`scripts/kube-bins` prints it) instead
+    /// of the in-memory API.
+    pub real_control_plane: Option<PathBuf>,
 }
+
+/// The real control plane's ports, on the underlay namespace (its own network
+/// stack, so fixed ports cannot clash with the host's).
+const APISERVER_PORT: u16 = 6443;
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
 
 /// The agent flags and values that give the testbed short rotation timings (the
 /// defaults are minutes): passed to every agent when the `wgmesh` binary has them.
@@ -136,6 +147,23 @@ impl Testbed {
         if opts.dual_stack {
             cluster_cidrs.push(CLUSTER_CIDR_V6.to_string());
         }
+        let control_plane = match &opts.real_control_plane {
+            Some(bins) => Some(control_plane::Spec {
+                bins: control_plane::Bins::in_dir(bins).map_err(|e| Error::Other(e.to_string()))?,
+                dir: dir.join("control-plane"),
+                address: UNDERLAY_HOST_V4.parse().expect("valid"),
+                apiserver_port: APISERVER_PORT,
+                etcd_client_port: ETCD_CLIENT_PORT,
+                etcd_peer_port: ETCD_PEER_PORT,
+                cluster_cidrs: cluster_cidrs.clone(),
+                allocate_node_cidrs: !opts.no_spec_pod_cidrs,
+            }),
+            None => None,
+        };
+        let kubeconfig = match &control_plane {
+            Some(cp) => cp.admin_kubeconfig(),
+            None => dir.join("kubeconfig"),
+        };
         let state = State {
             id: id.clone(),
             dir: dir.clone(),
@@ -149,13 +177,14 @@ impl Testbed {
             cluster_cidrs,
             underlay_ns: format!("{NETNS_PREFIX}{id}-u"),
             api_url: None,
-            kubeconfig: dir.join("kubeconfig"),
+            kubeconfig,
             uapi_dir: dir.join("uapi"),
             files: vec![dir.clone()],
             next_node: 1,
             encrypt_host_traffic: opts.encrypt_host_traffic,
             masquerade: opts.masquerade,
             no_spec_pod_cidrs: opts.no_spec_pod_cidrs,
+            control_plane,
             ..Default::default()
         };
         state.save()?;
@@ -470,6 +499,9 @@ impl Testbed {
     }
 
     fn start_api(&mut self) -> Result<()> {
+        if let Some(spec) = self.state.control_plane.clone() {
+            return self.start_real_control_plane(&spec);
+        }
         let u = self.state.underlay_ns.clone();
         let url_file = self.state.dir.join("api.url");
         let argv: Vec<String> = vec![
@@ -500,6 +532,68 @@ impl Testbed {
         Ok(())
     }
 
+    /// etcd, then kube-apiserver (recorded as `api`, so the drills' SIGSTOP finds
+    /// it), manifests/ applied with kubectl and the admission policy seen enforced,
+    /// then the controller-manager's node IPAM: all inside the underlay namespace.
+    fn start_real_control_plane(&mut self, spec: &control_plane::Spec) -> Result<()> {
+        let cp = |e: control_plane::Error| Error::Other(format!("real control plane: {e}"));
+        let u = self.state.underlay_ns.clone();
+        let t0 = Instant::now();
+        spec.prepare().map_err(cp)?;
+        self.state.files.push(spec.dir.clone());
+        self.spawn(control_plane::ETCD, &u, &spec.etcd_argv(), None)?;
+        self.spawn(control_plane::APISERVER, &u, &spec.apiserver_argv(), None)?;
+        let admin = spec.admin(Some(&u)).map_err(cp)?;
+        control_plane::wait_ready(&admin, Duration::from_secs(120), || {
+            for name in [control_plane::ETCD, control_plane::APISERVER] {
+                if !self.process_alive(name) {
+                    return Err(control_plane::Error::Other(format!(
+                        "{name} exited while starting (log: {})",
+                        self.state
+                            .dir
+                            .join("logs")
+                            .join(format!("{name}.log"))
+                            .display()
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .map_err(cp)?;
+        self.say(format!(
+            "kube-apiserver {} ready ({:.1} s), etcd on 127.0.0.1:{} (in {u})",
+            spec.url(),
+            t0.elapsed().as_secs_f64(),
+            spec.etcd_client_port
+        ));
+        let manifests = control_plane::local::manifests_dir();
+        control_plane::bootstrap(spec, &admin, Some(&u), &manifests).map_err(cp)?;
+        self.say(format!(
+            "applied {}/00-namespace.yaml, 01-rbac.yaml, 02-admission-policy.yaml with kubectl; \
+             the policy denies a bound token's label change",
+            manifests.display()
+        ));
+        if spec.allocate_node_cidrs {
+            self.spawn(
+                control_plane::CONTROLLER_MANAGER,
+                &u,
+                &spec.controller_manager_argv(),
+                None,
+            )?;
+            self.say("kube-controller-manager: node IPAM (--allocate-node-cidrs) only");
+        }
+        std::fs::create_dir_all(self.state.dir.join("kubeconfigs"))
+            .map_err(|e| Error::io("create kubeconfigs/", e))?;
+        self.state.api_url = Some(spec.url());
+        self.state.save()?;
+        self.say(format!(
+            "real control plane up in {:.1} s; admin kubeconfig {}",
+            t0.elapsed().as_secs_f64(),
+            self.state.kubeconfig.display()
+        ));
+        Ok(())
+    }
+
     /// The API server's address.
     pub fn api_addr(&self) -> Result<SocketAddr> {
         let url = self
@@ -508,12 +602,19 @@ impl Testbed {
             .as_deref()
             .ok_or_else(|| Error::Other("the API server was never started".into()))?;
         url.trim_start_matches("http://")
+            .trim_start_matches("https://")
             .parse()
             .map_err(|_| Error::Other(format!("bad API URL {url}")))
     }
 
     /// One request to the API server (from inside the underlay namespace).
     pub fn api(&self, method: &str, path: &str, ctype: &str, body: &Value) -> Result<Value> {
+        if let Some(spec) = &self.state.control_plane {
+            return spec
+                .admin(Some(&self.state.underlay_ns))
+                .and_then(|a| a.request(method, path, ctype, body))
+                .map_err(|e| Error::Other(e.to_string()));
+        }
         let body = if body.is_null() {
             String::new()
         } else {
@@ -535,12 +636,51 @@ impl Testbed {
         serde_json::from_str(&text).map_err(|e| Error::Other(format!("{method} {path}: {e}")))
     }
 
-    /// The API server's write-request counter.
+    /// The API server's write-request counter: on a real control plane, the
+    /// agents' write requests in its audit log (the testbed's own writes are a
+    /// person's and not counted there).
     pub fn api_write_count(&self) -> Result<u64> {
+        if let Some(spec) = &self.state.control_plane {
+            return control_plane::agent_writes(&spec.audit_log(), None)
+                .map_err(|e| Error::Other(e.to_string()));
+        }
         let v = self.api("GET", "/testbed/writes", "application/json", &Value::Null)?;
         v["count"]
             .as_u64()
             .ok_or_else(|| Error::Other(format!("bad /testbed/writes answer {v}")))
+    }
+
+    /// Creates a Node object as a kubelet would; returns it as the API has it once
+    /// node IPAM (if any) gave it `spec.podCIDRs`. The in-memory API allocates in
+    /// the create itself; kube-controller-manager a moment after, so on a real
+    /// control plane this waits (up to 30 s) for a Node created without them.
+    pub fn create_node_object(&self, node: &Value) -> Result<Value> {
+        let created = self.api("POST", "/api/v1/nodes", "application/json", node)?;
+        let real_ipam = self
+            .state
+            .control_plane
+            .as_ref()
+            .is_some_and(|cp| cp.allocate_node_cidrs);
+        if !real_ipam || !pod_cidrs_of(&created).is_empty() {
+            return Ok(created);
+        }
+        let name = created["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let path = format!("/api/v1/nodes/{name}");
+        let mut node = created;
+        self.wait_for(
+            &format!("kube-controller-manager to allocate {name}'s pod CIDRs"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(n) = self.api("GET", &path, "application/json", &Value::Null) {
+                    node = n;
+                }
+                !pod_cidrs_of(&node).is_empty()
+            },
+        )?;
+        Ok(node)
     }
 
     /// The `wgmesh.dev/public-key` a Node carries, if any.
@@ -623,21 +763,10 @@ impl Testbed {
         }
 
         // The Node object, as a kubelet and the controller-manager would make it.
-        let created = self.api(
-            "POST",
-            "/api/v1/nodes",
-            "application/json",
-            &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name,
-                "labels": {"kubernetes.io/hostname": name, "wgmesh.dev/testbed": self.state.id}}}),
-        )?;
-        let spec_cidrs: Vec<String> = created["spec"]["podCIDRs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| c.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let created = self.create_node_object(&json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name,
+                "labels": {"kubernetes.io/hostname": name, "wgmesh.dev/testbed": self.state.id}}}))?;
+        let spec_cidrs = pod_cidrs_of(&created);
         let pod_cidrs = if self.state.no_spec_pod_cidrs {
             if !spec_cidrs.is_empty() {
                 return Err(Error::Other(format!(
@@ -666,6 +795,20 @@ impl Testbed {
             &json!({"status": {"addresses": addresses, "conditions": [{"type": "Ready",
                 "status": "True", "reason": "KubeletReady", "message": "wgmesh testbed node"}]}}),
         )?;
+        if let Some(spec) = &self.state.control_plane {
+            // What the DaemonSet pod on this node would get: a token bound to a Pod
+            // on the Node, never the administrator's credential.
+            let admin = spec
+                .admin(Some(&u))
+                .map_err(|e| Error::Other(e.to_string()))?;
+            control_plane::agent_kubeconfig(
+                spec,
+                &admin,
+                &name,
+                &self.state.agent_kubeconfig(&name),
+            )
+            .map_err(|e| Error::Other(format!("{name}'s agent credential: {e}")))?;
+        }
         let iface = format!("wgmesh-{name}");
         let store = self.state.dir.join("keys").join(&name);
         self.state.nodes.push(NodeRecord {
@@ -770,7 +913,7 @@ impl Testbed {
             "--node-name",
             &name,
             "--kubeconfig",
-            &self.state.kubeconfig.display().to_string(),
+            &self.state.agent_kubeconfig(&name).display().to_string(),
             "--store",
             &store.display().to_string(),
             "--interface",
@@ -892,6 +1035,18 @@ impl Testbed {
 /// The pod CIDRs the testbed gives node `n<index>` when Nodes have no
 /// spec.podCIDRs: what the API's IPAM would have allocated to the index-th node
 /// (10.244.<index-1>.0/24, fd00:10:244:<index-1>::/64), never reused in one testbed.
+/// A Node's `spec.podCIDRs` (empty when it has none).
+pub fn pod_cidrs_of(node: &Value) -> Vec<String> {
+    node["spec"]["podCIDRs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn testbed_pod_cidrs(index: u32, dual_stack: bool) -> Vec<String> {
     let i = index.saturating_sub(1);
     let mut out = vec![format!("10.244.{i}.0/24")];
