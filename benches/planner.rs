@@ -66,6 +66,7 @@ fn config() -> MeshConfig {
         default_keepalive: Some(25),
         local_public_key: None,
         local_endpoint: None,
+        handshakes: Default::default(),
     }
 }
 

@@ -362,15 +362,26 @@ impl Agent {
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
         };
         let decoded: Vec<_> = nodes.iter().map(|n| node::decode(n, &vcfg)).collect();
-        let mcfg = MeshConfig {
+        let mut mcfg = MeshConfig {
             local_node: self.cfg.node_name.clone(),
             interface: self.cfg.interface.clone(),
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
             default_keepalive: self.cfg.persistent_keepalive,
             local_public_key: Some(state.active.public_key),
             local_endpoint: Some(endpoint),
+            handshakes: Default::default(),
         };
-        let plan = mesh::plan(&mcfg, &decoded);
+        let mut plan = mesh::plan(&mcfg, &decoded);
+        if plan
+            .excluded
+            .iter()
+            .any(|e| matches!(e.reason, mesh::Exclusion::DuplicateKey { .. }))
+        {
+            // A contested key: the device's handshakes say who holds it (one
+            // more device read, only while some Node announces another's key).
+            mcfg.handshakes = self.device_handshakes().await;
+            plan = mesh::plan(&mcfg, &decoded);
+        }
         report.peers = plan.peers.len();
         report.excluded = plan.excluded.len();
         let mut pass_state =
@@ -868,6 +879,35 @@ impl Agent {
             self.last_mtu = Some(mtu);
         }
         mtu
+    }
+
+    /// Each peer this device has completed a handshake with, and the endpoint the
+    /// device has for it ([`MeshConfig::handshakes`]). A device that cannot be read
+    /// gives none: then the older-wins rule decides a contested key.
+    async fn device_handshakes(&self) -> std::collections::BTreeMap<PublicKey, SocketAddr> {
+        let backend = self.backend.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
+            backend.peer_stats()
+        })
+        .await;
+        match read {
+            Ok(Ok(stats)) => stats
+                .into_iter()
+                .filter_map(|p| {
+                    p.last_handshake?;
+                    Some((p.public_key, p.endpoint?))
+                })
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the device's handshakes; a contested key goes to the older Node");
+                Default::default()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the device's handshakes failed; a contested key goes to the older Node");
+                Default::default()
+            }
+        }
     }
 
     async fn program_device(

@@ -54,6 +54,7 @@ pub fn build(
             default_keepalive: None,
             local_public_key: None,
             local_endpoint: None,
+            handshakes: Default::default(),
         },
         &decoded,
     );

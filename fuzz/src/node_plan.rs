@@ -132,6 +132,7 @@ pub fn run(data: &[u8]) {
         default_keepalive: None,
         local_public_key: (flags & 0x08 != 0).then(|| keys()[0]),
         local_endpoint: (flags & 0x10 != 0).then(|| endpoint(ENDPOINTS[0])),
+        handshakes: Default::default(),
     };
 
     let count = usize::from(flags & 7) + 1;
@@ -527,6 +528,7 @@ mod tests {
             default_keepalive: None,
             local_public_key: None,
             local_endpoint: None,
+            handshakes: Default::default(),
         };
         let plan = mesh::plan(&cfg, &decoded);
         assert_eq!(plan.peers.len(), 2, "{plan:?}");

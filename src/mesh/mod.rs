@@ -12,6 +12,7 @@
 //! plaintext and never reaches a node that merely *claims* someone else's pod
 //! CIDRs or key.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -56,6 +57,15 @@ pub struct MeshConfig {
     /// `force-endpoint` or InternalIP choice), for the same reason as
     /// [`Self::local_public_key`]; `None` falls back to the local record's.
     pub local_endpoint: Option<SocketAddr>,
+    /// Peers this device has completed a handshake with, and the endpoint the
+    /// device has for each: proof that whoever is at that endpoint holds the
+    /// key's private half. It decides a public key that two Nodes announce: the
+    /// one announcing that endpoint keeps the key, whatever the Nodes' ages — so
+    /// a Node that copies another's public key onto itself (its agent's token
+    /// may write its own `public-key`) never takes that node's peer. Empty, or
+    /// no claimant proven: the older Node keeps it, as for every other conflict.
+    /// The agent fills it only when a key is contested.
+    pub handshakes: BTreeMap<PublicKey, SocketAddr>,
 }
 
 /// One peer as a WireGuard device sees it: what `wg show` reports and `wg set`

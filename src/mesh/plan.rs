@@ -51,7 +51,9 @@ pub struct SuccessorIgnored {
 ///    node's endpoint is excluded: the local node always keeps what is its own.
 /// 3. Conflicts between remote nodes (one public key on two nodes; pod CIDRs where
 ///    one contains the other; one endpoint, address and port, on two nodes) go to
-///    the older Node: nodes are admitted greedily in order of `created` (oldest
+///    the older Node — except a public key this device has a handshake with from
+///    one claimant's announced endpoint, which that claimant keeps
+///    ([`MeshConfig::handshakes`]): nodes are admitted greedily in order of `created` (oldest
 ///    first, a missing timestamp counting as newest), ties broken by name, and a
 ///    node that conflicts with an already admitted one is excluded. An excluded
 ///    node never excludes anyone else, so a newcomer cannot knock out an
@@ -171,7 +173,9 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
         endpoints: HashMap::with_capacity(candidates.len()),
         claims: Claims::default(),
         node_ips: HashMap::new(),
+        key_owners: HashMap::new(),
     };
+    admission.key_owners = proven_key_owners(cfg, &candidates);
     let node_routes = admission.node_routes(remote_node_ips);
     let successors = Successors::new(nodes, &cfg.local_node, admission.local_key, local.as_ref());
     let mut ignored_successors = Vec::new();
@@ -229,6 +233,53 @@ pub fn plan(cfg: &MeshConfig, nodes: &[Result<NodeRecord, Rejected>]) -> Plan {
         node_routes,
         local_node_ips,
     }
+}
+
+/// For each public key that more than one candidate announces: the one claimant
+/// this device's handshake with that key came from, if exactly one did — judged
+/// first by the Node's addresses (`status.addresses`, which the kubelet writes
+/// and an agent's token cannot), then by the announced endpoint (which a copier
+/// can copy too). Several claimants or none: no owner, and older wins.
+fn proven_key_owners<'a>(
+    cfg: &MeshConfig,
+    candidates: &[&'a NodeRecord],
+) -> HashMap<PublicKey, &'a str> {
+    let mut owners = HashMap::new();
+    if cfg.handshakes.is_empty() {
+        return owners;
+    }
+    let mut by_key: HashMap<PublicKey, Vec<&'a NodeRecord>> = HashMap::new();
+    for r in candidates {
+        by_key.entry(r.public_key).or_default().push(r);
+    }
+    for (key, claimants) in by_key {
+        if claimants.len() < 2 {
+            continue;
+        }
+        let Some(seen) = cfg.handshakes.get(&key) else {
+            continue;
+        };
+        let by_address = |r: &&&NodeRecord| {
+            r.node_ips
+                .iter()
+                .any(|ip| ip.to_canonical() == seen.ip().to_canonical())
+        };
+        let by_endpoint = |r: &&&NodeRecord| r.endpoint == *seen;
+        for proven in [
+            claimants.iter().filter(by_address).collect::<Vec<_>>(),
+            claimants.iter().filter(by_endpoint).collect(),
+        ] {
+            match proven[..] {
+                [one] => {
+                    owners.insert(key, one.name.as_str());
+                    break;
+                }
+                [] => continue,
+                _ => break,
+            }
+        }
+    }
+    owners
 }
 
 /// One route per cluster CIDR, all into the WireGuard interface, rather than one
@@ -354,6 +405,9 @@ struct Admission<'a> {
     claims: Claims<'a>,
     /// Node addresses given to admitted peers so far, and to whom.
     node_ips: HashMap<IpAddr, &'a str>,
+    /// Public keys several candidates announce where exactly one of them is
+    /// proven by a handshake ([`MeshConfig::handshakes`]): that one's name.
+    key_owners: HashMap<PublicKey, &'a str>,
 }
 
 impl<'a> Admission<'a> {
@@ -381,6 +435,13 @@ impl<'a> Admission<'a> {
                 endpoint: record.endpoint,
                 local: self.local_name.to_owned(),
             });
+        }
+        if let Some(owner) = self.key_owners.get(&record.public_key) {
+            if *owner != record.name {
+                return Err(Exclusion::DuplicateKey {
+                    kept: (*owner).to_owned(),
+                });
+            }
         }
         if let Some(kept) = self.keys.get(&record.public_key) {
             return Err(Exclusion::DuplicateKey {

@@ -117,6 +117,7 @@ fn node_set() -> impl Strategy<Value = (MeshConfig, Vec<Entry>)> {
                 default_keepalive: Some(25),
                 local_public_key: store_key.map(key),
                 local_endpoint: agent_endpoint,
+                handshakes: Default::default(),
             };
             (cfg, entries)
         })

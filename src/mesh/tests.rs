@@ -86,6 +86,7 @@ fn config(local: &str) -> MeshConfig {
         default_keepalive: None,
         local_public_key: None,
         local_endpoint: None,
+        handshakes: Default::default(),
     }
 }
 
@@ -242,6 +243,58 @@ fn duplicate_key_goes_to_the_older_node() {
             kept: "z-older".into()
         }
     );
+}
+
+/// An older Node that copies a newer Node's public key onto itself (its agent
+/// may write its own `public-key`) does not take that node's peer where the
+/// device has a handshake with the key from the newer node's endpoint; with no
+/// such proof (a fresh device), or with a handshake from neither claimant, older
+/// wins as before.
+#[test]
+fn a_copied_key_stays_with_the_node_the_device_has_a_handshake_from() {
+    let victim = node("victim", Some(20), 7, &["10.0.1.0/24"]);
+    let mut copier = node("copier", Some(10), 9, &["10.0.2.0/24"]);
+    copier.public_key = victim.public_key;
+    let nodes = ok(vec![victim.clone(), copier.clone()]);
+
+    let mut cfg = config("me");
+    cfg.handshakes.insert(victim.public_key, victim.endpoint);
+    let proven = plan(&cfg, &nodes);
+    assert_eq!(peer_names(&proven), ["victim"]);
+    assert_eq!(
+        reason(&proven, "copier"),
+        &Exclusion::DuplicateKey {
+            kept: "victim".into()
+        }
+    );
+    let peer = &proven.peers[0].config;
+    assert_eq!(peer.allowed_ips, nets(&["10.0.1.0/24"]));
+    assert_eq!(peer.endpoint, Some(victim.endpoint));
+
+    for handshakes in [None, Some(endpoint(200))] {
+        let mut cfg = config("me");
+        if let Some(e) = handshakes {
+            cfg.handshakes.insert(victim.public_key, e);
+        }
+        let unproven = plan(&cfg, &nodes);
+        assert_eq!(peer_names(&unproven), ["copier"], "{handshakes:?}");
+    }
+
+    // The copier copies the endpoint too: the Node addresses (the kubelet's,
+    // which no agent token can write) still tell them apart.
+    copier.endpoint = victim.endpoint;
+    let mut cfg = config("me");
+    cfg.handshakes.insert(victim.public_key, victim.endpoint);
+    let victim = with_ips(victim, &["192.0.2.7"]);
+    let copier = with_ips(copier, &["192.0.2.9"]);
+    let by_address = plan(&cfg, &ok(vec![victim.clone(), copier.clone()]));
+    assert_eq!(peer_names(&by_address), ["victim"]);
+    // Without addresses, both claim the proven endpoint: no proof; older wins.
+    let (mut victim, mut copier) = (victim, copier);
+    victim.node_ips.clear();
+    copier.node_ips.clear();
+    let both = plan(&cfg, &ok(vec![victim, copier]));
+    assert_eq!(peer_names(&both), ["copier"]);
 }
 
 #[test]
