@@ -193,8 +193,10 @@ pub fn main() -> ExitCode {
                 }
                 Ok(ExitCode::SUCCESS)
             } else {
-                drill::select(only.as_deref())
-                    .and_then(|names| open(cli.id.as_deref()).and_then(|tb| cmd_drill(tb, &names)))
+                open(cli.id.as_deref()).and_then(|tb| {
+                    let names = drill::select(only.as_deref(), tb.state.control_plane.is_some())?;
+                    cmd_drill(tb, &names)
+                })
             }
         }
         Cmd::Rotate {

@@ -47,7 +47,16 @@ pub const DRILLS: &[(&str, &str)] = &[
         "cidr-overlap",
         "newer Nodes claiming pod CIDRs that overlap an older node's: no peer anywhere, one Warning Event per agent, the older node keeps its peers and traffic",
     ),
+    (
+        HOSTILE_TOKEN,
+        "(real control plane only) one node's agent token used against another: every request outside the policy refused, its own claims of the other's CIDR and key ignored by every peer, no loss",
+    ),
 ];
+
+/// The drill that needs a real control plane (the in-memory API enforces no
+/// RBAC or admission policy): left out of a full run on the embedded API, with a
+/// line saying so; asked for by name there, it fails.
+pub const HOSTILE_TOKEN: &str = "hostile-token";
 
 /// Traffic of the agent-kill drill: two flows of 500 datagrams a second.
 pub const AGENT_KILL_PPS: u32 = 500;
@@ -72,17 +81,28 @@ pub struct Report {
 }
 
 /// What a drill's body found.
-struct Body {
-    ok: bool,
-    figure: String,
+pub(super) struct Body {
+    pub ok: bool,
+    pub figure: String,
     /// Named windows (Unix seconds) whose plaintext is printed on its own.
-    phases: Vec<(String, f64, f64)>,
+    pub phases: Vec<(String, f64, f64)>,
 }
 
-/// Parses `--only a,b`; `None` runs every drill.
-pub fn select(only: Option<&str>) -> Result<Vec<&'static str>> {
+/// Parses `--only a,b`; `None` runs every drill (but [`HOSTILE_TOKEN`] only on a
+/// real control plane, `real`).
+pub fn select(only: Option<&str>, real: bool) -> Result<Vec<&'static str>> {
     let Some(only) = only else {
-        return Ok(DRILLS.iter().map(|d| d.0).collect());
+        if !real {
+            println!(
+                "(drill {HOSTILE_TOKEN} not run: it needs `up --control-plane real`; \
+                 the in-memory API enforces no RBAC or admission policy)"
+            );
+        }
+        return Ok(DRILLS
+            .iter()
+            .map(|d| d.0)
+            .filter(|d| real || *d != HOSTILE_TOKEN)
+            .collect());
     };
     let mut out = Vec::new();
     for name in only.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -156,6 +176,7 @@ fn run_one(tb: &mut Testbed, name: &'static str) -> Result<Report> {
         "revoke" => revoke(tb),
         "bad-annotations" => bad_annotations(tb),
         "cidr-overlap" => cidr_overlap(tb),
+        HOSTILE_TOKEN => super::hostile::hostile_token(tb),
         _ => Err(Error::Other(format!("no drill {name}"))),
     };
     let t1 = unix_now();
@@ -294,7 +315,7 @@ fn peer_sets(tb: &Testbed) -> BTreeMap<String, Option<BTreeSet<String>>> {
 
 /// The drill's target node (the second, so the first stays the "older" node) and a
 /// peer node, both with a pod.
-fn pair(tb: &Testbed) -> Result<(NodeRecord, NodeRecord)> {
+pub(super) fn pair(tb: &Testbed) -> Result<(NodeRecord, NodeRecord)> {
     let with_pods: Vec<&NodeRecord> = tb
         .state
         .nodes
@@ -318,7 +339,7 @@ fn v4_of(addrs: &[std::net::IpAddr]) -> Result<std::net::IpAddr> {
 }
 
 /// Two flows between a pod on `x` and a pod on `y`, `pps` each way.
-fn pod_flows(
+pub(super) fn pod_flows(
     x: &NodeRecord,
     y: &NodeRecord,
     pps: u32,
@@ -347,7 +368,7 @@ fn pod_flows(
     ])
 }
 
-fn print_flows(results: &[FlowResult]) {
+pub(super) fn print_flows(results: &[FlowResult]) {
     for r in results {
         println!("  {}", r.summary());
     }
@@ -358,7 +379,7 @@ fn at(t0: Instant, t: Instant) -> f64 {
 }
 
 /// Unix seconds of an `Instant` (for capture windows).
-fn unix_of(t: Instant) -> f64 {
+pub(super) fn unix_of(t: Instant) -> f64 {
     let now = Instant::now();
     if t <= now {
         unix_now() - (now - t).as_secs_f64()

@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod check;
 pub mod drill;
+mod hostile;
 pub mod rotate;
 pub mod state;
 pub mod sys;
