@@ -126,3 +126,68 @@ vm_kernel() {
         fi
     done
 }
+
+# machine_summary: one line naming the machine benchmark figures belong to:
+# CPU model and cores (lscpu), kernel, and the load average when measured
+# (figures taken while other work loads the machine are smoke figures).
+machine_summary() {
+    local cpu cores
+    cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)
+    cores=$(lscpu 2>/dev/null | awk -F: '/^CPU\(s\):/ { gsub(/ /, "", $2); print $2 }')
+    printf '%s, %s CPUs (nproc %s), kernel %s, load average %s\n' "${cpu:-unknown CPU}" \
+        "${cores:-?}" "$(nproc)" "$(uname -r)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+# Current wireguard-go (with the TUN TSO/GRO and UDP GSO/GRO offloads derived
+# from Tailscale's work; Debian's 0.0.20220316 predates them), for
+# scripts/bench-dataplane. The module has no tagged release, so it is pinned by
+# pseudo-version and built once per machine, with the Go module proxy, into
+# $WGGO_NEW_CACHE/<version>/wireguard-go. Sets WGGO_NEW_BIN to the binary;
+# returns 1 with the reason in ENSURE_ERROR when it cannot be had.
+WGGO_NEW_MODULE=golang.zx2c4.com/wireguard
+WGGO_NEW_VERSION=v0.0.0-20260522210424-ecfc5a8d5446
+: "${WGGO_NEW_CACHE:=/var/cache/wgmesh/wireguard-go}"
+ensure_wireguard_go_new() {
+    local dir="$WGGO_NEW_CACHE/$WGGO_NEW_VERSION" tmp
+    WGGO_NEW_BIN="$dir/wireguard-go" ENSURE_ERROR=""
+    [[ -x $WGGO_NEW_BIN ]] && return 0
+    if ! command -v go >/dev/null; then
+        ENSURE_ERROR="go is not installed (needed to build $WGGO_NEW_MODULE@$WGGO_NEW_VERSION)"
+        return 1
+    fi
+    log "building $WGGO_NEW_MODULE@$WGGO_NEW_VERSION into $dir (go install, once per machine)"
+    if ! mkdir -p "$dir" || ! tmp=$(mktemp -d "$dir/.build.XXXXXX"); then
+        ENSURE_ERROR="cannot create $dir"
+        return 1
+    fi
+    # GOTOOLCHAIN=local: build with the Go on this machine, never fetch another.
+    if ! GOBIN="$tmp" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false timeout 900 \
+        go install "$WGGO_NEW_MODULE@$WGGO_NEW_VERSION" || ! mv "$tmp/wireguard" "$WGGO_NEW_BIN"; then
+        rm -rf "$tmp"
+        ENSURE_ERROR="go install $WGGO_NEW_MODULE@$WGGO_NEW_VERSION failed (output above)"
+        return 1
+    fi
+    rm -rf "$tmp"
+}
+
+# GotaTun (Mullvad's fork of boringtun; binary `gotatun`), pinned, installed
+# with cargo like boringtun-cli. Sets GOTATUN_BIN to the binary; returns 1 with
+# the reason in ENSURE_ERROR when it cannot be had.
+GOTATUN_VERSION=0.10.2
+ensure_gotatun() {
+    GOTATUN_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/gotatun" ENSURE_ERROR=""
+    if [[ -x $GOTATUN_BIN ]] && "$GOTATUN_BIN" --version 2>/dev/null | grep -qF "$GOTATUN_VERSION"; then
+        return 0
+    fi
+    if ! command -v cargo >/dev/null && ! (ensure_rust); then
+        ENSURE_ERROR="cargo not found (needed to install gotatun-cli $GOTATUN_VERSION)"
+        return 1
+    fi
+    ensure_rust
+    log "installing gotatun-cli $GOTATUN_VERSION (cargo install --locked; takes a few minutes)"
+    if ! timeout 1800 cargo install gotatun-cli --version "$GOTATUN_VERSION" --locked; then
+        ENSURE_ERROR="cargo install gotatun-cli --version $GOTATUN_VERSION --locked failed (output above)"
+        return 1
+    fi
+    [[ -x $GOTATUN_BIN ]] || { ENSURE_ERROR="cargo install gotatun-cli left no $GOTATUN_BIN"; return 1; }
+}

@@ -11,7 +11,12 @@
 #   wgmesh        $WGMESH_BIN dataplane --interface NAME  (default target/release/wgmesh)
 #   wireguard-go  WG_PROCESS_FOREGROUND=1 wireguard-go -f NAME
 #   boringtun     boringtun-cli --foreground --disable-drop-privileges --threads N NAME
-# All three serve the WireGuard UAPI on /var/run/wireguard/NAME.sock. That
+#   wireguard-go-new  the same as wireguard-go, with $NL_WGGO_NEW_BIN (a current
+#                 wireguard-go with TUN/UDP offloads; common.sh's
+#                 ensure_wireguard_go_new builds it)
+#   gotatun       $NL_GOTATUN_BIN --foreground --disable-drop-privileges NAME
+#                 (default: gotatun on PATH or in cargo's bin dir)
+# All of them serve the WireGuard UAPI on /var/run/wireguard/NAME.sock. That
 # directory is shared by every network namespace, so tunnel interface names are
 # unique per node and per run.
 #
@@ -44,6 +49,8 @@ NL_ROOT="$(cd "$NL_LIB_DIR/.." && pwd)"
 : "${NL_START_TIMEOUT:=10}"             # seconds to wait for a UAPI socket
 : "${NL_BORINGTUN_THREADS:=1}"
 : "${NL_VERBOSE_DAEMONS:=1}"            # 1: daemons log at debug/verbose level; 0: errors only
+: "${NL_WGGO_NEW_BIN:=}"                 # wireguard-go-new: path of the current wireguard-go
+: "${NL_GOTATUN_BIN:=}"                  # gotatun: path of the binary (default: PATH, cargo's bin)
 
 NL_TUN4_A=10.99.0.1 NL_TUN4_B=10.99.0.2 NL_TUN4_PLEN=24
 NL_TUN6_A=fd99::1 NL_TUN6_B=fd99::2 NL_TUN6_PLEN=64
@@ -94,6 +101,8 @@ nl_missing() {
             wgmesh) [[ -x $WGMESH_BIN ]] || echo "wgmesh binary ($WGMESH_BIN; build with cargo build --release)" ;;
             wireguard-go) command -v wireguard-go >/dev/null || echo "wireguard-go" ;;
             boringtun) nl_boringtun_bin >/dev/null || echo "boringtun-cli (cargo install boringtun-cli --locked)" ;;
+            wireguard-go-new) [[ -n $NL_WGGO_NEW_BIN && -x $NL_WGGO_NEW_BIN ]] || echo "current wireguard-go (NL_WGGO_NEW_BIN; common.sh ensure_wireguard_go_new)" ;;
+            gotatun) nl_gotatun_bin >/dev/null || echo "gotatun (cargo install gotatun-cli --locked)" ;;
             raw) ;;
             *) echo "unknown implementation '$impl'" ;;
         esac
@@ -103,6 +112,12 @@ nl_missing() {
 nl_boringtun_bin() {
     local b
     b=$(command -v boringtun-cli) || b="${CARGO_HOME:-$HOME/.cargo}/bin/boringtun-cli"
+    [[ -x $b ]] && echo "$b"
+}
+
+nl_gotatun_bin() {
+    local b=$NL_GOTATUN_BIN
+    [[ -n $b ]] || b=$(command -v gotatun) || b="${CARGO_HOME:-$HOME/.cargo}/bin/gotatun"
     [[ -x $b ]] && echo "$b"
 }
 
@@ -167,11 +182,15 @@ nl_start() {
             RUST_LOG="${RUST_LOG:-$level}" RUST_BACKTRACE=1 \
                 ip netns exec "$ns" "$WGMESH_BIN" dataplane --interface "$ifc" >"$log" 2>&1 &
             ;;
-        wireguard-go)
-            local level=error
+        wireguard-go | wireguard-go-new)
+            local level=error bin=wireguard-go
             [[ $NL_VERBOSE_DAEMONS == 1 ]] && level=verbose
+            if [[ $impl == wireguard-go-new ]]; then
+                bin=$NL_WGGO_NEW_BIN
+                [[ -n $bin && -x $bin ]] || { nl_err "current wireguard-go not found (set NL_WGGO_NEW_BIN; common.sh ensure_wireguard_go_new builds it)"; return 1; }
+            fi
             WG_PROCESS_FOREGROUND=1 LOG_LEVEL=$level \
-                ip netns exec "$ns" wireguard-go -f "$ifc" >"$log" 2>&1 &
+                ip netns exec "$ns" "$bin" -f "$ifc" >"$log" 2>&1 &
             ;;
         boringtun)
             local bin level=error
@@ -180,7 +199,15 @@ nl_start() {
             ip netns exec "$ns" "$bin" --foreground --disable-drop-privileges \
                 --threads "$NL_BORINGTUN_THREADS" --verbosity "$level" --log "$log.file" "$ifc" >"$log" 2>&1 &
             ;;
-        *) nl_err "unknown implementation '$impl' (wgmesh, wireguard-go, boringtun)"; return 1 ;;
+        gotatun)
+            local bin level=error
+            bin=$(nl_gotatun_bin) || { nl_err "gotatun not installed (cargo install gotatun-cli --locked)"; return 1; }
+            [[ $NL_VERBOSE_DAEMONS == 1 ]] && level=debug
+            # --foreground logs to the console; NO_COLOR keeps the log readable.
+            NO_COLOR=1 ip netns exec "$ns" "$bin" --foreground --disable-drop-privileges \
+                --verbosity "$level" "$ifc" >"$log" 2>&1 &
+            ;;
+        *) nl_err "unknown implementation '$impl' (wgmesh, wireguard-go, wireguard-go-new, boringtun, gotatun)"; return 1 ;;
     esac
     # `ip netns exec` execs the daemon, so $! is the daemon itself.
     pid=$!
