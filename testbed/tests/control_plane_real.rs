@@ -5,8 +5,8 @@
 //! n1 — asked with `kubectl auth can-i` and then tried with real requests, and
 //! that the denied ones change nothing.
 //!
-//! Needs WGMESH_KUBE_BINS (scripts/test sets it) and kubectl; without them it
-//! prints SKIP, except under CI=true, where it fails.
+//! Needs WGMESH_KUBE_BINS (scripts/test sets it); without it it prints SKIP,
+//! except under CI=true, where it fails.
 
 use std::path::Path;
 use std::process::Command;
@@ -80,9 +80,9 @@ fn get_node(admin: &Admin, name: &str) -> Value {
         .unwrap()
 }
 
-/// `kubectl auth can-i` with this kubeconfig: "yes" or "no".
-fn can_i(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = Command::new("kubectl")
+/// `kubectl auth can-i` (the server's release) with this kubeconfig: "yes" or "no".
+fn can_i(kubectl: &Path, kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(kubectl)
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .args(["auth", "can-i"])
         .args(args)
@@ -171,7 +171,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
     println!("kubectl auth can-i, as node sec-n1's agent (token bound to a Pod on sec-n1):");
     let mut wrong = Vec::new();
     for (args, want) in matrix {
-        let got = can_i(&kc1, args);
+        let got = can_i(&cp.spec.bins.kubectl, &kc1, args);
         println!("  {:<55} {got}", args.join(" "));
         if got != *want {
             wrong.push(format!("{}: {got}, want {want}", args.join(" ")));

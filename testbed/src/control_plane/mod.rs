@@ -89,12 +89,14 @@ impl Error {
     }
 }
 
-/// The three binaries.
+/// The binaries `scripts/kube-bins` builds.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Bins {
     pub etcd: PathBuf,
     pub apiserver: PathBuf,
     pub controller_manager: PathBuf,
+    /// The same release's kubectl (the machine's own may be years older).
+    pub kubectl: PathBuf,
 }
 
 impl Bins {
@@ -104,8 +106,14 @@ impl Bins {
             etcd: dir.join("etcd"),
             apiserver: dir.join("kube-apiserver"),
             controller_manager: dir.join("kube-controller-manager"),
+            kubectl: dir.join("kubectl"),
         };
-        for b in [&bins.etcd, &bins.apiserver, &bins.controller_manager] {
+        for b in [
+            &bins.etcd,
+            &bins.apiserver,
+            &bins.controller_manager,
+            &bins.kubectl,
+        ] {
             let exec = std::fs::metadata(b)
                 .map(|m| {
                     m.is_file()
@@ -395,7 +403,7 @@ pub fn bootstrap(spec: &Spec, admin: &Admin, netns: Option<&str>, manifests: &Pa
         argv.extend(["ip", "netns", "exec", ns].map(String::from));
     }
     argv.extend([
-        "kubectl".to_string(),
+        spec.bins.kubectl.display().to_string(),
         format!("--kubeconfig={}", spec.admin_kubeconfig().display()),
         "apply".into(),
     ]);
