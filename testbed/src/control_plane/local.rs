@@ -208,3 +208,63 @@ pub fn shared(cluster_cidrs: &[&str]) -> std::result::Result<&'static Local, Str
         .as_ref()
         .map_err(Clone::clone)
 }
+
+/// etcd's v3 JSON gateway (plain HTTP on its client port): what a test needs to
+/// push the API server's watch history out of reach.
+impl Local {
+    /// etcd's current revision (the newest resourceVersion any object has).
+    pub fn etcd_revision(&self) -> Result<i64> {
+        // The range's answer carries the store's revision in its header,
+        // whatever the key; "/" matches nothing the API server writes.
+        let answer = self.etcd_post("/v3/kv/range", &serde_json::json!({"key": "Lw=="}))?;
+        answer["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| Error::Other(format!("etcd's range answer has no revision: {answer}")))
+    }
+
+    /// Compacts etcd's history up to its current revision, which it returns:
+    /// a watch from any older resourceVersion can only be answered 410 Gone
+    /// once the API server no longer holds those changes in its watch cache
+    /// (after [`Self::restart_apiserver`]).
+    pub fn compact_etcd(&self) -> Result<i64> {
+        let revision = self.etcd_revision()?;
+        // int64 fields are strings in the gateway's JSON; physical: the answer
+        // comes once the old revisions are gone from the backend.
+        self.etcd_post(
+            "/v3/kv/compaction",
+            &serde_json::json!({"revision": revision.to_string(), "physical": true}),
+        )?;
+        Ok(revision)
+    }
+
+    /// One HTTP/1.0 POST to etcd's gateway (the answer ends with the connection).
+    fn etcd_post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        use std::io::{Read, Write};
+        let addr = (Ipv4Addr::LOCALHOST, self.spec.etcd_client_port);
+        let what = || format!("POST {path} to etcd on 127.0.0.1:{}", addr.1);
+        let exchange = || -> std::io::Result<String> {
+            let mut tcp = std::net::TcpStream::connect(addr)?;
+            tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let body = body.to_string();
+            write!(
+                tcp,
+                "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+            tcp.flush()?;
+            let mut answer = String::new();
+            tcp.read_to_string(&mut answer)?;
+            Ok(answer)
+        };
+        let answer = exchange().map_err(|e| Error::io(what(), e))?;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        let status = head.split_whitespace().nth(1).unwrap_or_default();
+        if status != "200" {
+            return Err(Error::Other(format!("{}: {head}\n{body}", what())));
+        }
+        serde_json::from_str(body)
+            .map_err(|e| Error::Other(format!("{}: not JSON ({e}): {body}", what())))
+    }
+}
