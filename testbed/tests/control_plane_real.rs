@@ -12,7 +12,10 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{json, Value};
-use wgmesh_testbed::control_plane::{self, local, Admin, Error};
+use wgmesh_testbed::control_plane::{self, local, Admin, Error, Refuser};
+
+const POLICY: Refuser = Refuser::AdmissionPolicy;
+const RBAC: Refuser = Refuser::Rbac;
 
 const CLUSTER_CIDRS: &[&str] = &["10.244.0.0/16"];
 
@@ -106,25 +109,16 @@ fn patch(c: &Admin, node: &str, body: Value) -> Result<Value, Error> {
     )
 }
 
-/// The denial's message, which must come from `who` (RBAC or the policy).
-fn denied(r: Result<Value, Error>, who: &str, what: &str) -> String {
+/// The denial's message, which must come from `who`.
+fn denied(r: Result<Value, Error>, who: Refuser, what: &str) -> String {
     match r {
-        Err(Error::Http {
-            status: 403, body, ..
-        }) => {
-            let msg = serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(str::to_string))
-                .unwrap_or(body);
-            let by = if msg.contains("ValidatingAdmissionPolicy") {
-                "policy"
-            } else {
-                "rbac"
-            };
-            assert_eq!(by, who, "{what}: denied by {by}, want {who}: {msg}");
-            msg
-        }
-        Err(e) => panic!("{what}: want 403 from {who}, got {e}"),
+        Err(e) => match e.forbidden() {
+            Some((by, msg)) => {
+                assert_eq!(by, who, "{what}: denied by {by}, want {who}: {msg}");
+                msg
+            }
+            None => panic!("{what}: want 403 from {who}, got {e}"),
+        },
         Ok(v) => panic!("{what}: ALLOWED (want 403 from {who}): {v}"),
     }
 }
@@ -182,10 +176,10 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
     // Real requests: denied ones name their reason and change nothing.
     let before1 = get_node(admin, "sec-n1");
     let before2 = get_node(admin, "sec-n2");
-    let hostile: Vec<(&str, &str, Result<Value, Error>)> = vec![
+    let hostile: Vec<(&str, Refuser, Result<Value, Error>)> = vec![
         (
             "publish n1's key as n2's",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n2",
@@ -194,7 +188,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "claim n1's pod CIDR on n2",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n2",
@@ -204,7 +198,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "label n1",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n1",
@@ -213,7 +207,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "taint n1",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n1",
@@ -222,12 +216,12 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "cordon n1",
-            "policy",
+            POLICY,
             patch(&n1, "sec-n1", json!({"spec": {"unschedulable": true}})),
         ),
         (
             "change another tool's annotation on n1",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n1",
@@ -236,7 +230,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "set force-endpoint (a person's key) on n1",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n1",
@@ -245,7 +239,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "set rotate-requested (a person's key) on n1",
-            "policy",
+            POLICY,
             patch(
                 &n1,
                 "sec-n1",
@@ -254,7 +248,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "write n1's status",
-            "rbac",
+            RBAC,
             n1.request(
                 "PATCH",
                 "/api/v1/nodes/sec-n1/status",
@@ -264,7 +258,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "delete n2",
-            "rbac",
+            RBAC,
             n1.request(
                 "DELETE",
                 "/api/v1/nodes/sec-n2",
@@ -274,7 +268,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "create a Node",
-            "rbac",
+            RBAC,
             n1.request(
                 "POST",
                 "/api/v1/nodes",
@@ -284,7 +278,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "read Secrets",
-            "rbac",
+            RBAC,
             n1.request(
                 "GET",
                 "/api/v1/namespaces/wgmesh/secrets",
@@ -294,15 +288,19 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ),
         (
             "read Pods",
-            "rbac",
+            RBAC,
             n1.request("GET", "/api/v1/pods", "application/json", &Value::Null),
         ),
     ];
     println!("requests as sec-n1's agent:");
     for (what, who, r) in hostile {
         let msg = denied(r, who, what);
+        // The policy's own message (the rule that denied), else the server's.
+        let msg = msg
+            .split_once("denied request: ")
+            .map_or(msg.as_str(), |(_, m)| m);
         println!(
-            "  DENIED ({who:<6}) {what}: {}",
+            "  DENIED ({who:<16}) {what}: {}",
             msg.chars().take(150).collect::<String>()
         );
     }
@@ -371,7 +369,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
             "sec-n1",
             json!({"metadata": {"annotations": {"wgmesh.dev/audit-head": "4:00"}}}),
         ),
-        "policy",
+        POLICY,
         "an unbound token patching sec-n1",
     );
     println!("  DENIED (policy) an unbound ServiceAccount token patching sec-n1: {msg}");

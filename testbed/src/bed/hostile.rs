@@ -80,18 +80,11 @@ fn must_deny(c: &Admin, what: &str, method: &str, path: &str, body: &Value) -> b
         "application/json"
     };
     match c.request(method, path, ctype, body) {
-        Err(control_plane::Error::Http {
-            status: 403, body, ..
-        }) => {
-            let msg = serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(str::to_string))
-                .unwrap_or(body);
-            let by = if msg.contains("ValidatingAdmissionPolicy") {
-                "admission policy"
-            } else {
-                "RBAC"
-            };
+        Err(e) if e.forbidden().is_some() => {
+            let by = e
+                .forbidden()
+                .map(|(by, _)| by.to_string())
+                .unwrap_or_default();
             println!("    DENIED by {by}: {what}");
             true
         }

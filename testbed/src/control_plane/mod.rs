@@ -87,6 +87,42 @@ impl Error {
             _ => None,
         }
     }
+
+    /// For a 403: who refused the request and the server's message.
+    pub fn forbidden(&self) -> Option<(Refuser, String)> {
+        let Self::Http {
+            status: 403, body, ..
+        } = self
+        else {
+            return None;
+        };
+        let msg = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| body.clone());
+        let by = if msg.contains("ValidatingAdmissionPolicy") {
+            Refuser::AdmissionPolicy
+        } else {
+            Refuser::Rbac
+        };
+        Some((by, msg))
+    }
+}
+
+/// What refused a request with 403.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refuser {
+    Rbac,
+    AdmissionPolicy,
+}
+
+impl std::fmt::Display for Refuser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Self::Rbac => "RBAC",
+            Self::AdmissionPolicy => "admission policy",
+        })
+    }
 }
 
 /// The binaries `scripts/kube-bins` builds.
