@@ -273,7 +273,8 @@ impl AuditRecord {
         crate::text::hex(&Sha256::digest(json))
     }
 
-    /// The record as one line of the log, without the newline.
+    /// The record as one line of the log, without the newline. (Like the hash
+    /// above, serializing strings, integers and options cannot fail.)
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }

@@ -715,9 +715,12 @@ impl Store {
             node: self.node.clone(),
             keys: state,
         };
-        let mut text = serde_json::to_vec_pretty(&file).unwrap_or_default();
+        let path = self.dir.join(STATE_FILE);
+        // An error, never an empty state.json in its place.
+        let mut text =
+            serde_json::to_vec_pretty(&file).map_err(|e| io_err(&path)(io::Error::other(e)))?;
         text.push(b'\n');
-        write_atomic(&self.dir.join(STATE_FILE), &text)?;
+        write_atomic(&path, &text)?;
         self.state = file.keys;
         self.state_digest = digest(&text);
         Ok(())
@@ -1203,9 +1206,10 @@ fn read_head(dir: &Path) -> Result<Option<Head>> {
 }
 
 fn write_head(dir: &Path, head: &Head) -> Result<()> {
-    let mut text = serde_json::to_vec(head).unwrap_or_default();
+    let path = dir.join(HEAD_FILE);
+    let mut text = serde_json::to_vec(head).map_err(|e| io_err(&path)(io::Error::other(e)))?;
     text.push(b'\n');
-    write_atomic(&dir.join(HEAD_FILE), &text)
+    write_atomic(&path, &text)
 }
 
 /// The verified log, whose head is the one to append after. Refuses a log that
