@@ -9,8 +9,8 @@
 //! to the store on the in-memory API and through the administrator's HTTPS
 //! client on the real one; the agent always talks HTTP through kube-rs, on
 //! the real server with the ServiceAccount token a DaemonSet pod on its Node
-//! gets. A real test whose prerequisites are missing (WGMESH_KUBE_BINS,
-//! kubectl) prints SKIP and passes, except with CI=true, where it fails.
+//! gets. A real test without WGMESH_KUBE_BINS prints SKIP (counted apart by
+//! scripts/test), except with CI=true, where it fails.
 
 // Each test binary uses part of this module.
 #![allow(dead_code)]
@@ -348,39 +348,26 @@ fn items(l: &Local, path: &str) -> Vec<Value> {
 }
 
 /// A real control plane of its own on 127.0.0.1 (started off the async
-/// runtime), or `None` after printing SKIP when WGMESH_KUBE_BINS or kubectl
-/// (which applies manifests/) is missing; with CI=true a missing prerequisite
-/// fails the test. A control plane that does not start fails it too.
+/// runtime), or `None` after [`local::skip_or_fail`] when WGMESH_KUBE_BINS is
+/// missing. A control plane that does not start fails the test.
 pub async fn local(test: &str) -> Option<Local> {
-    let missing = match Bins::from_env() {
-        Err(e) => e.to_string(),
-        Ok(bins) => match std::process::Command::new("kubectl")
-            .args(["version", "--client"])
-            .output()
-        {
-            Err(e) => format!("kubectl ({e})"),
-            Ok(_) => {
-                let started = Instant::now();
-                let local =
-                    tokio::task::spawn_blocking(move || Local::start(bins, &[CLUSTER_CIDR]))
-                        .await
-                        .unwrap()
-                        .unwrap_or_else(|e| {
-                            panic!("{test}: the real control plane did not start: {e}")
-                        });
-                eprintln!(
-                    "{test}: real control plane up in {:.1} s",
-                    started.elapsed().as_secs_f64()
-                );
-                return Some(local);
-            }
-        },
+    let bins = match Bins::from_env() {
+        Ok(bins) => bins,
+        Err(e) => {
+            wgmesh_testbed::control_plane::local::skip_or_fail(test, &e.to_string());
+            return None;
+        }
     };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {missing}");
-    }
-    eprintln!("SKIP {test}: {missing} (with CI=true this fails)");
-    None
+    let started = Instant::now();
+    let local = tokio::task::spawn_blocking(move || Local::start(bins, &[CLUSTER_CIDR]))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{test}: the real control plane did not start: {e}"));
+    eprintln!(
+        "{test}: real control plane up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Some(local)
 }
 
 /// Polls `check` until it gives a value, for at most `timeout`; a timeout
