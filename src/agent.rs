@@ -53,6 +53,7 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
 use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec};
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
+use crate::routes::{self, Grant, Router};
 use crate::telemetry::{self, PassState, Telemetry};
 use crate::wg::kernel::{select_backend, BackendKind};
 use crate::wg::{self, Backend, Capabilities, ExtraRole, LocalDevice};
@@ -172,6 +173,9 @@ pub struct PassReport {
     pub api_failed: bool,
     /// A key rotation is in progress (staged or in its grace period).
     pub rotating: bool,
+    /// Some extra prefix has a remote gateway whose liveness must be
+    /// sampled ([`routes::PROBE_INTERVAL`]).
+    pub probing_routes: bool,
 }
 
 impl PassReport {
@@ -225,6 +229,15 @@ pub struct Agent {
     announced_key: Option<PublicKey>,
     telemetry: Telemetry,
     warned_foreign_cni: bool,
+    /// The valid `MeshRoute` grants (route sync), as last set by
+    /// [`Agent::set_route_objects`].
+    grants: Vec<Grant>,
+    /// Invalid `MeshRoute`s and refused prefixes already logged, so each is
+    /// reported once per problem.
+    reported_routes: HashMap<String, String>,
+    router: Router,
+    /// The last pass's route sync result (for the masquerade step).
+    route_outcome: routes::Outcome,
 }
 
 impl Agent {
@@ -285,7 +298,32 @@ impl Agent {
             announced_key: None,
             telemetry: Telemetry::new(),
             warned_foreign_cni: false,
+            grants: Vec::new(),
+            reported_routes: HashMap::new(),
+            router: Router::default(),
+            route_outcome: routes::Outcome::default(),
         })
+    }
+
+    /// The `MeshRoute` objects (route sync grants) the next pass uses: the
+    /// valid ones are kept, each invalid one is logged once, naming every
+    /// field at fault (and carries nothing).
+    pub fn set_route_objects(&mut self, objects: &[serde_json::Value]) {
+        let mut grants = Vec::with_capacity(objects.len());
+        for object in objects {
+            match routes::grant::decode(object) {
+                Ok(g) => grants.push(g),
+                Err(e) => {
+                    let key = format!("meshroute/{}", e.name);
+                    let text = e.to_string();
+                    if self.reported_routes.get(&key) != Some(&text) {
+                        tracing::warn!(error = %text, "MeshRoute ignored");
+                        self.reported_routes.insert(key, text);
+                    }
+                }
+            }
+        }
+        self.grants = grants;
     }
 
     /// The agent's metrics and health.
@@ -382,11 +420,18 @@ impl Agent {
             mcfg.handshakes = self.device_handshakes().await;
             plan = mesh::plan(&mcfg, &decoded);
         }
+        // Route sync: extra prefixes onto their gateways' peers.
+        let outcome = self.route_sync(nodes, &decoded, &plan).await;
+        Router::apply(&outcome, &mut plan);
+        report.probing_routes = outcome.needs_probing();
+        self.route_outcome = outcome;
         report.peers = plan.peers.len();
         report.excluded = plan.excluded.len();
         let mut pass_state =
             PassState::from_plan(&plan, state.active.generation, Some(state.active.created));
         pass_state.rotation_phase = state.phase().to_string();
+        pass_state.routes = self.route_outcome.clone();
+        pass_state.route_failovers = self.router.chooser.failovers();
         if state.phase() != Phase::Idle {
             if let Some(progress) = &progress {
                 pass_state.unconfirmed_peers = plan
@@ -646,6 +691,7 @@ impl Agent {
                 .copied()
                 .chain(plan.node_routes.iter().map(IpNet::addr))
                 .collect(),
+            gateway_prefixes: self.route_outcome.local_prefixes(),
         };
         let masq = tokio::task::spawn_blocking(move || ensure_masquerade(&masq)).await?;
         if let Ok(change) = &masq {
@@ -881,6 +927,107 @@ impl Agent {
         mtu
     }
 
+    /// Validates the grants against the Nodes, samples the liveness of the
+    /// candidates' sessions and picks each prefix's gateway. Nothing to do
+    /// (and no device read) without grants.
+    async fn route_sync(
+        &mut self,
+        nodes: &[Arc<Node>],
+        decoded: &[std::result::Result<node::NodeRecord, node::Rejected>],
+        plan: &Plan,
+    ) -> routes::Outcome {
+        if self.grants.is_empty() {
+            self.router.chooser.retain(|_| false);
+            return routes::Outcome::default();
+        }
+        let now = std::time::Instant::now();
+        let wall = std::time::SystemTime::now();
+        let backend = self.backend.clone();
+        let stats = tokio::task::spawn_blocking(move || {
+            let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
+            backend.peer_stats()
+        })
+        .await;
+        match stats {
+            Ok(Ok(stats)) => {
+                for p in &stats {
+                    let age = p
+                        .last_handshake
+                        .map(|t| wall.duration_since(t).unwrap_or_default());
+                    self.router
+                        .liveness
+                        .observe(now, p.public_key, p.rx_bytes, age);
+                }
+                self.router
+                    .liveness
+                    .retain(|k| stats.iter().any(|p| p.public_key == *k));
+            }
+            // Unread counters stay as they were: a gateway is judged dead
+            // only from readings, never from a failed read.
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the device's counters for gateway liveness")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the device's counters for gateway liveness failed")
+            }
+        }
+
+        let mut pod_cidrs = BTreeMap::new();
+        let mut node_ips = Vec::new();
+        for record in decoded.iter().flatten() {
+            pod_cidrs.insert(record.name.clone(), record.pod_cidrs.clone());
+            node_ips.extend(record.node_ips.iter().map(|ip| ip.to_canonical()));
+            node_ips.push(record.endpoint.ip().to_canonical());
+        }
+        for rejected in decoded.iter().filter_map(|r| r.as_ref().err()) {
+            node_ips.extend(rejected.node_ips.iter().map(|ip| ip.to_canonical()));
+        }
+        node_ips.sort_unstable();
+        node_ips.dedup();
+        let validator = routes::Validator::new(self.cfg.cluster_cidrs.clone(), pod_cidrs, node_ips);
+        let ready: HashMap<&str, bool> = nodes
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.as_deref()?, node_ready(n))))
+            .collect();
+        let keys: HashMap<&str, PublicKey> = plan
+            .peers
+            .iter()
+            .map(|p| (p.node.as_str(), p.config.public_key))
+            .collect();
+        let liveness = &self.router.liveness;
+        let healthy = |node: &str| {
+            ready.get(node).copied().unwrap_or(false)
+                && keys.get(node).is_some_and(|k| liveness.alive(now, k))
+        };
+        // Learned (BGP) prefixes join here once a node publishes them.
+        let learned = BTreeMap::new();
+        let alive: HashMap<String, bool> =
+            keys.keys().map(|n| ((*n).to_owned(), healthy(n))).collect();
+        let before = self.router.chooser.failovers();
+        let outcome = self.router.decide(
+            now,
+            &self.cfg.node_name,
+            &validator,
+            &self.grants,
+            &learned,
+            |n| alive.get(n).copied().unwrap_or(false),
+        );
+        if self.router.chooser.failovers() != before {
+            for p in &outcome.prefixes {
+                tracing::info!(prefix = %p.prefix, grant = %p.grant, active = ?p.active, healthy = p.healthy, "extra prefix gateway");
+            }
+        }
+        for r in &outcome.refused {
+            let key = format!("refused/{}/{}", r.from, r.prefix);
+            let text = r.reason.to_string();
+            if self.reported_routes.get(&key) != Some(&text) {
+                tracing::warn!(from = %r.from, prefix = %r.prefix, reason = %text, "extra prefix refused");
+                self.reported_routes.insert(key, text);
+            }
+        }
+        outcome
+    }
+
     /// Each peer this device has completed a handshake with, and the endpoint the
     /// device has for it ([`MeshConfig::handshakes`]). A device that cannot be read
     /// gives none: then the older-wins rule decides a contested key.
@@ -1095,7 +1242,15 @@ pub async fn write_backstops(cfg: &AgentConfig) -> Result<()> {
         return Ok(());
     }
     let net = Net::connect()?;
-    let changes = net.ensure_routes(None, &cfg.cluster_cidrs, &[]).await?;
+    // Routes of ours beyond the cluster CIDRs are extra prefixes (route
+    // sync) an earlier run programmed: kept, with their backstops, until the
+    // first pass knows the grants. Dropping them here would send their
+    // traffic out by the default route meanwhile.
+    let mut keep = cfg.cluster_cidrs.clone();
+    keep.extend(net.our_destinations().await?);
+    keep.sort_unstable();
+    keep.dedup();
+    let changes = net.ensure_routes(None, &keep, &[]).await?;
     if changes.is_empty() {
         tracing::info!(cidrs = ?cfg.cluster_cidrs, "backstops in place");
     } else {
@@ -1112,6 +1267,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     // Before anything that needs the API server or the device.
     write_backstops(&cfg).await?;
     let api: Api<Node> = Api::all(client.clone());
+    let route_client = client.clone();
     let debounce = cfg.debounce;
     let resync = cfg.resync;
     let metrics_listen = cfg.metrics_listen;
@@ -1125,6 +1281,21 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
             .into_iter()
             .map(Arc::new)
             .collect();
+        // The grants too, or a single pass would take their prefixes off.
+        let routes: Api<kube::core::DynamicObject> =
+            Api::all_with(route_client, &meshroute_resource());
+        match routes.list(&Default::default()).await {
+            Ok(list) => {
+                let objects: Vec<serde_json::Value> = list
+                    .items
+                    .iter()
+                    .filter_map(|o| serde_json::to_value(o).ok())
+                    .collect();
+                agent.set_route_objects(&objects);
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(K8sError::from(e).into()),
+        }
         let report = agent.pass(&nodes).await?;
         tracing::info!(?report, "single pass done");
         return Ok(());
@@ -1174,10 +1345,24 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
+    let route_reader = tokio::select! {
+        r = watch_routes(route_client, changed.clone(), telemetry.api_errors.clone()) => r,
+        _ = term.recv() => return Ok(()),
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
     tokio::select! {
         r = reader.wait_until_ready() => { if r.is_err() { return Err(AgentError::WatchEnded); } }
         _ = term.recv() => return Ok(()),
         _ = tokio::signal::ctrl_c() => return Ok(()),
+    }
+    if let Some(routes) = &route_reader {
+        // The first pass must see the grants already on the device, or a
+        // restarted agent would take their prefixes off it for a moment.
+        tokio::select! {
+            r = routes.wait_until_ready() => { if r.is_err() { return Err(AgentError::WatchEnded); } }
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
     }
     tracing::info!("Node cache synced; reconciling");
     telemetry.set_synced(true);
@@ -1188,18 +1373,30 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         // After a failure the next pass comes soon (and sooner than the
         // resync): a 429 or an outage must not leave the mesh stale.
         let mut rotating = false;
+        let mut probing = false;
+        if let Some(routes) = &route_reader {
+            let objects: Vec<serde_json::Value> = routes
+                .state()
+                .iter()
+                .filter_map(|o| serde_json::to_value(o.as_ref()).ok())
+                .collect();
+            agent.set_route_objects(&objects);
+        }
         let again = match agent.pass(&nodes).await {
             Ok(report) if report.api_failed => {
+                probing = report.probing_routes;
                 rotating = report.rotating;
                 tracing::info!(?report, "pass done but an API write failed");
                 Some(retry)
             }
             Ok(report) if report.wrote() => {
+                probing = report.probing_routes;
                 rotating = report.rotating;
                 tracing::info!(?report, "pass");
                 None
             }
             Ok(report) => {
+                probing = report.probing_routes;
                 rotating = report.rotating;
                 tracing::debug!(?report, "pass: nothing to change");
                 None
@@ -1218,6 +1415,11 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
             // Confirmations appear on the device without any event, and the
             // deadlines pass: look again every second until the rotation ends.
             wait = wait.min(ROTATION_TICK);
+        }
+        if probing {
+            // A remote gateway can die without any event: sample its
+            // session's counters often enough to move its prefixes soon.
+            wait = wait.min(routes::PROBE_INTERVAL);
         }
         let deadline = tokio::time::Instant::now() + wait;
         let mut tick = tokio::time::interval(WATCH_TICK);
@@ -1252,6 +1454,77 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         }
         seen = agent.local_stamp().await;
     }
+}
+
+/// The `MeshRoute` resource for kube's dynamic API.
+pub fn meshroute_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource {
+        group: routes::grant::GROUP.into(),
+        version: routes::grant::VERSION.into(),
+        api_version: format!("{}/{}", routes::grant::GROUP, routes::grant::VERSION),
+        kind: routes::grant::KIND.into(),
+        plural: routes::grant::PLURAL.into(),
+    }
+}
+
+/// Starts the `MeshRoute` reflector when the resource is served (its CRD,
+/// manifests/05-meshroute-crd.yaml, is installed); `None`, with one log
+/// line, when it is not: route sync is then off until the agent restarts.
+/// Any other failure to ask (the API server away) counts as served, so a
+/// restart during an outage does not drop the grants.
+async fn watch_routes(
+    client: Client,
+    changed: Arc<Notify>,
+    errors: prometheus_client::metrics::counter::Counter,
+) -> Option<reflector::Store<kube::core::DynamicObject>> {
+    let resource = meshroute_resource();
+    let api: Api<kube::core::DynamicObject> = Api::all_with(client, &resource);
+    // Asked until the API server answers one way or the other: deciding
+    // "not served" during an outage would take every prefix off the device
+    // once the API is back.
+    let mut wait = RETRY_MIN;
+    loop {
+        let probe = tokio::time::timeout(
+            crate::k8s::WRITE_TIMEOUT,
+            api.list(&kube::api::ListParams::default().limit(1)),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) => break,
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+                tracing::info!("the MeshRoute resource is not served (manifests/05-meshroute-crd.yaml not applied): route sync is off until the agent restarts");
+                return None;
+            }
+            Ok(Err(e)) => {
+                errors.inc();
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot ask whether MeshRoutes are served; asking again");
+            }
+            Err(_) => {
+                errors.inc();
+                tracing::warn!(retry_in = ?wait, "asking whether MeshRoutes are served timed out; asking again");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+    let writer = reflector::store::Writer::<kube::core::DynamicObject>::new(resource.clone());
+    let reader = writer.as_reader();
+    tokio::spawn(async move {
+        let stream = reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .touched_objects();
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(_) => changed.notify_one(),
+                Err(e) => {
+                    errors.inc();
+                    tracing::warn!(error = %e, "MeshRoute watch failed; retrying with backoff, extra prefixes stay as they are")
+                }
+            }
+        }
+    });
+    Some(reader)
 }
 
 /// The node-local things whose change calls for a pass at once: the
@@ -1365,6 +1638,15 @@ fn own_pod_cidrs(own: &Node) -> Vec<IpNet> {
     cidrs.sort();
     cidrs.dedup();
     cidrs
+}
+
+/// The Node's `Ready` condition is `True` (a missing condition is not ready:
+/// a gateway must be known alive to carry a prefix).
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn internal_ips(own: &Node) -> Vec<IpAddr> {

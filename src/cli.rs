@@ -302,7 +302,9 @@ pub struct AgentArgs {
     /// Masquerade pod traffic leaving the cluster (to anything outside the
     /// cluster CIDRs and node addresses) to the node's address, with nftables
     /// (table `inet wgmesh`). Turn off when another component (a cloud's NAT
-    /// gateway, the CNI) already does it.
+    /// gateway, the CNI) already does it. On a route-sync gateway it also
+    /// masquerades mesh traffic it forwards into its extra prefixes, so the
+    /// hosts there answer the gateway (docs/routing.md, "The return path").
     #[arg(long, env = "WGMESH_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
     pub masquerade: bool,
     /// The routing table for pod → remote node address traffic (and host

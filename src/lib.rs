@@ -14,6 +14,7 @@ pub mod keys;
 pub mod mesh;
 pub mod net;
 pub mod node;
+pub mod routes;
 pub mod status;
 pub mod telemetry;
 pub mod text;

@@ -245,40 +245,64 @@ fn gather_status(args: &cli::StatusArgs) -> Result<wgmesh::status::Status> {
             &args.uapi_dir,
         ))
         .with_context(|| format!("--backend {}", args.backend))?;
-    let (device, stats) = {
+    let (device, stats, peers) = {
         let mut backend = backend
             .lock()
             .map_err(|_| anyhow::anyhow!("the backend lock is poisoned"))?;
         let stats = backend
             .peer_stats()
             .with_context(|| format!("--backend {}: {reason}", args.backend))?;
-        (backend.describe(), stats)
+        let peers = backend
+            .state()
+            .with_context(|| format!("--backend {}: {reason}", args.backend))?
+            .peers;
+        (backend.describe(), stats, peers)
     };
-    let nodes = rt.block_on(async {
+    let fetched = rt.block_on(async {
         let client = wgmesh::k8s::client(args.kubeconfig.as_deref()).await?;
-        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
-        let list = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            api.list(&Default::default()),
-        )
-        .await
-        .context("the Kubernetes API did not answer within 10 s")??;
-        anyhow::Ok(list.items)
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        let within = std::time::Duration::from_secs(10);
+        let list = tokio::time::timeout(within, api.list(&Default::default()))
+            .await
+            .context("the Kubernetes API did not answer within 10 s")??;
+        let routes: kube::Api<kube::core::DynamicObject> =
+            kube::Api::all_with(client, &wgmesh::agent::meshroute_resource());
+        let grants = match tokio::time::timeout(within, routes.list(&Default::default())).await {
+            Ok(Ok(l)) => l
+                .items
+                .iter()
+                .filter_map(|o| serde_json::to_value(o).ok())
+                .collect(),
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 => Vec::new(),
+            Ok(Err(e)) => {
+                eprintln!("warning: cannot read MeshRoutes ({e}); extra prefixes are not shown");
+                Vec::new()
+            }
+            Err(_) => {
+                eprintln!(
+                    "warning: MeshRoutes not listed within 10 s; extra prefixes are not shown"
+                );
+                Vec::new()
+            }
+        };
+        anyhow::Ok((list.items, grants))
     });
-    let nodes = match nodes {
+    let (nodes, grants) = match fetched {
         Ok(n) => n,
         Err(e) => {
             eprintln!("warning: cannot read Nodes ({e:#}); peers are shown by key only");
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
     let cidrs: Vec<ipnet::IpNet> = args.cluster_cidrs.iter().map(|c| c.trunc()).collect();
-    Ok(wgmesh::status::build(
+    let mut status = wgmesh::status::build(
         &args.node_name,
         &device,
         &cidrs,
         &nodes,
         &stats,
         std::time::SystemTime::now(),
-    ))
+    );
+    status.add_routes(&cidrs, &nodes, &grants, &peers);
+    Ok(status)
 }

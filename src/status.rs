@@ -30,6 +30,115 @@ pub struct Status {
     /// Peers on the device that no Node accounts for (or every peer, when the
     /// API could not be read).
     pub unknown: Vec<PeerView>,
+    /// Extra prefixes (route sync), from the MeshRoutes and the device.
+    pub routes: Vec<RouteView>,
+}
+
+/// One extra prefix as `wgmesh status` shows it: the grant's gateways, and
+/// which of them this node's device sends the prefix to right now.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    pub prefix: ipnet::IpNet,
+    /// The MeshRoute.
+    pub grant: String,
+    /// `node (priority)`, best first.
+    pub candidates: Vec<String>,
+    /// The node whose peer holds the prefix on this device.
+    pub active: Option<String>,
+    /// This node is one of the gateways (it routes the prefix out itself).
+    pub local_gateway: bool,
+    /// Why no agent carries this grant, when it is refused.
+    pub refused: Option<String>,
+}
+
+impl Status {
+    /// Adds the extra prefixes: each MeshRoute object (as JSON) checked by
+    /// the agent's own rules against `nodes`, and the node holding it found
+    /// among `device` (the device's peers with their allowed IPs).
+    pub fn add_routes(
+        &mut self,
+        cluster_cidrs: &[ipnet::IpNet],
+        nodes: &[Node],
+        grants: &[serde_json::Value],
+        device: &[mesh::PeerConfig],
+    ) {
+        let vcfg = ValidationConfig {
+            cluster_cidrs: cluster_cidrs.to_vec(),
+        };
+        let mut pod_cidrs = std::collections::BTreeMap::new();
+        let mut node_ips = Vec::new();
+        let mut keys = std::collections::HashMap::new();
+        for n in nodes {
+            match node::decode(n, &vcfg) {
+                Ok(r) => {
+                    node_ips.extend(r.node_ips.iter().map(|ip| ip.to_canonical()));
+                    node_ips.push(r.endpoint.ip().to_canonical());
+                    keys.insert(r.public_key, r.name.clone());
+                    pod_cidrs.insert(r.name, r.pod_cidrs);
+                }
+                Err(r) => node_ips.extend(r.node_ips.iter().map(|ip| ip.to_canonical())),
+            }
+        }
+        let validator = crate::routes::Validator::new(cluster_cidrs.to_vec(), pod_cidrs, node_ips);
+        let mut decoded = Vec::new();
+        for g in grants {
+            match crate::routes::grant::decode(g) {
+                Ok(g) => decoded.push(g),
+                Err(e) => self.routes.push(RouteView {
+                    prefix: g["spec"]["prefix"]
+                        .as_str()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or_else(|| {
+                            ipnet::IpNet::from(std::net::IpAddr::from([0, 0, 0, 0]))
+                        }),
+                    grant: e.name.clone(),
+                    candidates: Vec::new(),
+                    active: None,
+                    local_gateway: false,
+                    refused: Some(e.to_string()),
+                }),
+            }
+        }
+        let (kept, refused) = validator.grants(&decoded);
+        for (g, reason) in refused {
+            self.routes.push(RouteView {
+                prefix: g.prefix,
+                grant: g.name.clone(),
+                candidates: Vec::new(),
+                active: None,
+                local_gateway: false,
+                refused: Some(reason.to_string()),
+            });
+        }
+        for g in kept {
+            let holder = device
+                .iter()
+                .find(|p| p.allowed_ips.contains(&g.prefix))
+                .map(|p| {
+                    keys.get(&p.public_key)
+                        .cloned()
+                        .unwrap_or_else(|| p.public_key.to_base64())
+                });
+            let mut candidates: Vec<String> = g
+                .gateways
+                .iter()
+                .map(|gw| format!("{} ({})", gw.node, gw.priority))
+                .collect();
+            if let Some(l) = &g.learn {
+                candidates.extend(l.nodes.iter().map(|n| format!("{n} (bgp, {})", l.priority)));
+            }
+            self.routes.push(RouteView {
+                prefix: g.prefix,
+                grant: g.name.clone(),
+                candidates,
+                active: holder,
+                local_gateway: g.gateways.iter().any(|gw| gw.node == self.node),
+                refused: None,
+            });
+        }
+        self.routes
+            .sort_by(|a, b| (a.prefix, &a.grant).cmp(&(b.prefix, &b.grant)));
+    }
 }
 
 /// Joins the Nodes (possibly none, if the API was unreachable) with the
@@ -79,6 +188,7 @@ pub fn build(
         peers,
         rejected: pass.rejected.clone(),
         unknown: telemetry::peer_views(&unknown_pass, stats, now),
+        routes: Vec::new(),
     }
 }
 
@@ -119,13 +229,48 @@ pub fn table(status: &Status, now: SystemTime) -> String {
         "KEY",
         "STATE",
     ];
-    format!(
+    let mut out = format!(
         "node {} — {} peers — {}\n{}",
         status.node,
         status.peers.len(),
         status.device,
         crate::text::table(&header, &rows)
-    )
+    );
+    if !status.routes.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .routes
+            .iter()
+            .map(|r| {
+                let here = match (&r.refused, r.local_gateway, &r.active) {
+                    (Some(why), _, _) => format!("refused: {why}"),
+                    (None, true, _) => "this node is a gateway".into(),
+                    (None, false, Some(a)) => format!("via {a}"),
+                    (None, false, None) => {
+                        "no gateway on the device (dropped in the tunnel)".into()
+                    }
+                };
+                vec![
+                    r.prefix.to_string(),
+                    r.grant.clone(),
+                    if r.candidates.is_empty() {
+                        "-".into()
+                    } else {
+                        r.candidates.join(", ")
+                    },
+                    here,
+                ]
+            })
+            .collect();
+        out.push_str(&format!(
+            "\nextra prefixes — {}\n{}",
+            status.routes.len(),
+            crate::text::table(
+                &["PREFIX", "MESHROUTE", "GATEWAYS (PRIORITY)", "HERE"],
+                &rows
+            )
+        ));
+    }
+    out
 }
 
 /// Graphviz DOT of this node's view of the mesh: an edge per peer, solid green
@@ -160,6 +305,28 @@ pub fn dot(status: &Status) -> String {
             q(&r.node),
             q(&r.kind)
         );
+    }
+    for r in status.routes.iter().filter(|r| r.refused.is_none()) {
+        let _ = writeln!(
+            out,
+            "  \"{}\" [shape=note, label=\"{}\\n{}\"];",
+            r.prefix,
+            r.prefix,
+            q(&r.grant)
+        );
+        let via = if r.local_gateway {
+            Some(status.node.as_str())
+        } else {
+            r.active.as_deref()
+        };
+        if let Some(via) = via {
+            let _ = writeln!(
+                out,
+                "  \"{}\" -> \"{}\" [color=blue, label=\"gateway\"];",
+                q(via),
+                r.prefix
+            );
+        }
     }
     out.push_str("}\n");
     out
@@ -298,6 +465,39 @@ mod tests {
             g.contains("  // device: kernel wgmesh0 (generic netlink)\n"),
             "{g}"
         );
+
+        // Extra prefixes: the device says who holds each.
+        let mut s = s;
+        let grants = [
+            serde_json::json!({"metadata": {"name": "site"}, "spec": {"prefix": "198.18.0.0/24",
+                "gateways": [{"node": "b", "priority": 10}, {"node": "c", "priority": 20}]}}),
+            serde_json::json!({"metadata": {"name": "bad"}, "spec": {"prefix": "10.244.0.0/20",
+                "gateways": [{"node": "b"}]}}),
+        ];
+        let device = vec![mesh::PeerConfig {
+            public_key: kb,
+            endpoint: None,
+            allowed_ips: vec![
+                "10.244.1.0/24".parse().unwrap(),
+                "198.18.0.0/24".parse().unwrap(),
+            ],
+            persistent_keepalive: None,
+            successor: None,
+        }];
+        s.add_routes(
+            &["10.244.0.0/16".parse().unwrap()],
+            &nodes,
+            &grants,
+            &device,
+        );
+        assert_eq!(s.routes.len(), 2);
+        let t = table(&s, now);
+        assert!(t.contains("extra prefixes — 2"), "{t}");
+        assert!(t.contains("b (10), c (20)"), "{t}");
+        assert!(t.contains("via b"), "{t}");
+        assert!(t.contains("refused: it overlaps pod CIDR"), "{t}");
+        let g = dot(&s);
+        assert!(g.contains("\"b\" -> \"198.18.0.0/24\" [color=blue"), "{g}");
     }
 
     #[test]

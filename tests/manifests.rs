@@ -17,6 +17,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -102,6 +103,9 @@ fn lost_fields(original: &Value, round_trip: &Value, path: &str, out: &mut Vec<S
             }
         }
         (a, b) if a == b => {}
+        // The schema's numeric bounds are floats in the API types: 0 and
+        // 0.0 are the same bound.
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
         (a, b) => out.push(format!("{path} (was {a}, became {b})")),
     }
 }
@@ -138,6 +142,7 @@ struct Install {
     policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
     daemon_sets: Vec<DaemonSet>,
     config_maps: Vec<ConfigMap>,
+    crds: Vec<CustomResourceDefinition>,
 }
 
 impl Install {
@@ -162,6 +167,9 @@ impl Install {
                     strict(&doc).map(|o| install.policy_bindings.push(o))
                 }
                 "apps/v1/DaemonSet" => strict(&doc).map(|o| install.daemon_sets.push(o)),
+                "apiextensions.k8s.io/v1/CustomResourceDefinition" => {
+                    strict(&doc).map(|o| install.crds.push(o))
+                }
                 other => Err(format!(
                     "{}: unexpected kind {other} (a new kind needs a check here, \
                      and RBAC kinds need the minimum-privilege review)",
@@ -227,6 +235,7 @@ fn every_manifest_is_a_typed_object_without_unknown_fields() {
     Install::one(&install.policy_bindings, "ValidatingAdmissionPolicyBinding");
     install.daemon_set();
     install.config_map();
+    Install::one(&install.crds, "CustomResourceDefinition");
 
     // Everything namespaced lives in the one namespace.
     let ns = install.namespaces[0].metadata.name.clone().unwrap();
@@ -786,4 +795,37 @@ fn the_kernel_daemonset_is_the_agent_alone_with_the_backend_fixed() {
         "{file} differs from 04-daemonset.yaml beyond the kernel-mode changes:\n  {}",
         differences.join("\n  ")
     );
+}
+
+#[test]
+fn the_meshroute_crd_is_what_the_agent_watches_and_agents_only_read_it() {
+    use wgmesh::routes::grant;
+    let install = Install::load();
+    let crd = Install::one(&install.crds, "CustomResourceDefinition");
+    assert_eq!(crd.spec.group, grant::GROUP);
+    assert_eq!(crd.spec.names.kind, grant::KIND);
+    assert_eq!(crd.spec.names.plural, grant::PLURAL);
+    assert_eq!(crd.spec.scope, "Cluster", "admin-owned, not per namespace");
+    let versions: Vec<_> = crd.spec.versions.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(versions, [grant::VERSION]);
+    let role = Install::one(&install.cluster_roles, "ClusterRole");
+    let rules: Vec<_> = role
+        .rules
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| {
+            r.api_groups
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|g| g == grant::GROUP)
+        })
+        .collect();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&[grant::PLURAL.to_string()][..])
+    );
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
 }

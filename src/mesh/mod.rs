@@ -264,7 +264,7 @@ fn describe_errors(rejected: &Rejected) -> String {
 
 /// Truncates, sorts and deduplicates in place, without touching a list that is
 /// already canonical (the common case: every list this module builds).
-fn normalize_ips(ips: &mut Vec<IpNet>) {
+pub(crate) fn normalize_ips(ips: &mut Vec<IpNet>) {
     if !is_canonical(ips) {
         for ip in ips.iter_mut() {
             *ip = ip.trunc();
@@ -284,6 +284,6 @@ fn normalize_keepalive(keepalive: Option<u16>) -> Option<u16> {
 
 /// True when one CIDR contains the other (for prefixes that is the only way two
 /// can share an address). Different families never overlap.
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+pub(crate) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
 }

@@ -16,6 +16,9 @@
 //!         type nat hook postrouting priority srcnat; policy accept;
 //!         ip saddr @pods4 ip daddr != @keep4 oifname != "<wg>" masquerade
 //!         ip6 saddr @pods6 ip6 daddr != @keep6 oifname != "<wg>" masquerade
+//!         # only on a route-sync gateway (sets gw4/gw6 of its extra prefixes):
+//!         iifname "<wg>" ip daddr @gw4 oifname != "<wg>" masquerade
+//!         iifname "<wg>" ip6 daddr @gw6 oifname != "<wg>" masquerade
 //!     }
 //! }
 //! ```
@@ -71,6 +74,12 @@ pub struct MasqSpec {
     pub cluster_cidrs: Vec<IpNet>,
     /// …and every node's addresses, this one's included.
     pub node_ips: Vec<IpAddr>,
+    /// Extra prefixes this node is a gateway for (route sync): mesh traffic
+    /// arriving through the WireGuard interface for them is masqueraded to
+    /// this node's address on the way out, so the hosts behind the gateway
+    /// answer the gateway, whichever gateway is active, without routes to
+    /// the cluster CIDRs. Empty: no such sets or rules.
+    pub gateway_prefixes: Vec<IpNet>,
 }
 
 /// What [`ensure_masquerade`] did.
@@ -164,6 +173,7 @@ struct Family {
     v6: bool,
     pods: &'static str,
     keep: &'static str,
+    gateway: &'static str,
     set_type: &'static str,
     protocol: &'static str,
 }
@@ -173,6 +183,7 @@ const FAMILIES: [Family; 2] = [
         v6: false,
         pods: "pods4",
         keep: "keep4",
+        gateway: "gw4",
         set_type: "ipv4_addr",
         protocol: "ip",
     },
@@ -180,6 +191,7 @@ const FAMILIES: [Family; 2] = [
         v6: true,
         pods: "pods6",
         keep: "keep6",
+        gateway: "gw6",
         set_type: "ipv6_addr",
         protocol: "ip6",
     },
@@ -218,7 +230,17 @@ fn desired(spec: &MasqSpec) -> Desired {
                 .filter(|n| n.addr().is_ipv6() == f.v6),
         );
         keep.extend(&pods);
-        for (name, members) in [(f.pods, pods), (f.keep, keep)] {
+        let mut sets = vec![(f.pods, pods), (f.keep, keep)];
+        if !spec.gateway_prefixes.is_empty() {
+            let gw = spec
+                .gateway_prefixes
+                .iter()
+                .filter(of_family)
+                .copied()
+                .collect();
+            sets.push((f.gateway, gw));
+        }
+        for (name, members) in sets {
             // nft refuses overlapping elements in an interval set (a node
             // address inside a cluster CIDR, a pod CIDR inside it): send the
             // smallest set of disjoint prefixes.
@@ -260,6 +282,20 @@ fn desired(spec: &MasqSpec) -> Desired {
             "family": FAMILY, "table": MASQ_TABLE, "chain": CHAIN, "expr": expr
         }}}));
         shape.rules.push((CHAIN.to_owned(), expr));
+    }
+    if !spec.gateway_prefixes.is_empty() {
+        for f in &FAMILIES {
+            let expr = json!([
+                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": spec.interface}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": f.protocol, "field": "daddr"}}, "right": format!("@{}", f.gateway)}},
+                {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": spec.interface}},
+                {"masquerade": null}
+            ]);
+            commands.push(json!({"add": {"rule": {
+                "family": FAMILY, "table": MASQ_TABLE, "chain": CHAIN, "expr": expr
+            }}}));
+            shape.rules.push((CHAIN.to_owned(), expr));
+        }
     }
     Desired {
         shape,
@@ -456,7 +492,25 @@ mod tests {
                 "10.244.9.9".parse().unwrap(),
                 "2001:db8::2".parse().unwrap(),
             ],
+            gateway_prefixes: vec![],
         }
+    }
+
+    #[test]
+    fn gateway_rules_only_on_a_gateway() {
+        let rules = |d: &Desired| d.shape.rules.len();
+        assert_eq!(rules(&desired(&spec())), 2);
+        let d = desired(&MasqSpec {
+            gateway_prefixes: vec!["192.0.2.0/24".parse().unwrap()],
+            ..spec()
+        });
+        assert_eq!(rules(&d), 4);
+        let text = d.document.to_string();
+        assert!(
+            text.contains("\"gw4\"") && text.contains("\"gw6\""),
+            "{text}"
+        );
+        assert!(text.contains("iifname"), "{text}");
     }
 
     /// What `nft -j list table inet wgmesh` prints after applying `d`:

@@ -751,6 +751,22 @@ impl Net {
         }
     }
 
+    /// The destinations of wgmesh's own routes (protocol 87) in the main
+    /// table: what an earlier run programmed (cluster CIDRs and extra
+    /// prefixes), sorted and deduplicated.
+    pub async fn our_destinations(&self) -> Result<Vec<IpNet>> {
+        let mut out: Vec<IpNet> = self
+            .main_table()
+            .await?
+            .into_iter()
+            .filter(RouteEntry::is_ours)
+            .map(|r| r.destination)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     /// The main table's IPv4 and IPv6 routes.
     async fn main_table(&self) -> Result<Vec<RouteEntry>> {
         Ok(self

@@ -102,6 +102,10 @@ pub struct PassState {
     pub rotation_phase: String,
     /// Peers that have not confirmed the staged (or newly active) key.
     pub unconfirmed_peers: usize,
+    /// Route sync: every extra prefix, its gateways and what was refused.
+    pub routes: crate::routes::Outcome,
+    /// How often a prefix moved from one gateway to another since start.
+    pub route_failovers: u64,
 }
 
 impl PassState {
@@ -136,6 +140,8 @@ impl PassState {
             key_created,
             rotation_phase: "idle".into(),
             unconfirmed_peers: 0,
+            routes: Default::default(),
+            route_failovers: 0,
         }
     }
 }
@@ -332,8 +338,83 @@ impl prometheus_client::collector::Collector for MeshCollector {
             };
             ConstGauge::new(n).encode(family.encode_family(&label)?)?;
         }
+
+        let mut family = encoder.encode_descriptor(
+            "wgmesh_extra_prefixes",
+            "Extra prefixes (route sync) this node carries, by source (static: MeshRoute gateways, bgp: learned) and role (remote: on a gateway's peer, local: this node is a gateway)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for source in [
+            crate::routes::Source::Static,
+            crate::routes::Source::Learned,
+        ] {
+            for local in [false, true] {
+                let n = pass
+                    .routes
+                    .prefixes
+                    .iter()
+                    .filter(|p| p.source == source && p.local_gateway == local)
+                    .count() as i64;
+                let label = RouteLabel {
+                    source: source.as_str().into(),
+                    role: if local { "local" } else { "remote" }.into(),
+                };
+                ConstGauge::new(n).encode(family.encode_family(&label)?)?;
+            }
+        }
+        let unhealthy = pass
+            .routes
+            .prefixes
+            .iter()
+            .filter(|p| !p.local_gateway && !p.healthy)
+            .count() as i64;
+        ConstGauge::new(unhealthy).encode(encoder.encode_descriptor(
+            "wgmesh_extra_prefixes_without_gateway",
+            "Extra prefixes whose gateways are all down (their traffic is dropped in the tunnel)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(pass.route_failovers).encode(encoder.encode_descriptor(
+            "wgmesh_route_failovers",
+            "Times an extra prefix moved from one gateway's peer to another's",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let mut family = encoder.encode_descriptor(
+            "wgmesh_routes_refused",
+            "Prefixes the route validator refused in the last pass, by reason",
+            None,
+            MetricType::Gauge,
+        )?;
+        let mut kinds: Vec<&str> = pass
+            .routes
+            .refused
+            .iter()
+            .map(|r| r.reason.kind())
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        for kind in kinds {
+            let n = pass
+                .routes
+                .refused
+                .iter()
+                .filter(|r| r.reason.kind() == kind)
+                .count() as i64;
+            let label = ReasonLabel {
+                reason: kind.to_string(),
+            };
+            ConstGauge::new(n).encode(family.encode_family(&label)?)?;
+        }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    source: String,
+    role: String,
 }
 
 impl Default for Telemetry {
@@ -573,6 +654,23 @@ mod tests {
             key_created: Some(jiff::Timestamp::now()),
             rotation_phase: "staged".into(),
             unconfirmed_peers: 1,
+            routes: crate::routes::Outcome {
+                prefixes: vec![crate::routes::PrefixState {
+                    prefix: "192.0.2.0/24".parse().unwrap(),
+                    grant: "site-a".into(),
+                    source: crate::routes::Source::Static,
+                    candidates: Vec::new(),
+                    active: Some("node-b".into()),
+                    healthy: false,
+                    local_gateway: false,
+                }],
+                refused: vec![crate::routes::Refused {
+                    from: "site-b".into(),
+                    prefix: "0.0.0.0/0".parse().unwrap(),
+                    reason: crate::routes::Rejection::DefaultRoute,
+                }],
+            },
+            route_failovers: 2,
         });
         let now = SystemTime::now();
         let stats = vec![PeerStats {
@@ -610,6 +708,11 @@ mod tests {
             "wgmesh_rotation_unconfirmed_peers 1",
             "wgmesh_rotations_total{result=\"all-confirmed\"} 1",
             "wgmesh_route_bypasses 1",
+            "wgmesh_extra_prefixes{source=\"static\",role=\"remote\"} 1",
+            "wgmesh_extra_prefixes{source=\"bgp\",role=\"local\"} 0",
+            "wgmesh_extra_prefixes_without_gateway 1",
+            "wgmesh_route_failovers_total 2",
+            "wgmesh_routes_refused{reason=\"default-route\"} 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -24,6 +24,7 @@ struct Inner {
     state: DeviceState,
     applies: usize,
     last: Option<ChangeSet>,
+    stats: Vec<super::PeerStats>,
 }
 
 impl Default for MemoryBackend {
@@ -67,6 +68,14 @@ impl MemoryBackend {
         }
     }
 
+    /// What [`Backend::peer_stats`] reports from now on (handshake times and
+    /// counters, as a real device would show them).
+    pub fn set_peer_stats(&self, stats: Vec<super::PeerStats>) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.stats = stats;
+        }
+    }
+
     pub fn snapshot(&self) -> DeviceState {
         self.inner
             .lock()
@@ -86,6 +95,14 @@ impl Backend for MemoryBackend {
 
     fn state(&mut self) -> Result<DeviceState> {
         Ok(self.snapshot())
+    }
+
+    fn peer_stats(&mut self) -> Result<Vec<super::PeerStats>> {
+        Ok(self
+            .inner
+            .lock()
+            .map(|i| i.stats.clone())
+            .unwrap_or_default())
     }
 
     fn apply(&mut self, changes: &ChangeSet) -> Result<()> {

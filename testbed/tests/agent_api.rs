@@ -51,6 +51,7 @@ on_both_servers!(
     a_bad_peer_is_rejected_with_an_event_and_the_others_are_programmed,
     the_endpoint_comes_from_force_endpoint_and_never_from_virtualbox_nat,
     the_agent_rotates_its_key_on_request_confirmed_by_handshakes,
+    an_extra_prefix_follows_its_healthy_gateway_and_hostile_grants_change_nothing,
 );
 
 /// A Node with an InternalIP and its pod CIDR from the server's IPAM.
@@ -384,4 +385,115 @@ async fn the_agent_rotates_its_key_on_request_confirmed_by_handshakes(c: Cluster
         "{unconfirmed:?}"
     );
     assert!(last.reason.contains("deadline"), "{}", last.reason);
+}
+
+/// Route sync: a MeshRoute's prefix on the best healthy gateway's peer, moved
+/// when that gateway's Node goes NotReady and back when it returns (failback
+/// 0 s here; the damping and the session liveness are unit-tested in
+/// src/routes), and a grant of the cluster CIDR refused with the device
+/// unchanged.
+async fn an_extra_prefix_follows_its_healthy_gateway_and_hostile_grants_change_nothing(c: Cluster) {
+    use wgmesh::wg::PeerStats;
+    for (name, ip) in [
+        ("node-a", "192.0.2.1"),
+        ("node-b", "192.0.2.2"),
+        ("node-c", "192.0.2.3"),
+    ] {
+        add_node(&c, name, ip);
+        c.merge_patch_node_status(
+            name,
+            &json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}}),
+        );
+    }
+    let (kb, kc) = (
+        PrivateKey::generate().public_key(),
+        PrivateKey::generate().public_key(),
+    );
+    annotate(&c, "node-b", &kb.to_base64(), "192.0.2.2:51820");
+    annotate(&c, "node-c", &kc.to_base64(), "192.0.2.3:51820");
+    let device = MemoryBackend::new();
+    let stats = |rx: u64| {
+        vec![
+            PeerStats {
+                public_key: kb,
+                endpoint: None,
+                last_handshake: Some(std::time::SystemTime::now()),
+                rx_bytes: rx,
+                tx_bytes: 0,
+            },
+            PeerStats {
+                public_key: kc,
+                endpoint: None,
+                last_handshake: Some(std::time::SystemTime::now()),
+                rx_bytes: rx,
+                tx_bytes: 0,
+            },
+        ]
+    };
+    device.set_peer_stats(stats(100));
+    let mut a = c.agent("node-a", &device).await;
+    let site = json!({"metadata": {"name": "site"}, "spec": {"prefix": "198.18.0.0/24", "failbackSeconds": 0,
+        "gateways": [{"node": "node-b", "priority": 10}, {"node": "node-c", "priority": 20}]}});
+    a.set_route_objects(std::slice::from_ref(&site));
+    let holder = |device: &MemoryBackend| {
+        let peers = device.snapshot().peers;
+        let with: Vec<_> = peers
+            .iter()
+            .filter(|p| p.allowed_ips.contains(&"198.18.0.0/24".parse().unwrap()))
+            .map(|p| p.public_key)
+            .collect();
+        assert!(with.len() <= 1, "a prefix on two peers: {peers:?}");
+        with.first().copied()
+    };
+    let report = a.pass(&c.pass_nodes()).await.unwrap();
+    assert!(report.probing_routes, "{report:?}");
+    assert_eq!(holder(&device), Some(kb), "the best gateway holds it");
+    for p in device.snapshot().peers {
+        assert_eq!(
+            p.persistent_keepalive,
+            Some(wgmesh::routes::gateway::GATEWAY_KEEPALIVE)
+        );
+    }
+
+    // node-b goes NotReady: node-c at once.
+    c.merge_patch_node_status(
+        "node-b",
+        &json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "NodeStatusUnknown"}]}}),
+    );
+    device.set_peer_stats(stats(200));
+    a.pass(&c.pass_nodes()).await.unwrap();
+    assert_eq!(
+        holder(&device),
+        Some(kc),
+        "failover to the next healthy gateway"
+    );
+
+    // Back: failback (no damping here).
+    c.merge_patch_node_status(
+        "node-b",
+        &json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}}),
+    );
+    device.set_peer_stats(stats(300));
+    a.pass(&c.pass_nodes()).await.unwrap();
+    a.pass(&c.pass_nodes()).await.unwrap();
+    assert_eq!(holder(&device), Some(kb), "failback");
+
+    // A hostile grant inside the cluster CIDR: refused, nothing changes.
+    let before = device.snapshot().peers;
+    let hostile = json!({"metadata": {"name": "steal"}, "spec": {"prefix": "10.244.0.0/16",
+        "gateways": [{"node": "node-c"}]}});
+    a.set_route_objects(&[site, hostile]);
+    device.set_peer_stats(stats(400));
+    a.pass(&c.pass_nodes()).await.unwrap();
+    assert_eq!(
+        device.snapshot().peers,
+        before,
+        "a hostile grant changed the device"
+    );
+    let metrics = a.telemetry().render();
+    assert!(
+        metrics.contains("wgmesh_routes_refused{reason=\"pod-cidr-of-other-node\"} 1"),
+        "{metrics}"
+    );
 }

@@ -153,6 +153,12 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         (&["create", "serviceaccounts/token", "-n", "wgmesh"], "no"),
         (&["get", "configmaps", "-n", "kube-system"], "no"),
         (&["patch", "validatingadmissionpolicies"], "no"),
+        (&["get", "meshroutes.wgmesh.dev"], "yes"),
+        (&["list", "meshroutes.wgmesh.dev"], "yes"),
+        (&["watch", "meshroutes.wgmesh.dev"], "yes"),
+        (&["create", "meshroutes.wgmesh.dev"], "no"),
+        (&["patch", "meshroutes.wgmesh.dev"], "no"),
+        (&["delete", "meshroutes.wgmesh.dev"], "no"),
         (&["*", "*"], "no"),
     ];
     println!("kubectl auth can-i, as node sec-n1's agent (token bound to a Pod on sec-n1):");
@@ -284,6 +290,18 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
             RBAC,
             n1.request("GET", "/api/v1/pods", "application/json", &Value::Null),
         ),
+        (
+            "grant itself a prefix (create a MeshRoute)",
+            RBAC,
+            n1.request(
+                "POST",
+                "/apis/wgmesh.dev/v1alpha1/meshroutes",
+                "application/json",
+                &json!({"apiVersion": "wgmesh.dev/v1alpha1", "kind": "MeshRoute",
+                        "metadata": {"name": "sec-rogue"},
+                        "spec": {"prefix": "198.51.100.0/24", "gateways": [{"node": "sec-n1"}]}}),
+            ),
+        ),
     ];
     println!("requests as sec-n1's agent:");
     for (what, who, r) in hostile {
@@ -341,6 +359,66 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         .as_str()
         .is_some_and(|n| n.starts_with("sec-n1-")));
     println!("  ALLOWED create of an events.k8s.io Event");
+
+    // MeshRoutes: the CRD's schema refuses what no agent would carry, and
+    // the agent reads what an admin granted.
+    let meshroutes = "/apis/wgmesh.dev/v1alpha1/meshroutes";
+    let grant = |name: &str, prefix: &str| {
+        json!({"apiVersion": "wgmesh.dev/v1alpha1", "kind": "MeshRoute",
+               "metadata": {"name": name},
+               "spec": {"prefix": prefix, "gateways": [{"node": "sec-n1", "priority": 10}]}})
+    };
+    for (name, prefix, why) in [
+        ("sec-hostbits", "198.51.100.1/24", "without host bits"),
+        ("sec-default", "0.0.0.0/0", "default route"),
+        ("sec-garbage", "not-a-cidr", "without host bits"),
+    ] {
+        let (status, body) = admin
+            .raw(
+                "POST",
+                meshroutes,
+                "application/json",
+                &grant(name, prefix).to_string(),
+            )
+            .unwrap();
+        assert_eq!(status, 422, "{prefix}: {body}");
+        assert!(body.contains(why), "{prefix}: {body}");
+        println!("  REFUSED (422, CRD schema) MeshRoute {prefix}: {why}");
+    }
+    admin
+        .request(
+            "POST",
+            meshroutes,
+            "application/json",
+            &grant("sec-site", "198.51.100.0/24"),
+        )
+        .unwrap();
+    let listed = n1
+        .request("GET", meshroutes, "application/json", &Value::Null)
+        .unwrap();
+    let names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    assert!(names.contains(&"sec-site"), "{listed}");
+    let decoded = wgmesh::routes::grant::decode(
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == "sec-site")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(decoded.gateways[0].node, "sec-n1");
+    assert_eq!(
+        decoded.failback,
+        std::time::Duration::from_secs(30),
+        "the schema's default"
+    );
+    println!("  ALLOWED list of MeshRoutes; the agent's decoder reads the admin's grant");
 
     // A token that is not bound to a Pod carries no node: even its "own" Node is
     // refused. A bound token dies with its Pod.

@@ -48,6 +48,10 @@ pub const DRILLS: &[(&str, &str)] = &[
         "newer Nodes claiming pod CIDRs that overlap an older node's: no peer anywhere, one Warning Event per agent, the older node keeps its peers and traffic",
     ),
     (
+        GATEWAY_FAILOVER,
+        "(real control plane only) a site subnet behind two gateway nodes (MeshRoute): the active gateway dies, the prefix moves to the other one and back after the failback time; hostile grants change no device",
+    ),
+    (
         HOSTILE_TOKEN,
         "(real control plane only) one node's agent token used against another: every request outside the policy refused, its own claims of the other's CIDR and key ignored by every peer, no loss",
     ),
@@ -57,6 +61,10 @@ pub const DRILLS: &[(&str, &str)] = &[
 /// RBAC or admission policy): left out of a full run on the embedded API, with a
 /// line saying so; asked for by name there, it fails.
 pub const HOSTILE_TOKEN: &str = "hostile-token";
+/// Also real control plane only: the in-memory API serves no MeshRoute.
+pub const GATEWAY_FAILOVER: &str = "gateway-failover";
+/// The drills a full run leaves out on the embedded API.
+const REAL_ONLY: &[&str] = &[HOSTILE_TOKEN, GATEWAY_FAILOVER];
 
 /// Traffic of the agent-kill drill: two flows of 500 datagrams a second.
 pub const AGENT_KILL_PPS: u32 = 500;
@@ -94,14 +102,15 @@ pub fn select(only: Option<&str>, real: bool) -> Result<Vec<&'static str>> {
     let Some(only) = only else {
         if !real {
             println!(
-                "(drill {HOSTILE_TOKEN} not run: it needs `up --control-plane real`; \
-                 the in-memory API enforces no RBAC or admission policy)"
+                "(drills {} not run: they need `up --control-plane real`; \
+                 the in-memory API enforces no RBAC or admission policy and serves no MeshRoute)",
+                REAL_ONLY.join(", ")
             );
         }
         return Ok(DRILLS
             .iter()
             .map(|d| d.0)
-            .filter(|d| real || *d != HOSTILE_TOKEN)
+            .filter(|d| real || !REAL_ONLY.contains(d))
             .collect());
     };
     let mut out = Vec::new();
@@ -177,6 +186,7 @@ fn run_one(tb: &mut Testbed, name: &'static str) -> Result<Report> {
         "bad-annotations" => bad_annotations(tb),
         "cidr-overlap" => cidr_overlap(tb),
         HOSTILE_TOKEN => super::hostile::hostile_token(tb),
+        GATEWAY_FAILOVER => super::gateway::gateway_failover(tb),
         _ => Err(Error::Other(format!("no drill {name}"))),
     };
     let t1 = unix_now();

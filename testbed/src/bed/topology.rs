@@ -277,7 +277,7 @@ impl Testbed {
         Ok(())
     }
 
-    fn add_netns(&mut self, name: &str) -> Result<()> {
+    pub(super) fn add_netns(&mut self, name: &str) -> Result<()> {
         self.check_interrupt()?;
         self.state.namespaces.push(name.to_string());
         self.state.save()?;
@@ -286,7 +286,7 @@ impl Testbed {
         Ok(())
     }
 
-    fn record_link(
+    pub(super) fn record_link(
         &mut self,
         ns: &str,
         name: &str,
@@ -569,7 +569,7 @@ impl Testbed {
         let manifests = control_plane::local::manifests_dir();
         control_plane::bootstrap(spec, &admin, Some(&u), &manifests).map_err(cp)?;
         self.say(format!(
-            "applied {}/00-namespace.yaml, 01-rbac.yaml, 02-admission-policy.yaml with kubectl; \
+            "applied {}/00-namespace.yaml, 01-rbac.yaml, 02-admission-policy.yaml, 05-meshroute-crd.yaml with kubectl; \
              the policy denies a bound token's label change",
             manifests.display()
         ));

@@ -430,28 +430,44 @@ pub fn wait_ready(
     }
 }
 
-/// Applies manifests/00-namespace.yaml, 01-rbac.yaml and 02-admission-policy.yaml
+/// Applies manifests/00-namespace.yaml, 01-rbac.yaml, 02-admission-policy.yaml and
+/// 05-meshroute-crd.yaml
 /// with kubectl (from inside `netns` when given), then waits until the admission
 /// policy is enforced: a throwaway Node's bound token is refused a label change.
 pub fn bootstrap(spec: &Spec, admin: &Admin, netns: Option<&str>, manifests: &Path) -> Result<()> {
-    let mut argv: Vec<String> = Vec::new();
+    let mut kubectl: Vec<String> = Vec::new();
     if let Some(ns) = netns {
-        argv.extend(["ip", "netns", "exec", ns].map(String::from));
+        kubectl.extend(["ip", "netns", "exec", ns].map(String::from));
     }
-    argv.extend([
+    kubectl.extend([
         spec.bins.kubectl.display().to_string(),
         format!("--kubeconfig={}", spec.admin_kubeconfig().display()),
-        "apply".into(),
     ]);
+    let mut apply = kubectl.clone();
+    apply.push("apply".into());
     for f in [
         "00-namespace.yaml",
         "01-rbac.yaml",
         "02-admission-policy.yaml",
+        "05-meshroute-crd.yaml",
     ] {
-        argv.push("-f".into());
-        argv.push(manifests.join(f).display().to_string());
+        apply.push("-f".into());
+        apply.push(manifests.join(f).display().to_string());
     }
-    run(&argv)?;
+    run(&apply)?;
+    // Agents ask once at start whether MeshRoutes are served: the CRD must
+    // be established before any agent runs.
+    let mut wait = kubectl;
+    wait.extend(
+        [
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/meshroutes.wgmesh.dev",
+        ]
+        .map(String::from),
+    );
+    run(&wait)?;
     wait_policy_enforced(admin, Duration::from_secs(60))
 }
 

@@ -1,0 +1,241 @@
+//! The decision and its application to a plan, in memory.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde_json::json;
+
+use super::*;
+use crate::keys::PrivateKey;
+use crate::mesh::{DesiredPeer, PeerConfig};
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn validator() -> Validator {
+    Validator::new(
+        vec![net("10.244.0.0/16")],
+        [
+            ("n1".to_string(), vec![net("10.244.1.0/24")]),
+            ("n2".to_string(), vec![net("10.244.2.0/24")]),
+            ("n3".to_string(), vec![net("10.244.3.0/24")]),
+        ]
+        .into(),
+        vec![
+            "172.18.0.1".parse().unwrap(),
+            "172.18.0.2".parse().unwrap(),
+            "172.18.0.3".parse().unwrap(),
+        ],
+    )
+}
+
+fn site_grant() -> Grant {
+    grant::decode(&json!({
+        "metadata": {"name": "site-a"},
+        "spec": {"prefix": "192.0.2.0/24", "failbackSeconds": 10,
+                 "gateways": [{"node": "n1", "priority": 10}, {"node": "n2", "priority": 20}]},
+    }))
+    .unwrap()
+}
+
+fn plan() -> Plan {
+    let peer = |node: &str, cidr: &str| DesiredPeer {
+        node: node.into(),
+        config: PeerConfig {
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: None,
+            allowed_ips: vec![net(cidr)],
+            persistent_keepalive: Some(25),
+            successor: None,
+        },
+    };
+    Plan {
+        local: None,
+        peers: vec![peer("n1", "10.244.1.0/24"), peer("n2", "10.244.2.0/24")],
+        routes: vec![Route {
+            destination: net("10.244.0.0/16"),
+            interface: "wgmesh0".into(),
+        }],
+        excluded: Vec::new(),
+        node_routes: Vec::new(),
+        local_node_ips: Vec::new(),
+        ignored_successors: Vec::new(),
+    }
+}
+
+fn allowed(plan: &Plan, node: &str) -> Vec<String> {
+    let peer = plan.peers.iter().find(|p| p.node == node).unwrap();
+    peer.config
+        .allowed_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn the_prefix_moves_with_its_gateway_and_its_route_stays() {
+    let mut router = Router::default();
+    let grants = [site_grant()];
+    let none = BTreeMap::new();
+    let t0 = Instant::now();
+
+    let out = router.decide(t0, "n3", &validator(), &grants, &none, |_| true);
+    assert!(out.refused.is_empty());
+    assert_eq!(out.prefixes[0].active.as_deref(), Some("n1"));
+    assert!(out.needs_probing());
+    let mut p = plan();
+    Router::apply(&out, &mut p);
+    assert_eq!(allowed(&p, "n1"), ["10.244.1.0/24", "192.0.2.0/24"]);
+    assert_eq!(allowed(&p, "n2"), ["10.244.2.0/24"]);
+    assert!(p
+        .routes
+        .iter()
+        .any(|r| r.destination == net("192.0.2.0/24")));
+    // Both candidates' sessions get the short keepalive.
+    assert!(p
+        .peers
+        .iter()
+        .all(|p| p.config.persistent_keepalive == Some(gateway::GATEWAY_KEEPALIVE)));
+
+    // n1 dies: n2 carries it.
+    let out = router.decide(
+        t0 + Duration::from_secs(1),
+        "n3",
+        &validator(),
+        &grants,
+        &none,
+        |n| n != "n1",
+    );
+    let mut p = plan();
+    Router::apply(&out, &mut p);
+    assert_eq!(allowed(&p, "n1"), ["10.244.1.0/24"]);
+    assert_eq!(allowed(&p, "n2"), ["10.244.2.0/24", "192.0.2.0/24"]);
+
+    // Both dead: the last winner keeps it, the route into the tunnel stays.
+    let out = router.decide(
+        t0 + Duration::from_secs(2),
+        "n3",
+        &validator(),
+        &grants,
+        &none,
+        |_| false,
+    );
+    assert_eq!(out.prefixes[0].active.as_deref(), Some("n2"));
+    assert!(!out.prefixes[0].healthy);
+    let mut p = plan();
+    Router::apply(&out, &mut p);
+    assert!(p
+        .routes
+        .iter()
+        .any(|r| r.destination == net("192.0.2.0/24")));
+    assert_eq!(router.chooser.failovers(), 1);
+}
+
+#[test]
+fn a_gateway_routes_its_prefix_itself() {
+    let mut router = Router::default();
+    let out = router.decide(
+        Instant::now(),
+        "n1",
+        &validator(),
+        &[site_grant()],
+        &BTreeMap::new(),
+        |_| true,
+    );
+    assert!(out.prefixes[0].local_gateway);
+    assert_eq!(out.local_prefixes(), [net("192.0.2.0/24")]);
+    assert!(!out.needs_probing());
+    let mut p = plan();
+    p.peers.retain(|p| p.node != "n1");
+    Router::apply(&out, &mut p);
+    assert_eq!(allowed(&p, "n2"), ["10.244.2.0/24"]);
+    assert_eq!(
+        p.routes.len(),
+        1,
+        "no route into the tunnel for its own prefix"
+    );
+    // Its peers must hear from it often enough to judge it alive.
+    assert_eq!(
+        p.peers[0].config.persistent_keepalive,
+        Some(gateway::GATEWAY_KEEPALIVE)
+    );
+}
+
+#[test]
+fn learned_prefixes_only_inside_a_learn_grant_and_hostile_ones_leave_the_plan_unchanged() {
+    let learn = grant::decode(&json!({
+        "metadata": {"name": "fabric"},
+        "spec": {"prefix": "198.51.100.0/22", "learn": {"nodes": ["n1", "n2"], "maxLength": 24}},
+    }))
+    .unwrap();
+    let ad = |prefix: &str, node: &str| Advertised {
+        prefix: net(prefix),
+        node: node.into(),
+        next_hop_node: Some(node.into()),
+    };
+    let mut learned = BTreeMap::new();
+    learned.insert("n1".to_string(), vec![ad("198.51.100.0/24", "n1")]);
+    learned.insert(
+        "n2".to_string(),
+        vec![
+            ad("198.51.100.0/24", "n2"),
+            ad("10.244.1.0/24", "n2"),
+            ad("0.0.0.0/0", "n2"),
+        ],
+    );
+    let mut router = Router::default();
+    let out = router.decide(
+        Instant::now(),
+        "n3",
+        &validator(),
+        std::slice::from_ref(&learn),
+        &learned,
+        |_| true,
+    );
+    assert_eq!(out.prefixes.len(), 1);
+    assert_eq!(out.prefixes[0].source, Source::Learned);
+    let names: Vec<_> = out.prefixes[0]
+        .candidates
+        .iter()
+        .map(|c| c.node.as_str())
+        .collect();
+    assert_eq!(names, ["n1", "n2"]);
+    let refused: Vec<_> = out
+        .refused
+        .iter()
+        .map(|r| (r.from.as_str(), r.reason.kind()))
+        .collect();
+    assert_eq!(
+        refused,
+        [("n2", "pod-cidr-of-other-node"), ("n2", "default-route")]
+    );
+
+    // Only hostile announcements: the plan is what it was.
+    let mut hostile = BTreeMap::new();
+    let mut flood: Vec<_> = (0..10_001u32)
+        .map(|i| {
+            ad(
+                &format!("198.51.{}.{}/32", 100 + i / 256 % 4, i % 256),
+                "n2",
+            )
+        })
+        .collect();
+    flood.push(ad("10.244.1.128/25", "n2"));
+    hostile.insert("n2".to_string(), flood);
+    let out = router.decide(
+        Instant::now(),
+        "n3",
+        &validator(),
+        &[learn],
+        &hostile,
+        |_| true,
+    );
+    assert!(out.prefixes.is_empty());
+    assert_eq!(out.refused.len(), 10_002);
+    let mut p = plan();
+    let before = p.clone();
+    Router::apply(&out, &mut p);
+    assert_eq!(p, before);
+}
