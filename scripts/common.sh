@@ -17,10 +17,11 @@ log() {
 # for the network-namespace tests and scripts/bench-dataplane: ip (iproute2),
 # ping, wg, wireguard-go (the reference peer), iperf3, jq, ps/procfs tools;
 # tcpdump for the testbed's underlay capture (wgmesh-testbed check); nftables
-# (`nft`) for the agent's egress masquerade.
+# (`nft`) for the agent's egress masquerade; BIRD 2 (the agent's BGP engine),
+# FRR and GoBGP (fabric routers of the BGP interop tests, tests/bgp_interop.rs).
 DEB_PACKAGES=(gcc libc6-dev pkg-config ca-certificates
     iproute2 iputils-ping wireguard-tools wireguard-go iperf3 jq procps util-linux tcpdump
-    nftables)
+    nftables bird2 frr gobgpd)
 
 ensure_packages() {
     local missing=()

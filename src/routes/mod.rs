@@ -250,3 +250,5 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests;
+
+pub mod bgp;

@@ -1,0 +1,940 @@
+//! The pure half of BGP mode: a [`BgpConfig`] rendered into BIRD 2 config
+//! text. No I/O; every value that lands in the text is validated first, so
+//! nothing a Node, a grant or a Secret holds can inject configuration
+//! (BIRD's lexer has no escapes: one `"` in a password would end the
+//! string and let the rest of it be parsed as config).
+//!
+//! The rendered config, for every [`BgpConfig`]:
+//!
+//! - `protocol static wgm_export4` / `wgm_export6`: one `blackhole` route
+//!   per [`BgpConfig::export`] prefix. They exist only to be announced:
+//!   the kernel protocols export BGP routes alone, so these never reach a
+//!   kernel table (the node's real routes to its pod CIDRs stay the
+//!   kernel's and the CNI's).
+//! - `protocol kernel wgm_kernel4` / `wgm_kernel6`, both `kernel table N`
+//!   ([`BgpConfig::table`]), `learn off`, `import none`,
+//!   `export where source = RTS_BGP`. They are the only kernel protocols,
+//!   so BIRD never reads or writes the main table (a BIRD kernel protocol
+//!   prunes its own protocol's routes from the table it syncs; pointing one
+//!   at main would delete another BIRD's routes there).
+//! - one `protocol bgp` per [`Neighbor`], with exactly one channel of the
+//!   neighbor's address family (one session per family, no extended next
+//!   hop), default-deny import ([`BgpConfig::import`]), export of the
+//!   static protocol of its family only, and `import limit N action
+//!   disable` ([`BgpConfig::max_prefixes`]).
+//! - for multihop neighbors, `wgm_igp4` / `wgm_igp6` tables fed by a
+//!   `direct` protocol, used as the sessions' `igp table` so recursive next
+//!   hops on connected subnets resolve. They are separate tables on
+//!   purpose: a direct route (preference 240) for the pod bridge's subnet in
+//!   the master table would beat the static export route (200) for the same
+//!   pod CIDR, and only best routes are exported, so the pod CIDR would
+//!   silently stop being announced.
+
+use std::collections::BTreeSet;
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use zeroize::Zeroizing;
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// A [`BgpConfig`] that cannot be rendered. `field` names the offending
+/// input the way an operator wrote it (`neighbors[2].password`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Kernel routing table ids that are not ours to fill: unspecified,
+/// default, main and local.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// The longest [`Neighbor::name`] accepted; the protocol name adds
+/// [`PROTOCOL_PREFIX`] and stays far below BIRD's 64-byte symbol limit.
+pub const MAX_NAME_LEN: usize = 40;
+
+/// Linux's `TCP_MD5SIG_MAXKEYLEN`: a longer key makes BIRD's setsockopt
+/// fail and the session never come up.
+pub const MAX_PASSWORD_LEN: usize = 80;
+
+/// What every BGP protocol's name starts with: keeps the name clear of
+/// BIRD keywords (a neighbor called `static` or `table` would otherwise be
+/// a syntax error) and marks the protocols as wgmesh's in `show protocols`.
+pub const PROTOCOL_PREFIX: &str = "bgp_";
+
+/// Names of the fixed protocols and tables of the rendered config.
+pub const EXPORT4: &str = "wgm_export4";
+pub const EXPORT6: &str = "wgm_export6";
+pub const KERNEL4: &str = "wgm_kernel4";
+pub const KERNEL6: &str = "wgm_kernel6";
+const IMPORT4: &str = "wgm_import4";
+const IMPORT6: &str = "wgm_import6";
+const IGP4: &str = "wgm_igp4";
+const IGP6: &str = "wgm_igp6";
+
+/// Everything BIRD is configured with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpConfig {
+    /// BGP identifier (`router id`); must not be 0.0.0.0.
+    pub router_id: Ipv4Addr,
+    /// Our AS number (4-octet; not 0).
+    pub local_as: u32,
+    /// One BGP session each.
+    pub neighbors: Vec<Neighbor>,
+    /// Prefixes announced to every neighbor of the same family: this
+    /// node's pod CIDRs and the prefixes it is gateway for. Canonical (no
+    /// host bits). Announced without installing anything in the kernel.
+    pub export: Vec<IpNet>,
+    /// The admin prefix list: a received route is imported only if some
+    /// rule covers it. Empty imports nothing (default deny, RFC 8212).
+    pub import: Vec<ImportRule>,
+    /// The kernel table learned routes go to (e.g. [`DEFAULT_TABLE`]); not
+    /// 0, 253 (default), 254 (main) or 255 (local).
+    pub table: u32,
+    pub timers: Timers,
+    /// Full graceful restart (RFC 4724, restarting and helper roles) on
+    /// every session, plus `persist` and `graceful restart` on the kernel
+    /// protocols, so neither a crash nor a restart of BIRD withdraws
+    /// anything: the neighbors keep our prefixes for
+    /// [`Timers::restart_time`], table N keeps the learned routes. BIRD
+    /// must then be restarted with recovery (`-R`,
+    /// [`super::Spawn::recovery`]) or its first kernel sync flushes the
+    /// table (seen: about a second without routes until the neighbors'
+    /// updates arrive). With `persist`, stopping BIRD for good leaves table
+    /// N populated: whoever turns BGP mode off flushes it.
+    ///
+    /// Recovery waits for each neighbor's End-of-RIB, except from a
+    /// neighbor that announces it restarted itself (Restart State bit):
+    /// then BIRD 2.0.12 ends recovery at Established and flushes table N
+    /// until that neighbor's routes arrive. FRR 8.4 sets that bit for the
+    /// first 120 s of its BGP instance, in helper mode too.
+    ///
+    /// `false` renders `graceful restart aware`: we still help restarting
+    /// neighbors, we never restart gracefully ourselves.
+    pub graceful_restart: bool,
+    /// Per session: more imported (accepted) routes than this and the
+    /// session is disabled (`import limit N action disable`): BIRD shuts it
+    /// down, drops every route it had learned on it, and leaves it down
+    /// until `birdc enable` ([`super::Bird::enable`]), a restart of BIRD,
+    /// or a config change to that protocol. Filtered routes do not count.
+    /// `None`: no limit.
+    pub max_prefixes: Option<u32>,
+}
+
+/// The kernel table the agent reads by default (no meaning beyond being
+/// unused by the usual distributions and CNIs).
+pub const DEFAULT_TABLE: u32 = 187;
+
+/// The per-session cap used unless configured otherwise.
+pub const DEFAULT_MAX_PREFIXES: u32 = 100;
+
+impl BgpConfig {
+    /// A config with no neighbors, nothing exported or imported, the
+    /// default [`Timers`], graceful restart on and a cap of
+    /// [`DEFAULT_MAX_PREFIXES`].
+    pub fn new(router_id: Ipv4Addr, local_as: u32, table: u32) -> BgpConfig {
+        BgpConfig {
+            router_id,
+            local_as,
+            neighbors: Vec::new(),
+            export: Vec::new(),
+            import: Vec::new(),
+            table,
+            timers: Timers::default(),
+            graceful_restart: true,
+            max_prefixes: Some(DEFAULT_MAX_PREFIXES),
+        }
+    }
+}
+
+/// One BGP session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbor {
+    /// An operator's name for the session, 1 to [`MAX_NAME_LEN`] ASCII
+    /// letters, digits, `.`, `_`, `-` (a Kubernetes object name fits). The
+    /// BIRD protocol is [`Neighbor::protocol_name`].
+    pub name: String,
+    /// The peer's address; its family is the session's only channel. Not
+    /// link-local (that needs an interface, which is not supported).
+    pub address: IpAddr,
+    /// Equal to [`BgpConfig::local_as`] makes the session iBGP.
+    pub remote_as: u32,
+    /// Our source address (`local ADDR as ...`); must be of the
+    /// neighbor's family. Recommended for multihop sessions.
+    pub local_address: Option<IpAddr>,
+    /// TCP-MD5 (RFC 2385) key; see [`Password`].
+    pub password: Option<Password>,
+    /// `false`: the neighbor is on a connected subnet (`direct`, next hops
+    /// used as they are), for iBGP too (BIRD would default iBGP to
+    /// multihop). `true`: `multihop`, next hops resolved recursively
+    /// through the node's connected subnets.
+    pub multihop: bool,
+}
+
+impl Neighbor {
+    /// The BIRD protocol name of the session: [`PROTOCOL_PREFIX`] and the
+    /// name with every `.` and `-` turned into `_` (`tor-1.rack-a` is
+    /// `bgp_tor_1_rack_a`). Only meaningful for a valid name.
+    pub fn protocol_name(&self) -> String {
+        protocol_name(&self.name)
+    }
+}
+
+/// The BIRD protocol name for a neighbor called `name` (see
+/// [`Neighbor::protocol_name`]).
+pub fn protocol_name(name: &str) -> String {
+    let mut out = String::with_capacity(PROTOCOL_PREFIX.len() + name.len());
+    out.push_str(PROTOCOL_PREFIX);
+    out.extend(
+        name.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+    );
+    out
+}
+
+/// A TCP-MD5 key. Its `Debug` prints no part of it and its memory is wiped
+/// on drop; the only way out is [`Password::expose`], which the renderer
+/// calls.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Zeroizing<String>);
+
+impl Password {
+    pub fn new(key: impl Into<String>) -> Password {
+        Password(Zeroizing::new(key.into()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// Accept routes inside `prefix` whose length is from `prefix`'s own up to
+/// `max_len` (BIRD `prefix{len,max_len}`). `0.0.0.0/0` with `max_len` 0 is
+/// what grants a default route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ImportRule {
+    /// Canonical (no host bits).
+    pub prefix: IpNet,
+    /// From `prefix.prefix_len()` to 32 (IPv4) or 128 (IPv6).
+    pub max_len: u8,
+}
+
+impl ImportRule {
+    /// Exactly `prefix`, nothing more specific.
+    pub fn exact(prefix: IpNet) -> ImportRule {
+        ImportRule {
+            prefix,
+            max_len: prefix.prefix_len(),
+        }
+    }
+
+    /// Whether BIRD's filter, as rendered, accepts `net` (the same rule in
+    /// Rust, for callers that want to check a learned route again).
+    pub fn covers(&self, net: &IpNet) -> bool {
+        self.prefix.contains(net) && net.prefix_len() <= self.max_len
+    }
+}
+
+/// Session timers, in seconds. The defaults are much shorter than BIRD's
+/// (hold 240, connect retry 120, error wait 60–300): a fabric session over
+/// a direct link fails over in seconds, and tests do not crawl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    /// 0 (no keepalives) or at least 3 (RFC 4271). Default 9.
+    pub hold: u16,
+    /// Below `hold` (at least 1 when `hold` is not 0). Default 3.
+    pub keepalive: u16,
+    /// From protocol start to the first connection attempt (BIRD's
+    /// `connect delay time`, default 5 there). Default 1.
+    pub connect_delay: u16,
+    /// Between failed connection attempts. Default 5.
+    pub connect_retry: u16,
+    /// Minimum and maximum back-off after a session error (`error wait
+    /// time`), doubling in between. Default 5, 30.
+    pub error_wait: (u16, u16),
+    /// With [`BgpConfig::graceful_restart`]: how long neighbors keep our
+    /// routes while we restart, and the longest BIRD defers its kernel
+    /// sync during recovery (`graceful restart wait`). 1 to 4095 (a 12-bit
+    /// field in the capability). Default 120.
+    pub restart_time: u16,
+}
+
+impl Default for Timers {
+    fn default() -> Timers {
+        Timers {
+            hold: 9,
+            keepalive: 3,
+            connect_delay: 1,
+            connect_retry: 5,
+            error_wait: (5, 30),
+            restart_time: 120,
+        }
+    }
+}
+
+/// Checks `config` and renders it as a BIRD 2 (2.0.12) config file.
+///
+/// The text contains the neighbors' passwords: write it only to a file of
+/// mode 0600 ([`super::Bird::install`] does) and never log it.
+pub fn render(config: &BgpConfig) -> Result<String> {
+    validate(config)?;
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = render_into(&mut out, config);
+    Ok(out)
+}
+
+/// Every check [`render`] makes, without rendering.
+pub fn validate(config: &BgpConfig) -> Result<()> {
+    if config.router_id.is_unspecified() {
+        return Err(invalid("router_id", "0.0.0.0 is not a BGP identifier"));
+    }
+    if config.local_as == 0 {
+        return Err(invalid("local_as", "AS 0 is reserved (RFC 7607)"));
+    }
+    if RESERVED_TABLES.contains(&config.table) {
+        return Err(invalid(
+            "table",
+            format!(
+                "{} is the kernel's unspecified, default, main or local table",
+                config.table
+            ),
+        ));
+    }
+    validate_timers(&config.timers)?;
+    if config.max_prefixes == Some(0) {
+        return Err(invalid(
+            "max_prefixes",
+            "0 would disable every session at its first route; use None for no limit",
+        ));
+    }
+    for (i, net) in config.export.iter().enumerate() {
+        canonical(&format!("export[{i}]"), net)?;
+    }
+    for (i, rule) in config.import.iter().enumerate() {
+        let field = format!("import[{i}]");
+        canonical(&field, &rule.prefix)?;
+        let max = rule.prefix.max_prefix_len();
+        if rule.max_len < rule.prefix.prefix_len() || rule.max_len > max {
+            return Err(invalid(
+                format!("{field}.max_len"),
+                format!(
+                    "{} is outside {}..={max} for {}",
+                    rule.max_len,
+                    rule.prefix.prefix_len(),
+                    rule.prefix
+                ),
+            ));
+        }
+    }
+    let mut names = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
+    for (i, n) in config.neighbors.iter().enumerate() {
+        validate_neighbor(i, n)?;
+        if !names.insert(n.protocol_name()) {
+            return Err(invalid(
+                format!("neighbors[{i}].name"),
+                format!(
+                    "{:?} gives protocol name {} like an earlier neighbor",
+                    n.name,
+                    n.protocol_name()
+                ),
+            ));
+        }
+        if !addresses.insert(n.address) {
+            return Err(invalid(
+                format!("neighbors[{i}].address"),
+                format!("{} is an earlier neighbor's address too", n.address),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_timers(t: &Timers) -> Result<()> {
+    if t.hold != 0 && t.hold < 3 {
+        return Err(invalid(
+            "timers.hold",
+            format!("{} s: must be 0 or at least 3 (RFC 4271)", t.hold),
+        ));
+    }
+    if t.hold != 0 && (t.keepalive == 0 || t.keepalive >= t.hold) {
+        return Err(invalid(
+            "timers.keepalive",
+            format!(
+                "{} s: must be from 1 to below hold ({} s)",
+                t.keepalive, t.hold
+            ),
+        ));
+    }
+    if t.connect_retry == 0 {
+        return Err(invalid("timers.connect_retry", "must be at least 1 s"));
+    }
+    let (min, max) = t.error_wait;
+    if min == 0 || max < min {
+        return Err(invalid(
+            "timers.error_wait",
+            format!("{min},{max}: need 1 <= minimum <= maximum"),
+        ));
+    }
+    if t.restart_time == 0 || t.restart_time > 4095 {
+        return Err(invalid(
+            "timers.restart_time",
+            format!("{} s: must be from 1 to 4095", t.restart_time),
+        ));
+    }
+    Ok(())
+}
+
+fn canonical(field: &str, net: &IpNet) -> Result<()> {
+    if net.trunc() != *net {
+        return Err(invalid(
+            field,
+            format!("{net} has host bits set (did you mean {}?)", net.trunc()),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_neighbor(i: usize, n: &Neighbor) -> Result<()> {
+    let field = |f: &str| format!("neighbors[{i}].{f}");
+    if n.name.is_empty() || n.name.len() > MAX_NAME_LEN {
+        return Err(invalid(
+            field("name"),
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
+    }
+    if let Some(c) = n
+        .name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(
+            field("name"),
+            format!("{c:?} is not allowed: only ASCII letters, digits, '.', '_' and '-'"),
+        ));
+    }
+    let a = n.address;
+    let link_local = matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+    if a.is_unspecified() || a.is_multicast() || a.is_loopback() || link_local {
+        return Err(invalid(
+            field("address"),
+            format!("{a} is not a usable neighbor address (unspecified, multicast, loopback or link-local)"),
+        ));
+    }
+    if matches!(a, IpAddr::V4(v4) if v4.is_broadcast()) {
+        return Err(invalid(
+            field("address"),
+            format!("{a} is the broadcast address"),
+        ));
+    }
+    if n.remote_as == 0 {
+        return Err(invalid(field("remote_as"), "AS 0 is reserved (RFC 7607)"));
+    }
+    if let Some(local) = n.local_address {
+        if local.is_ipv4() != a.is_ipv4() {
+            return Err(invalid(
+                field("local_address"),
+                format!("{local} is not of the family of {a}: one session per family"),
+            ));
+        }
+        if local.is_unspecified() || local.is_multicast() {
+            return Err(invalid(
+                field("local_address"),
+                format!("{local} is not a usable source address"),
+            ));
+        }
+    }
+    if let Some(p) = &n.password {
+        let key = p.expose();
+        if key.is_empty() || key.len() > MAX_PASSWORD_LEN {
+            // The length is no secret worth keeping; the key is.
+            return Err(invalid(
+                field("password"),
+                format!("must be 1 to {MAX_PASSWORD_LEN} bytes (TCP-MD5 key)"),
+            ));
+        }
+        if !key.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"') {
+            return Err(invalid(
+                field("password"),
+                "only printable ASCII other than '\"' is allowed (BIRD strings have no escapes)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn render_into(out: &mut String, c: &BgpConfig) -> fmt::Result {
+    let t = &c.timers;
+    let multihop = c.neighbors.iter().any(|n| n.multihop);
+    writeln!(
+        out,
+        "# Written by wgmesh from its BGP settings: edits are overwritten."
+    )?;
+    writeln!(out, "router id {};", c.router_id)?;
+    // `show protocols` then prints "since" as one token (Unix seconds),
+    // which super::parse_protocols reads; the default is a local time of
+    // day that becomes a date after 24 h.
+    writeln!(out, "timeformat protocol \"%s\";")?;
+    if c.graceful_restart {
+        // During recovery (bird -R) kernel sync waits for the BGP sessions
+        // to converge, at most this long.
+        writeln!(out, "graceful restart wait {};", t.restart_time)?;
+    }
+    writeln!(out)?;
+    writeln!(out, "protocol device {{ scan time 10; }}")?;
+    if multihop {
+        writeln!(out, "ipv4 table {IGP4};")?;
+        writeln!(out, "ipv6 table {IGP6};")?;
+        writeln!(
+            out,
+            "protocol direct wgm_direct {{ ipv4 {{ table {IGP4}; }}; ipv6 {{ table {IGP6}; }}; }}"
+        )?;
+    }
+    writeln!(out)?;
+
+    for (name, v4) in [(EXPORT4, true), (EXPORT6, false)] {
+        writeln!(out, "protocol static {name} {{")?;
+        writeln!(out, "  {};", if v4 { "ipv4" } else { "ipv6" })?;
+        for net in c.export.iter().filter(|n| n.addr().is_ipv4() == v4) {
+            writeln!(out, "  route {net} blackhole;")?;
+        }
+        writeln!(out, "}}")?;
+    }
+    writeln!(out)?;
+
+    for (name, v4) in [(KERNEL4, true), (KERNEL6, false)] {
+        writeln!(out, "protocol kernel {name} {{")?;
+        writeln!(out, "  kernel table {};", c.table)?;
+        writeln!(out, "  learn off;")?;
+        if c.graceful_restart {
+            writeln!(out, "  persist on;")?;
+            writeln!(out, "  graceful restart on;")?;
+        } else {
+            writeln!(out, "  persist off;")?;
+        }
+        writeln!(
+            out,
+            "  {} {{ import none; export where source = RTS_BGP; }};",
+            if v4 { "ipv4" } else { "ipv6" }
+        )?;
+        writeln!(out, "}}")?;
+    }
+    writeln!(out)?;
+
+    for (name, v4) in [(IMPORT4, true), (IMPORT6, false)] {
+        let rules: Vec<&ImportRule> = c
+            .import
+            .iter()
+            .filter(|r| r.prefix.addr().is_ipv4() == v4)
+            .collect();
+        if rules.is_empty() {
+            // An empty prefix set is a syntax error; such channels render
+            // `import none` instead.
+            continue;
+        }
+        writeln!(out, "filter {name} {{")?;
+        write!(out, "  if net ~ [ ")?;
+        for (i, r) in rules.iter().enumerate() {
+            if i > 0 {
+                write!(out, ", ")?;
+            }
+            write!(
+                out,
+                "{}{{{},{}}}",
+                r.prefix,
+                r.prefix.prefix_len(),
+                r.max_len
+            )?;
+        }
+        writeln!(out, " ] then accept;")?;
+        writeln!(out, "  reject;")?;
+        writeln!(out, "}}")?;
+    }
+    writeln!(out)?;
+
+    for n in &c.neighbors {
+        let v4 = n.address.is_ipv4();
+        writeln!(out, "protocol bgp {} {{", n.protocol_name())?;
+        match n.local_address {
+            Some(a) => writeln!(out, "  local {a} as {};", c.local_as)?,
+            None => writeln!(out, "  local as {};", c.local_as)?,
+        }
+        writeln!(out, "  neighbor {} as {};", n.address, n.remote_as)?;
+        writeln!(out, "  {};", if n.multihop { "multihop" } else { "direct" })?;
+        writeln!(out, "  hold time {};", t.hold)?;
+        if t.hold != 0 {
+            writeln!(out, "  keepalive time {};", t.keepalive)?;
+        }
+        writeln!(out, "  connect delay time {};", t.connect_delay)?;
+        writeln!(out, "  connect retry time {};", t.connect_retry)?;
+        writeln!(
+            out,
+            "  error wait time {},{};",
+            t.error_wait.0, t.error_wait.1
+        )?;
+        if c.graceful_restart {
+            writeln!(out, "  graceful restart on;")?;
+            writeln!(out, "  graceful restart time {};", t.restart_time)?;
+        } else {
+            writeln!(out, "  graceful restart aware;")?;
+        }
+        if let Some(p) = &n.password {
+            writeln!(out, "  password \"{}\";", p.expose())?;
+        }
+        writeln!(out, "  {} {{", if v4 { "ipv4" } else { "ipv6" })?;
+        let has_rules = c.import.iter().any(|r| r.prefix.addr().is_ipv4() == v4);
+        if has_rules {
+            writeln!(
+                out,
+                "    import filter {};",
+                if v4 { IMPORT4 } else { IMPORT6 }
+            )?;
+        } else {
+            writeln!(out, "    import none;")?;
+        }
+        if let Some(max) = c.max_prefixes {
+            writeln!(out, "    import limit {max} action disable;")?;
+        }
+        writeln!(
+            out,
+            "    export where proto = \"{}\";",
+            if v4 { EXPORT4 } else { EXPORT6 }
+        )?;
+        if !v4 {
+            // An IPv6 peer may send a global and a link-local next hop.
+            // Resolved recursively (multihop) through a direct IGP route,
+            // BIRD would install the link-local one, which names no
+            // neighbor the agent knows; direct sessions use the global one
+            // either way (seen with FRR 8.4 and BIRD 2.0.12).
+            writeln!(out, "    next hop prefer global;")?;
+        }
+        if n.multihop {
+            writeln!(out, "    igp table {};", if v4 { IGP4 } else { IGP6 })?;
+        }
+        writeln!(out, "  }};")?;
+        writeln!(out, "}}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn neighbor(name: &str, address: &str) -> Neighbor {
+        Neighbor {
+            name: name.into(),
+            address: address.parse().unwrap(),
+            remote_as: 64513,
+            local_address: None,
+            password: None,
+            multihop: false,
+        }
+    }
+
+    fn sample() -> BgpConfig {
+        let mut c = BgpConfig::new("10.0.0.1".parse().unwrap(), 64512, 187);
+        c.neighbors = vec![
+            neighbor("tor-1.rack-a", "10.0.0.2"),
+            neighbor("tor6", "fd00::2"),
+        ];
+        c.export = vec![net("10.244.1.0/24"), net("fd00:244:1::/64")];
+        c.import = vec![
+            ImportRule::exact(net("198.51.100.0/24")),
+            ImportRule {
+                prefix: net("192.0.2.0/24"),
+                max_len: 32,
+            },
+            ImportRule::exact(net("2001:db8:100::/48")),
+        ];
+        c
+    }
+
+    fn err_field(c: &BgpConfig) -> String {
+        match render(c) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            Ok(_) => panic!("rendered an invalid config"),
+        }
+    }
+
+    /// The text between `protocol bgp NAME {` and its closing brace.
+    fn block<'a>(text: &'a str, header: &str) -> &'a str {
+        let start = text
+            .find(header)
+            .unwrap_or_else(|| panic!("no {header} in\n{text}"));
+        let rest = &text[start..];
+        &rest[..rest.find("\n}").unwrap()]
+    }
+
+    #[test]
+    fn renders_the_full_shape() {
+        let text = render(&sample()).unwrap();
+        assert!(text.contains("router id 10.0.0.1;"));
+        assert!(text.contains("timeformat protocol \"%s\";"));
+        assert!(text.contains("graceful restart wait 120;"));
+        // Exports are blackholes in statics, one per family.
+        let s4 = block(&text, "protocol static wgm_export4 {");
+        assert!(s4.contains("route 10.244.1.0/24 blackhole;"));
+        assert!(!s4.contains("fd00"));
+        let s6 = block(&text, "protocol static wgm_export6 {");
+        assert!(s6.contains("route fd00:244:1::/64 blackhole;"));
+        // The kernel protocols: table 187 only, BGP routes only, nothing learned.
+        for k in [
+            "protocol kernel wgm_kernel4 {",
+            "protocol kernel wgm_kernel6 {",
+        ] {
+            let k = block(&text, k);
+            assert!(k.contains("kernel table 187;"));
+            assert!(k.contains("learn off;"));
+            assert!(k.contains("persist on;"));
+            assert!(k.contains("graceful restart on;"));
+            assert!(k.contains("import none; export where source = RTS_BGP;"));
+        }
+        assert_eq!(text.matches("protocol kernel").count(), 2);
+        assert_eq!(text.matches("kernel table").count(), 2);
+        // Import filters per family.
+        assert!(
+            text.contains("if net ~ [ 198.51.100.0/24{24,24}, 192.0.2.0/24{24,32} ] then accept;")
+        );
+        assert!(text.contains("if net ~ [ 2001:db8:100::/48{48,48} ] then accept;"));
+        // Sessions: one channel of their family each.
+        let b4 = block(&text, "protocol bgp bgp_tor_1_rack_a {");
+        assert!(b4.contains("local as 64512;"));
+        assert!(b4.contains("neighbor 10.0.0.2 as 64513;"));
+        assert!(b4.contains("direct;"));
+        assert!(b4.contains("hold time 9;"));
+        assert!(b4.contains("keepalive time 3;"));
+        assert!(b4.contains("connect delay time 1;"));
+        assert!(b4.contains("connect retry time 5;"));
+        assert!(b4.contains("error wait time 5,30;"));
+        assert!(b4.contains("graceful restart on;"));
+        assert!(b4.contains("graceful restart time 120;"));
+        assert!(b4.contains("  ipv4 {"));
+        assert!(!b4.contains("ipv6"));
+        assert!(b4.contains("import filter wgm_import4;"));
+        assert!(b4.contains("import limit 100 action disable;"));
+        assert!(b4.contains("export where proto = \"wgm_export4\";"));
+        assert!(!b4.contains("password"));
+        let b6 = block(&text, "protocol bgp bgp_tor6 {");
+        assert!(b6.contains("  ipv6 {"));
+        assert!(b6.contains("import filter wgm_import6;"));
+        assert!(b6.contains("export where proto = \"wgm_export6\";"));
+        assert!(b6.contains("next hop prefer global;"));
+        // No multihop neighbor, no IGP tables.
+        assert!(!text.contains("wgm_igp"));
+        assert!(!text.contains("protocol direct"));
+    }
+
+    #[test]
+    fn empty_import_list_imports_nothing() {
+        let mut c = sample();
+        c.import.clear();
+        let text = render(&c).unwrap();
+        assert!(!text.contains("filter wgm_import"));
+        assert_eq!(text.matches("import none;").count(), 2 + 2); // kernels + sessions
+        assert!(!text.contains("accept"));
+        // Only v4 rules: the v6 session imports nothing.
+        c.import = vec![ImportRule::exact(net("198.51.100.0/24"))];
+        let text = render(&c).unwrap();
+        assert!(block(&text, "protocol bgp bgp_tor6 {").contains("import none;"));
+        assert!(
+            block(&text, "protocol bgp bgp_tor_1_rack_a {").contains("import filter wgm_import4;")
+        );
+    }
+
+    #[test]
+    fn default_route_only_when_granted() {
+        let mut c = sample();
+        let text = render(&c).unwrap();
+        assert!(!text.contains("0.0.0.0/0"));
+        c.import.push(ImportRule::exact(net("0.0.0.0/0")));
+        let text = render(&c).unwrap();
+        assert!(text.contains("0.0.0.0/0{0,0}"));
+        // The Rust twin of the filter agrees.
+        let rule = ImportRule::exact(net("0.0.0.0/0"));
+        assert!(rule.covers(&net("0.0.0.0/0")));
+        assert!(!rule.covers(&net("10.0.0.0/8")));
+        let rule = ImportRule {
+            prefix: net("192.0.2.0/24"),
+            max_len: 28,
+        };
+        assert!(rule.covers(&net("192.0.2.16/28")));
+        assert!(!rule.covers(&net("192.0.2.16/29")));
+        assert!(!rule.covers(&net("192.0.0.0/16")));
+    }
+
+    #[test]
+    fn options_render() {
+        let mut c = sample();
+        c.graceful_restart = false;
+        c.max_prefixes = None;
+        c.neighbors[0].local_address = Some("10.0.0.1".parse().unwrap());
+        c.neighbors[0].password = Some(Password::new("s3cret key!"));
+        c.neighbors[1].multihop = true;
+        c.neighbors[1].remote_as = 64512;
+        c.timers.hold = 0;
+        let text = render(&c).unwrap();
+        assert!(!text.contains("graceful restart wait"));
+        assert!(!text.contains("import limit"));
+        assert!(!text.contains("keepalive time"));
+        assert!(text.contains("hold time 0;"));
+        assert_eq!(text.matches("persist off;").count(), 2);
+        let b4 = block(&text, "protocol bgp bgp_tor_1_rack_a {");
+        assert!(b4.contains("local 10.0.0.1 as 64512;"));
+        assert!(b4.contains("password \"s3cret key!\";"));
+        assert!(b4.contains("graceful restart aware;"));
+        let b6 = block(&text, "protocol bgp bgp_tor6 {");
+        assert!(b6.contains("neighbor fd00::2 as 64512;"));
+        assert!(b6.contains("multihop;"));
+        assert!(b6.contains("igp table wgm_igp6;"));
+        assert!(text.contains("ipv6 table wgm_igp6;"));
+        assert!(text.contains("protocol direct wgm_direct"));
+    }
+
+    #[test]
+    fn no_neighbors_still_renders() {
+        let c = BgpConfig::new("10.0.0.1".parse().unwrap(), 64512, 1000);
+        let text = render(&c).unwrap();
+        assert!(!text.contains("protocol bgp"));
+        assert!(text.contains("kernel table 1000;"));
+    }
+
+    #[test]
+    fn names_are_sanitised_and_unique() {
+        assert_eq!(protocol_name("tor-1.rack-a"), "bgp_tor_1_rack_a");
+        assert_eq!(protocol_name("static"), "bgp_static");
+        let mut c = sample();
+        c.neighbors[1].name = "tor_1_rack-a".into();
+        assert_eq!(err_field(&c), "neighbors[1].name");
+        for bad in [
+            "",
+            "a b",
+            "x\"; }",
+            "n{",
+            "é",
+            &"a".repeat(MAX_NAME_LEN + 1),
+        ] {
+            let mut c = sample();
+            c.neighbors[0].name = bad.into();
+            assert_eq!(err_field(&c), "neighbors[0].name", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_checked_and_never_printed() {
+        for bad in [
+            "",
+            "a\"b",
+            "x\n};",
+            "tab\there",
+            "ümlaut",
+            &"k".repeat(MAX_PASSWORD_LEN + 1),
+        ] {
+            let mut c = sample();
+            c.neighbors[1].password = Some(Password::new(bad));
+            let e = render(&c).unwrap_err();
+            assert_eq!(err_field(&c), "neighbors[1].password");
+            if bad.len() > 1 {
+                assert!(!e.to_string().contains(bad), "{e}");
+            }
+        }
+        let mut c = sample();
+        c.neighbors[0].password = Some(Password::new("hunter2-{braces}-are-fine"));
+        assert!(render(&c)
+            .unwrap()
+            .contains("password \"hunter2-{braces}-are-fine\";"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("<redacted>"));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        type Change = Box<dyn Fn(&mut BgpConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|c| c.router_id = Ipv4Addr::UNSPECIFIED),
+                "router_id",
+            ),
+            (Box::new(|c| c.local_as = 0), "local_as"),
+            (Box::new(|c| c.table = 254), "table"),
+            (Box::new(|c| c.table = 0), "table"),
+            (Box::new(|c| c.table = 255), "table"),
+            (Box::new(|c| c.max_prefixes = Some(0)), "max_prefixes"),
+            (Box::new(|c| c.timers.hold = 2), "timers.hold"),
+            (Box::new(|c| c.timers.keepalive = 9), "timers.keepalive"),
+            (Box::new(|c| c.timers.keepalive = 0), "timers.keepalive"),
+            (
+                Box::new(|c| c.timers.connect_retry = 0),
+                "timers.connect_retry",
+            ),
+            (
+                Box::new(|c| c.timers.error_wait = (30, 5)),
+                "timers.error_wait",
+            ),
+            (
+                Box::new(|c| c.timers.restart_time = 4096),
+                "timers.restart_time",
+            ),
+            (
+                Box::new(|c| c.export.push(net("10.244.1.1/24"))),
+                "export[2]",
+            ),
+            (Box::new(|c| c.import[1].max_len = 33), "import[1].max_len"),
+            (Box::new(|c| c.import[0].max_len = 23), "import[0].max_len"),
+            (
+                Box::new(|c| c.import.push(ImportRule::exact(net("2001:db8::1/32")))),
+                "import[3]",
+            ),
+            (
+                Box::new(|c| c.neighbors[0].address = "0.0.0.0".parse().unwrap()),
+                "neighbors[0].address",
+            ),
+            (
+                Box::new(|c| c.neighbors[1].address = "fe80::1".parse().unwrap()),
+                "neighbors[1].address",
+            ),
+            (
+                Box::new(|c| c.neighbors[1].address = "ff02::1".parse().unwrap()),
+                "neighbors[1].address",
+            ),
+            (
+                Box::new(|c| c.neighbors[1].address = "10.0.0.2".parse().unwrap()),
+                "neighbors[1].address",
+            ),
+            (
+                Box::new(|c| c.neighbors[0].remote_as = 0),
+                "neighbors[0].remote_as",
+            ),
+            (
+                Box::new(|c| c.neighbors[0].local_address = Some("fd00::1".parse().unwrap())),
+                "neighbors[0].local_address",
+            ),
+        ];
+        for (change, field) in cases {
+            let mut c = sample();
+            change(&mut c);
+            assert_eq!(err_field(&c), field);
+        }
+    }
+}
