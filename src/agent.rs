@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -53,6 +53,7 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
 use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec};
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
+use crate::routes::bgp::speaker::Speaker;
 use crate::routes::{self, Grant, Router};
 use crate::telemetry::{self, PassState, Telemetry};
 use crate::wg::kernel::{select_backend, BackendKind};
@@ -72,6 +73,9 @@ const WATCH_TICK: Duration = Duration::from_millis(500);
 /// [`RETRY_MAX`] while failures last.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(16);
+
+/// How often an agent in BGP mode reads BIRD's table between passes.
+const BGP_TICK: Duration = Duration::from_secs(2);
 
 /// How often a node in the middle of a key rotation re-checks its progress.
 const ROTATION_TICK: Duration = Duration::from_secs(1);
@@ -119,6 +123,8 @@ pub struct AgentConfig {
     pub rotation_stagger: Duration,
     /// Replace a conflist of the same name that wgmesh did not write.
     pub cni_overwrite: bool,
+    /// Route sync's BGP mode (`--bgp`): BIRD configured by the agent.
+    pub bgp: Option<crate::routes::bgp::speaker::Settings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +151,8 @@ pub enum AgentError {
     },
     #[error("the Node watch ended")]
     WatchEnded,
+    #[error(transparent)]
+    Bgp(#[from] crate::routes::bgp::speaker::SpeakerError),
     #[error("CNI config: {0}")]
     Cni(#[from] crate::cni::CniError),
     #[error("internal: {0}")]
@@ -238,6 +246,29 @@ pub struct Agent {
     router: Router,
     /// The last pass's route sync result (for the masquerade step).
     route_outcome: routes::Outcome,
+    /// BGP mode, when on; taken out while a blocking apply runs.
+    speaker: Option<Speaker>,
+    /// Whether BIRD's kernel table held routes at the last read (a BIRD
+    /// started then recovers instead of flushing them).
+    learned_table_has_routes: bool,
+    /// The grants that passed validation this pass (BGP's import list).
+    kept_grants: Vec<Grant>,
+    /// This node's own learned routes at the last successful table read,
+    /// used while the table cannot be read (rather than withdrawing them).
+    last_learned: Vec<routes::Advertised>,
+    /// Every prefix a MeshRoute object names, valid or not.
+    grant_prefixes: std::collections::BTreeSet<IpNet>,
+    /// Whether the grants are known (the MeshRoute cache synced, or the
+    /// resource not served and nothing carried).
+    routes_known: bool,
+    /// Extra prefixes routed into the tunnel (carried or held): at start,
+    /// whatever routes of ours an earlier run left outside the cluster CIDRs.
+    carried: std::collections::BTreeSet<IpNet>,
+    /// The device was read once for who holds each prefix (after a start).
+    routes_seeded: bool,
+    /// Device peer key -> node, kept one pass so a rotating node's old
+    /// peer still counts as that node.
+    key_nodes: HashMap<PublicKey, String>,
 }
 
 impl Agent {
@@ -280,6 +311,22 @@ impl Agent {
         } else {
             None
         };
+        let cfg_bgp = cfg.bgp.clone();
+        // Extra prefixes an earlier run routed into the tunnel: held until
+        // the grants are known (see `route_sync`).
+        let carried = match &net {
+            Some(net) => match net.our_destinations().await {
+                Ok(ours) => ours
+                    .into_iter()
+                    .filter(|d| !cfg.cluster_cidrs.iter().any(|c| c == d))
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read this node's routes; extra prefixes of an earlier run are not held");
+                    Default::default()
+                }
+            },
+            None => Default::default(),
+        };
         let described = backend.lock().map(|b| b.describe()).unwrap_or_default();
         tracing::info!(backend = %described, "WireGuard backend");
         Ok(Self {
@@ -302,6 +349,18 @@ impl Agent {
             reported_routes: HashMap::new(),
             router: Router::default(),
             route_outcome: routes::Outcome::default(),
+            speaker: match cfg_bgp {
+                Some(s) => Some(Speaker::new(s)?),
+                None => None,
+            },
+            learned_table_has_routes: false,
+            kept_grants: Vec::new(),
+            last_learned: Vec::new(),
+            grant_prefixes: Default::default(),
+            routes_known: false,
+            carried,
+            routes_seeded: false,
+            key_nodes: HashMap::new(),
         })
     }
 
@@ -310,6 +369,12 @@ impl Agent {
     /// field at fault (and carries nothing).
     pub fn set_route_objects(&mut self, objects: &[serde_json::Value]) {
         let mut grants = Vec::with_capacity(objects.len());
+        self.routes_known = true;
+        self.grant_prefixes = objects
+            .iter()
+            .filter_map(|o| o["spec"]["prefix"].as_str()?.trim().parse::<IpNet>().ok())
+            .map(|p| p.trunc())
+            .collect();
         for object in objects {
             match routes::grant::decode(object) {
                 Ok(g) => grants.push(g),
@@ -324,6 +389,18 @@ impl Agent {
             }
         }
         self.grants = grants;
+    }
+
+    /// The grants cannot be known now (the MeshRoute cache has not synced):
+    /// extra prefixes carried so far are held (see `route_sync`) and the
+    /// last grants stay.
+    pub fn set_routes_unknown(&mut self) {
+        self.routes_known = false;
+    }
+
+    /// Whether extra prefixes are routed into the tunnel (carried or held).
+    pub fn carries_extra_prefixes(&self) -> bool {
+        !self.carried.is_empty()
     }
 
     /// The agent's metrics and health.
@@ -372,7 +449,7 @@ impl Agent {
             tracing::warn!(error = %e, "cannot read the rotation's progress from the audit log; no rotation step this pass");
         }
         let progress = progress.ok();
-        let desired = LocalAnnotations {
+        let mut desired = LocalAnnotations {
             public_key: state.active.public_key,
             key_generation: state.active.generation,
             key_created: state.active.created,
@@ -393,6 +470,8 @@ impl Agent {
                     };
                     format!("{at:.0} {result}")
                 }),
+            // Filled in by route sync below.
+            learned_prefixes: Vec::new(),
         };
 
         // 2. Plan.
@@ -422,6 +501,12 @@ impl Agent {
         }
         // Route sync: extra prefixes onto their gateways' peers.
         let outcome = self.route_sync(nodes, &decoded, &plan).await;
+        desired.learned_prefixes = outcome
+            .prefixes
+            .iter()
+            .filter(|p| p.source == routes::Source::Learned && p.local_gateway)
+            .map(|p| p.prefix)
+            .collect();
         Router::apply(&outcome, &mut plan);
         report.probing_routes = outcome.needs_probing();
         self.route_outcome = outcome;
@@ -480,6 +565,12 @@ impl Agent {
             }
             None => Ok(()),
         };
+
+        // BGP mode: BIRD announces this node's pod CIDRs and gateway
+        // prefixes and imports what the grants let it learn.
+        if self.speaker.is_some() {
+            self.bgp_step(&own_cidrs, &plan).await;
+        }
 
         // The key rotation's next step, on the device's evidence.
         if let Some(view) = &view {
@@ -666,6 +757,7 @@ impl Agent {
             encrypt_host: self.cfg.encrypt_host_traffic,
             listen_port: self.cfg.listen_port,
             exempt: self.cfg.api_servers.clone(),
+            learned_table: self.speaker.as_ref().map(Speaker::table),
         };
         let policy = net.ensure_policy(&spec).await;
         if let Ok(p) = &policy {
@@ -928,52 +1020,99 @@ impl Agent {
     }
 
     /// Validates the grants against the Nodes, samples the liveness of the
-    /// candidates' sessions and picks each prefix's gateway. Nothing to do
-    /// (and no device read) without grants.
+    /// candidates' sessions and picks each prefix's gateway. Without grants,
+    /// BGP or held prefixes: nothing (and no device read).
+    ///
+    /// A prefix this node carried before and carries no more while a
+    /// MeshRoute still names it (its grant now refused or invalid), or while
+    /// the grants are not known (the MeshRoute cache not synced, the
+    /// resource not served after being), is *held*: routed into the tunnel
+    /// on no peer, so its traffic is dropped rather than sent out by the
+    /// default route. Only deleting the MeshRoute lets it go.
     async fn route_sync(
         &mut self,
         nodes: &[Arc<Node>],
         decoded: &[std::result::Result<node::NodeRecord, node::Rejected>],
         plan: &Plan,
     ) -> routes::Outcome {
-        if self.grants.is_empty() {
+        if self.grants.is_empty()
+            && self.speaker.is_none()
+            && (self.carried.is_empty() || (self.routes_known && self.grant_prefixes.is_empty()))
+        {
             self.router.chooser.retain(|_| false);
+            self.kept_grants.clear();
+            self.carried.clear();
             return routes::Outcome::default();
         }
         let now = std::time::Instant::now();
         let wall = std::time::SystemTime::now();
+
+        // Which node each device peer is: its current or staged key, or the
+        // key it had last pass (a rotating node's old peer until promoted).
+        let mut key_nodes: HashMap<PublicKey, String> = std::mem::take(&mut self.key_nodes);
+        for p in &plan.peers {
+            key_nodes.insert(p.config.public_key, p.node.clone());
+            if let Some(next) = p.config.successor {
+                key_nodes.insert(next, p.node.clone());
+            }
+        }
         let backend = self.backend.clone();
-        let stats = tokio::task::spawn_blocking(move || {
+        // Once the grants are known: which prefixes to look for.
+        let seed = !self.routes_seeded && self.routes_known;
+        let read = tokio::task::spawn_blocking(move || {
             let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
-            backend.peer_stats()
+            let state = if seed { backend.state().ok() } else { None };
+            (backend.peer_stats(), state)
         })
         .await;
-        match stats {
-            Ok(Ok(stats)) => {
+        let mut device_endpoints = Vec::new();
+        match read {
+            Ok((Ok(stats), state)) => {
                 for p in &stats {
+                    let Some(node) = key_nodes.get(&p.public_key) else {
+                        continue;
+                    };
                     let age = p
                         .last_handshake
                         .map(|t| wall.duration_since(t).unwrap_or_default());
-                    self.router
-                        .liveness
-                        .observe(now, p.public_key, p.rx_bytes, age);
+                    self.router.liveness.observe(now, node, p.rx_bytes, age);
+                    device_endpoints.extend(p.endpoint.map(|e| e.ip().to_canonical()));
                 }
-                self.router
-                    .liveness
-                    .retain(|k| stats.iter().any(|p| p.public_key == *k));
+                let on_device: std::collections::BTreeSet<&str> = stats
+                    .iter()
+                    .filter_map(|p| key_nodes.get(&p.public_key).map(String::as_str))
+                    .collect();
+                self.router.liveness.retain(|n| on_device.contains(n));
+                if let Some(state) = state {
+                    // After a restart: who holds each prefix now.
+                    for peer in &state.peers {
+                        let Some(node) = key_nodes.get(&peer.public_key) else {
+                            continue;
+                        };
+                        for ip in &peer.allowed_ips {
+                            if self.grant_prefixes.contains(ip) {
+                                self.router.chooser.seed(*ip, node);
+                            }
+                        }
+                    }
+                    self.routes_seeded = true;
+                }
             }
-            // Unread counters stay as they were: a gateway is judged dead
-            // only from readings, never from a failed read.
-            Ok(Err(e)) => {
+            // A failed read leaves the last readings; after DEAD_AFTER
+            // without one every gateway counts as dead, which keeps each
+            // prefix on its current holder.
+            Ok((Err(e), _)) => {
                 tracing::warn!(error = %e, "cannot read the device's counters for gateway liveness")
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the device's counters for gateway liveness failed")
             }
         }
+        key_nodes.retain(|_, n| plan.peers.iter().any(|p| &p.node == n));
+        self.key_nodes = key_nodes;
 
         let mut pod_cidrs = BTreeMap::new();
-        let mut node_ips = Vec::new();
+        let mut node_ips = device_endpoints;
         for record in decoded.iter().flatten() {
             pod_cidrs.insert(record.name.clone(), record.pod_cidrs.clone());
             node_ips.extend(record.node_ips.iter().map(|ip| ip.to_canonical()));
@@ -982,6 +1121,8 @@ impl Agent {
         for rejected in decoded.iter().filter_map(|r| r.as_ref().err()) {
             node_ips.extend(rejected.node_ips.iter().map(|ip| ip.to_canonical()));
         }
+        // The API server too: its traffic must never depend on a gateway.
+        node_ips.extend(self.cfg.api_servers.iter().map(|a| a.ip().to_canonical()));
         node_ips.sort_unstable();
         node_ips.dedup();
         let validator = routes::Validator::new(self.cfg.cluster_cidrs.clone(), pod_cidrs, node_ips);
@@ -989,22 +1130,76 @@ impl Agent {
             .iter()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, node_ready(n))))
             .collect();
-        let keys: HashMap<&str, PublicKey> = plan
+        // Learned (BGP) prefixes: every other node's published ones, and
+        // this node's own straight from BIRD's table.
+        let mut learned: BTreeMap<String, Vec<routes::Advertised>> = BTreeMap::new();
+        for n in nodes {
+            let Some(name) = n.metadata.name.as_deref() else {
+                continue;
+            };
+            if name == self.cfg.node_name {
+                continue;
+            }
+            let Some(text) = n
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(annotations::LEARNED_PREFIXES))
+            else {
+                continue;
+            };
+            let (adverts, bad) = routes::learned_from_annotation(name, text);
+            if !bad.is_empty() {
+                let key = format!("learned/{name}");
+                let text = bad.join(", ");
+                if self.reported_routes.get(&key) != Some(&text) {
+                    tracing::warn!(node = name, entries = %text, "wgmesh.dev/learned-prefixes entries that are not canonical CIDRs ignored");
+                    self.reported_routes.insert(key, text);
+                }
+            }
+            learned.insert(name.to_owned(), adverts);
+        }
+        if let Some(speaker) = &self.speaker {
+            match speaker.learned().await {
+                Ok(table) => {
+                    self.learned_table_has_routes = !table.is_empty();
+                    let own = &self.cfg.node_name;
+                    self.last_learned = table
+                        .into_iter()
+                        .map(|r| routes::Advertised {
+                            prefix: r.prefix,
+                            node: own.clone(),
+                            // Learned from the fabric: this node is the
+                            // hop its peers send to.
+                            next_hop_node: Some(own.clone()),
+                        })
+                        .collect();
+                }
+                // Unread: what the last read said stands (withdrawing it
+                // would cut the peers off from a fabric that is still there).
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read BIRD's learned routes; keeping the last ones read")
+                }
+            }
+            learned.insert(self.cfg.node_name.clone(), self.last_learned.clone());
+        }
+        self.kept_grants = validator
+            .grants(&self.grants)
+            .0
+            .into_iter()
+            .cloned()
+            .collect();
+        let alive: HashMap<String, bool> = plan
             .peers
             .iter()
-            .map(|p| (p.node.as_str(), p.config.public_key))
+            .map(|p| {
+                let ok = ready.get(p.node.as_str()).copied().unwrap_or(false)
+                    && self.router.liveness.alive(now, &p.node);
+                (p.node.clone(), ok)
+            })
             .collect();
-        let liveness = &self.router.liveness;
-        let healthy = |node: &str| {
-            ready.get(node).copied().unwrap_or(false)
-                && keys.get(node).is_some_and(|k| liveness.alive(now, k))
-        };
-        // Learned (BGP) prefixes join here once a node publishes them.
-        let learned = BTreeMap::new();
-        let alive: HashMap<String, bool> =
-            keys.keys().map(|n| ((*n).to_owned(), healthy(n))).collect();
         let before = self.router.chooser.failovers();
-        let outcome = self.router.decide(
+        let mut outcome = self.router.decide(
             now,
             &self.cfg.node_name,
             &validator,
@@ -1025,7 +1220,101 @@ impl Agent {
                 self.reported_routes.insert(key, text);
             }
         }
+        // Held: carried before, not now, and still named by a MeshRoute (or
+        // the grants unknown).
+        let carried_now: std::collections::BTreeSet<IpNet> = outcome
+            .prefixes
+            .iter()
+            .filter(|p| !p.local_gateway)
+            .map(|p| p.prefix)
+            .collect();
+        outcome.held = self
+            .carried
+            .iter()
+            .filter(|p| !carried_now.contains(p))
+            .filter(|p| !self.routes_known || self.grant_prefixes.contains(p))
+            .copied()
+            .collect();
+        for p in &outcome.held {
+            let key = format!("held/{p}");
+            if !self.reported_routes.contains_key(&key) {
+                tracing::warn!(prefix = %p, routes_known = self.routes_known, "extra prefix held: routed into the tunnel on no peer (dropped) until its MeshRoute is deleted or carried again");
+                self.reported_routes.insert(key, String::new());
+            }
+        }
+        self.reported_routes.retain(|k, _| {
+            !k.starts_with("held/") || outcome.held.iter().any(|p| *k == format!("held/{p}"))
+        });
+        self.carried = carried_now
+            .into_iter()
+            .chain(outcome.held.iter().copied())
+            .collect();
         outcome
+    }
+
+    /// Renders BIRD's config from this pass and makes BIRD run it (started
+    /// when its control socket does not answer); failures are logged and
+    /// counted, never stop the pass.
+    async fn bgp_step(&mut self, own_cidrs: &[IpNet], plan: &Plan) {
+        let Some(mut speaker) = self.speaker.take() else {
+            return;
+        };
+        let mut export = own_cidrs.to_vec();
+        export.extend(
+            self.route_outcome
+                .prefixes
+                .iter()
+                .filter(|p| p.local_gateway && p.source == routes::Source::Static)
+                .map(|p| p.prefix),
+        );
+        let grants: Vec<&Grant> = self.kept_grants.iter().collect();
+        let config = speaker.config(&self.cfg.node_name, &plan.local_node_ips, &export, &grants);
+        let recovery = self.learned_table_has_routes;
+        let result = match config {
+            Err(e) => {
+                self.speaker = Some(speaker);
+                Err(e)
+            }
+            Ok(config) => {
+                let done = tokio::task::spawn_blocking(move || {
+                    let r = speaker.apply(&config, recovery);
+                    (speaker, r)
+                })
+                .await;
+                match done {
+                    Ok((speaker, r)) => {
+                        self.speaker = Some(speaker);
+                        r
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the BGP step panicked; BGP mode is off until the agent restarts");
+                        return;
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(applied) => {
+                if applied.started {
+                    tracing::info!(recovery, "BIRD started");
+                } else if applied.changed {
+                    tracing::info!("BIRD reconfigured");
+                }
+                self.telemetry.set_bgp_sessions(
+                    applied
+                        .sessions
+                        .iter()
+                        .map(|s| {
+                            (
+                                s.name.clone(),
+                                s.session.map_or("down", |st| st.as_str()).to_string(),
+                            )
+                        })
+                        .collect(),
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "BGP: BIRD not configured this pass"),
+        }
     }
 
     /// Each peer this device has completed a handshake with, and the endpoint the
@@ -1268,6 +1557,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     write_backstops(&cfg).await?;
     let api: Api<Node> = Api::all(client.clone());
     let route_client = client.clone();
+    let bgp = cfg.bgp.is_some();
     let debounce = cfg.debounce;
     let resync = cfg.resync;
     let metrics_listen = cfg.metrics_listen;
@@ -1345,25 +1635,29 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
-    let route_reader = tokio::select! {
-        r = watch_routes(route_client, changed.clone(), telemetry.api_errors.clone()) => r,
-        _ = term.recv() => return Ok(()),
-        _ = tokio::signal::ctrl_c() => return Ok(()),
-    };
+    let routes = watch_routes(route_client, changed.clone(), telemetry.api_errors.clone());
     tokio::select! {
         r = reader.wait_until_ready() => { if r.is_err() { return Err(AgentError::WatchEnded); } }
         _ = term.recv() => return Ok(()),
         _ = tokio::signal::ctrl_c() => return Ok(()),
     }
-    if let Some(routes) = &route_reader {
-        // The first pass must see the grants already on the device, or a
-        // restarted agent would take their prefixes off it for a moment.
-        tokio::select! {
-            r = routes.wait_until_ready() => { if r.is_err() { return Err(AgentError::WatchEnded); } }
-            _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+    // A moment for the MeshRoute cache, usually synced by now; without it
+    // the first pass holds what an earlier run carried, and the next pass
+    // (its sync wakes one) carries it again.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let ready = routes.store.lock().ok().and_then(|s| s.clone());
+            match ready {
+                Some(store) => {
+                    let _ = store.wait_until_ready().await;
+                    return;
+                }
+                None if routes.not_served.load(std::sync::atomic::Ordering::Relaxed) => return,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
         }
-    }
+    })
+    .await;
     tracing::info!("Node cache synced; reconciling");
     telemetry.set_synced(true);
     let mut retry = RETRY_MIN;
@@ -1374,14 +1668,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         // resync): a 429 or an outage must not leave the mesh stale.
         let mut rotating = false;
         let mut probing = false;
-        if let Some(routes) = &route_reader {
-            let objects: Vec<serde_json::Value> = routes
-                .state()
-                .iter()
-                .filter_map(|o| serde_json::to_value(o.as_ref()).ok())
-                .collect();
-            agent.set_route_objects(&objects);
-        }
+        routes.feed(&mut agent);
         let again = match agent.pass(&nodes).await {
             Ok(report) if report.api_failed => {
                 probing = report.probing_routes;
@@ -1420,6 +1707,11 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
             // A remote gateway can die without any event: sample its
             // session's counters often enough to move its prefixes soon.
             wait = wait.min(routes::PROBE_INTERVAL);
+        }
+        if bgp {
+            // What BIRD learns or loses reaches its kernel table without any
+            // event the agent sees: look at it this often.
+            wait = wait.min(BGP_TICK);
         }
         let deadline = tokio::time::Instant::now() + wait;
         let mut tick = tokio::time::interval(WATCH_TICK);
@@ -1467,49 +1759,106 @@ pub fn meshroute_resource() -> kube::core::ApiResource {
     }
 }
 
-/// Starts the `MeshRoute` reflector when the resource is served (its CRD,
-/// manifests/05-meshroute-crd.yaml, is installed); `None`, with one log
-/// line, when it is not: route sync is then off until the agent restarts.
-/// Any other failure to ask (the API server away) counts as served, so a
-/// restart during an outage does not drop the grants.
-async fn watch_routes(
+/// The MeshRoute side input of the loop: whether the resource is served,
+/// and its cache once it is. Never blocks a pass (DESIGN: nothing on the API
+/// side may stop the data path from being repaired): until the cache has
+/// synced the grants count as unknown, and extra prefixes carried so far are
+/// held (see `Agent::route_sync`).
+#[derive(Clone, Default)]
+struct RouteSource {
+    /// `Some` once served (the reflector runs).
+    store: Arc<std::sync::Mutex<Option<reflector::Store<kube::core::DynamicObject>>>>,
+    /// The resource answered 404 at the last probe.
+    not_served: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How often an agent asks again whether MeshRoutes are served while they
+/// are not (the CRD applied after the DaemonSet, or later).
+const ROUTES_PROBE: Duration = Duration::from_secs(30);
+
+impl RouteSource {
+    /// Hands the agent what is known: the objects when the cache is synced,
+    /// none when the resource is not served, else "unknown".
+    fn feed(&self, agent: &mut Agent) {
+        let store = self.store.lock().ok().and_then(|s| s.clone());
+        match store {
+            Some(store) if store.wait_until_ready().now_or_never().is_some() => {
+                let objects: Vec<serde_json::Value> = store
+                    .state()
+                    .iter()
+                    .filter_map(|o| serde_json::to_value(o.as_ref()).ok())
+                    .collect();
+                agent.set_route_objects(&objects);
+            }
+            Some(_) => agent.set_routes_unknown(),
+            // Not served means no grants only when nothing is carried: a 404
+            // from an API server whose CRD cache is not synced yet (after its
+            // restart) must not release prefixes that are still granted.
+            None if self.not_served.load(std::sync::atomic::Ordering::Relaxed)
+                && !agent.carries_extra_prefixes() =>
+            {
+                agent.set_route_objects(&[]);
+            }
+            None => agent.set_routes_unknown(),
+        }
+    }
+}
+
+/// Starts the task that asks whether MeshRoutes are served (its CRD,
+/// manifests/05-meshroute-crd.yaml, installed) and then runs their
+/// reflector. Asked every [`ROUTES_PROBE`] while not served, with backoff
+/// while the API does not answer.
+fn watch_routes(
     client: Client,
     changed: Arc<Notify>,
     errors: prometheus_client::metrics::counter::Counter,
-) -> Option<reflector::Store<kube::core::DynamicObject>> {
-    let resource = meshroute_resource();
-    let api: Api<kube::core::DynamicObject> = Api::all_with(client, &resource);
-    // Asked until the API server answers one way or the other: deciding
-    // "not served" during an outage would take every prefix off the device
-    // once the API is back.
-    let mut wait = RETRY_MIN;
-    loop {
-        let probe = tokio::time::timeout(
-            crate::k8s::WRITE_TIMEOUT,
-            api.list(&kube::api::ListParams::default().limit(1)),
-        )
-        .await;
-        match probe {
-            Ok(Ok(_)) => break,
-            Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
-                tracing::info!("the MeshRoute resource is not served (manifests/05-meshroute-crd.yaml not applied): route sync is off until the agent restarts");
-                return None;
-            }
-            Ok(Err(e)) => {
-                errors.inc();
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot ask whether MeshRoutes are served; asking again");
-            }
-            Err(_) => {
-                errors.inc();
-                tracing::warn!(retry_in = ?wait, "asking whether MeshRoutes are served timed out; asking again");
-            }
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(RETRY_MAX);
-    }
-    let writer = reflector::store::Writer::<kube::core::DynamicObject>::new(resource.clone());
-    let reader = writer.as_reader();
+) -> RouteSource {
+    let source = RouteSource::default();
+    let out = source.clone();
     tokio::spawn(async move {
+        let resource = meshroute_resource();
+        let api: Api<kube::core::DynamicObject> = Api::all_with(client, &resource);
+        let mut wait = RETRY_MIN;
+        let mut said_not_served = false;
+        loop {
+            let probe = tokio::time::timeout(
+                crate::k8s::WRITE_TIMEOUT,
+                api.list(&kube::api::ListParams::default().limit(1)),
+            )
+            .await;
+            match probe {
+                Ok(Ok(_)) => break,
+                Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+                    if !said_not_served {
+                        tracing::info!("the MeshRoute resource is not served (manifests/05-meshroute-crd.yaml not applied): no extra prefixes; asking again every 30 s");
+                        said_not_served = true;
+                    }
+                    source
+                        .not_served
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    changed.notify_one();
+                    tokio::time::sleep(ROUTES_PROBE).await;
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    errors.inc();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot ask whether MeshRoutes are served (RBAC: manifests/01-rbac.yaml grants get/list/watch); extra prefixes carried so far are held");
+                }
+                Err(_) => {
+                    errors.inc();
+                    tracing::warn!(retry_in = ?wait, "asking whether MeshRoutes are served timed out; extra prefixes carried so far are held");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+        let writer = reflector::store::Writer::<kube::core::DynamicObject>::new(resource.clone());
+        if let Ok(mut s) = source.store.lock() {
+            *s = Some(writer.as_reader());
+        }
+        source
+            .not_served
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let stream = reflector(writer, watcher(api, watcher::Config::default()))
             .default_backoff()
             .touched_objects();
@@ -1524,7 +1873,7 @@ async fn watch_routes(
             }
         }
     });
-    Some(reader)
+    out
 }
 
 /// The node-local things whose change calls for a pass at once: the

@@ -343,6 +343,57 @@ pub struct AgentArgs {
     /// remote pod CIDRs in plaintext before the agent is up.
     #[arg(long, env = "WGMESH_BACKSTOPS_ONLY")]
     pub backstops_only: bool,
+    /// Route sync's BGP mode (docs/routing.md): configure BIRD 2 on this
+    /// node to peer with the fabric's routers (--bgp-neighbor), announce
+    /// this node's pod CIDRs and the MeshRoute prefixes it is a gateway for,
+    /// and learn the prefixes MeshRoutes with `learn.nodes` naming this node
+    /// allow; the agent publishes those (wgmesh.dev/learned-prefixes) so its
+    /// peers route them to it. Needs `bird` and `birdc` (Debian: bird2).
+    #[arg(long, env = "WGMESH_BGP")]
+    pub bgp: bool,
+    /// This node's AS number (required with --bgp).
+    #[arg(long, env = "WGMESH_BGP_LOCAL_AS", default_value_t = 0)]
+    pub bgp_local_as: u32,
+    /// The BGP identifier; default: this node's first IPv4 address.
+    #[arg(long, env = "WGMESH_BGP_ROUTER_ID")]
+    pub bgp_router_id: Option<std::net::Ipv4Addr>,
+    /// A fabric router to peer with, ADDRESS=AS (repeat, or comma-separate in
+    /// the variable); one session per neighbor, of its address family.
+    #[arg(long, env = "WGMESH_BGP_NEIGHBORS", value_delimiter = ',')]
+    pub bgp_neighbor: Vec<wgmesh::routes::bgp::speaker::NeighborSpec>,
+    /// A file holding the TCP-MD5 key of every BGP session (read at start;
+    /// never logged).
+    #[arg(long, env = "WGMESH_BGP_PASSWORD_FILE")]
+    pub bgp_password_file: Option<PathBuf>,
+    /// Where the agent writes BIRD's config (mode 0600).
+    #[arg(
+        long,
+        env = "WGMESH_BGP_CONFIG",
+        default_value = "/run/wgmesh/bird.conf"
+    )]
+    pub bgp_config: PathBuf,
+    /// BIRD's control socket.
+    #[arg(
+        long,
+        env = "WGMESH_BGP_SOCKET",
+        default_value = "/run/wgmesh/bird.ctl"
+    )]
+    pub bgp_socket: PathBuf,
+    /// The kernel table BIRD delivers learned routes to (read by the agent;
+    /// mesh traffic looks it up at --rule-priority + 1).
+    #[arg(long, env = "WGMESH_BGP_TABLE", default_value_t = wgmesh::routes::bgp::config::DEFAULT_TABLE)]
+    pub bgp_table: u32,
+    /// Per session, more accepted prefixes than this and BIRD shuts the
+    /// session down (until `birdc enable` or a restart).
+    #[arg(long, env = "WGMESH_BGP_MAX_PREFIXES", default_value_t = wgmesh::routes::bgp::config::DEFAULT_MAX_PREFIXES)]
+    pub bgp_max_prefixes: u32,
+    /// Do not start BIRD when its control socket does not answer (it runs
+    /// in a container or unit of its own).
+    #[arg(long, env = "WGMESH_BGP_NO_SPAWN")]
+    pub bgp_no_spawn: bool,
+    /// Where a BIRD the agent starts writes its stderr.
+    #[arg(long, env = "WGMESH_BGP_LOG", default_value = "/run/wgmesh/bird.log")]
+    pub bgp_log: PathBuf,
 }
 
 /// `wgmesh status` and `wgmesh graph`.

@@ -88,6 +88,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 backend: args.backend,
                 cni_dir: (!args.no_cni).then(|| args.cni_dir.clone()),
                 cni_overwrite: args.cni_overwrite,
+                bgp: args.bgp.then(|| wgmesh::routes::bgp::speaker::Settings {
+                    local_as: args.bgp_local_as,
+                    router_id: args.bgp_router_id,
+                    neighbors: args.bgp_neighbor.clone(),
+                    password_file: args.bgp_password_file.clone(),
+                    config: args.bgp_config.clone(),
+                    socket: args.bgp_socket.clone(),
+                    table: args.bgp_table,
+                    max_prefixes: args.bgp_max_prefixes,
+                    spawn: !args.bgp_no_spawn,
+                    log_file: Some(args.bgp_log.clone()),
+                }),
                 metrics_listen: match args.metrics_listen.as_str() {
                     "off" | "" => None,
                     addr => Some(addr.parse().with_context(|| {

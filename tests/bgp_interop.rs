@@ -764,6 +764,7 @@ impl Lab {
             netns: Some(self.node.clone()),
             log_file: Some(self.path("ours.log")),
             ready_timeout: Duration::from_secs(10),
+            detach: false,
         })?;
         self.ours = Some(child);
         Ok(())
@@ -930,6 +931,7 @@ impl BirdFabric {
                 netns: Some(lab.fabric.clone()),
                 log_file: Some(lab.path("fabric.log")),
                 ready_timeout: Duration::from_secs(10),
+                detach: false,
             })
             .map_err(|e| e.to_string())?;
         lab.theirs.push(("bird".into(), child));

@@ -574,12 +574,21 @@ fn routes_and_rules_that_bypass_the_tunnel_are_reported() {
         let cluster = [net4("10.99.0.0/16"), net4("fd00:99::/48")];
         let local = [net4("10.99.1.0/24"), net4("fd00:99:0:1::/64")];
         // Our own policy table and rules are no bypass either.
+        // With BGP mode's `iif <wg> lookup <learned table>` rules too, which
+        // read back as exactly ours (a second call changes nothing).
         let spec = PolicySpec {
             local_pod_cidrs: local.to_vec(),
             remote_node_ips: vec![ip("192.0.2.2")],
+            learned_table: Some(187),
             ..PolicySpec::new(WG)
         };
         net.ensure_policy(&spec).await.unwrap();
+        assert!(net.ensure_policy(&spec).await.unwrap().is_empty());
+        let rules = ns.ip("rule show");
+        assert!(
+            rules.contains(&format!("iif {WG} lookup 187 proto 87")),
+            "{rules}"
+        );
         let found = net.bypasses(WG, &cluster, &local).await.unwrap();
         assert!(found.is_empty(), "{found:?}");
 

@@ -180,6 +180,24 @@ pub fn diff(current: &[PeerConfig], desired: &[PeerConfig]) -> Vec<PeerChange> {
         })
     };
 
+    // An update that gains an allowed IP goes before the ones that only
+    // lose some: a prefix moving between peers (route sync's failover) is
+    // then taken over by the new peer (which moves it, atomically, on every
+    // device) before the old peer's update drops it, never on no peer in
+    // between on a device that applies one update at a time.
+    let gains = |c: &PeerChange| match c {
+        PeerChange::Update {
+            public_key,
+            allowed_ips: Some(ips),
+            ..
+        } => current
+            .binary_search_by_key(public_key, |p| p.public_key)
+            .is_ok_and(|i| ips.iter().any(|ip| !current[i].allowed_ips.contains(ip))),
+        _ => false,
+    };
+    let (mut updates, losing): (Vec<PeerChange>, Vec<PeerChange>) =
+        updates.into_iter().partition(|c| gains(c));
+    updates.extend(losing);
     let mut out = early;
     out.extend(updates);
     out.extend(promotes);

@@ -1424,3 +1424,26 @@ fn a_successor_follows_its_roamed_endpoint_into_the_promote() {
     keep_roamed_endpoints(&current, &mut desired, None);
     assert_eq!(desired[0].endpoint, Some(endpoint(9)));
 }
+
+#[test]
+fn a_prefix_moving_between_peers_is_taken_before_it_is_given_up() {
+    // Route sync's failover: 198.18.0.0/24 from peer 1 to peer 2. Peer 1
+    // sorts first, yet peer 2's update (which gains it) goes first, so a
+    // device applying one update at a time never has it on no peer.
+    let current = vec![
+        peer(1, Some(1), &["10.0.1.0/24", "198.18.0.0/24"], None),
+        peer(2, Some(2), &["10.0.2.0/24"], None),
+    ];
+    let desired = vec![
+        peer(1, Some(1), &["10.0.1.0/24"], None),
+        peer(2, Some(2), &["10.0.2.0/24", "198.18.0.0/24"], None),
+    ];
+    let keys: Vec<PublicKey> = diff(&current, &desired)
+        .iter()
+        .map(|c| match c {
+            PeerChange::Update { public_key, .. } => *public_key,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(keys, [key(2), key(1)]);
+}

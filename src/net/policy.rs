@@ -131,6 +131,11 @@ pub struct PolicySpec {
     /// API server addresses, exempt (TCP to the address and port) with host
     /// encryption.
     pub exempt: Vec<SocketAddr>,
+    /// BGP mode: the kernel table BIRD delivers learned routes to. Traffic
+    /// arriving from the mesh (`iif <interface>`) looks it up first
+    /// (`priority + 1`), so a gateway forwards its peers' traffic to the
+    /// fabric's prefixes; with no route there the lookup falls through.
+    pub learned_table: Option<u32>,
 }
 
 impl PolicySpec {
@@ -147,6 +152,7 @@ impl PolicySpec {
             encrypt_host: false,
             listen_port: 51820,
             exempt: Vec::new(),
+            learned_table: None,
         }
     }
 
@@ -185,6 +191,16 @@ impl PolicySpec {
                 }
             }
         }
+        if let Some(table) = self.learned_table {
+            for v6 in [false, true] {
+                rules.insert(rule(
+                    v6,
+                    RuleSelector::Iif(self.interface.clone()),
+                    self.priority + 1,
+                    table,
+                ));
+            }
+        }
         rules.into_iter().collect()
     }
 
@@ -202,7 +218,14 @@ impl PolicySpec {
         } else if self.encrypt_host && self.listen_port == 0 {
             Some("host encryption needs a fixed WireGuard listen port to exempt".to_owned())
         } else {
-            None
+            self.learned_table
+                .filter(|t| matches!(t, 0 | 253..=255) || *t == self.table)
+                .map(|t| {
+                    format!(
+                        "BGP table {t} is reserved or is wgmesh's own policy table {}",
+                        self.table
+                    )
+                })
         };
         match reason {
             Some(reason) => Err(NetError::InvalidPolicy { reason }),
@@ -233,6 +256,8 @@ pub enum RuleSelector {
     WireGuardUdp(u16),
     /// `to <ip> ipproto tcp dport <port>`: the agent's API traffic.
     Api(SocketAddr),
+    /// `iif <interface>`: traffic arriving from the mesh (BGP mode).
+    Iif(String),
 }
 
 impl RuleSelector {
@@ -240,7 +265,7 @@ impl RuleSelector {
         match self {
             RuleSelector::From(c) => c.addr().is_ipv6(),
             RuleSelector::Api(a) => a.is_ipv6(),
-            RuleSelector::All | RuleSelector::WireGuardUdp(_) => false,
+            RuleSelector::All | RuleSelector::WireGuardUdp(_) | RuleSelector::Iif(_) => false,
         }
     }
 }
@@ -300,13 +325,14 @@ impl From<&PolicyRule> for RuleView {
             suppress_prefixlen: None,
             other: false,
         };
-        match rule.selector {
-            RuleSelector::From(cidr) => view.source = Some(cidr),
+        match &rule.selector {
+            RuleSelector::From(cidr) => view.source = Some(*cidr),
             RuleSelector::All => {}
             RuleSelector::WireGuardUdp(port) => {
                 view.ip_proto = Some(libc::IPPROTO_UDP as u8);
-                view.sport = Some((port, port));
+                view.sport = Some((*port, *port));
             }
+            RuleSelector::Iif(name) => view.iif = Some(name.clone()),
             RuleSelector::Api(api) => {
                 view.destination = Some(IpNet::from(api.ip()));
                 view.ip_proto = Some(libc::IPPROTO_TCP as u8);
@@ -706,6 +732,9 @@ pub(crate) fn rule_message(rule: &PolicyRule) -> RuleMessage {
     }
     if let Some(p) = view.ip_proto {
         a.push(RuleAttribute::IpProtocol(IpProtocol::from(p)));
+    }
+    if let Some(iif) = &view.iif {
+        a.push(RuleAttribute::Iifname(iif.clone()));
     }
     if let Some((start, end)) = view.sport {
         a.push(RuleAttribute::SourcePortRange(RulePortRange { start, end }));
@@ -1276,6 +1305,35 @@ mod tests {
             ..spec()
         };
         assert_eq!(s.rules(), vec![from("10.244.1.0/24", PRIO, TABLE)]);
+    }
+
+    #[test]
+    fn bgp_mode_looks_up_the_learned_table_for_mesh_traffic_and_reads_back_as_ours() {
+        let s = PolicySpec {
+            learned_table: Some(187),
+            ..spec()
+        };
+        let rules = s.rules();
+        let iif: Vec<&PolicyRule> = rules
+            .iter()
+            .filter(|r| matches!(r.selector, RuleSelector::Iif(_)))
+            .collect();
+        assert_eq!(iif.len(), 2, "one per family");
+        for r in iif {
+            assert_eq!((r.priority, r.table), (PRIO + 1, 187));
+            let back = dumped(rule_message(r));
+            assert_eq!(back.view.iif.as_deref(), Some("wgmesh0"));
+            assert!(back.is_exactly(r), "{back:?}");
+        }
+        for (bad, why) in [(Some(254), "reserved"), (Some(TABLE), "own policy table")] {
+            let e = PolicySpec {
+                learned_table: bad,
+                ..spec()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -252,6 +252,9 @@ pub struct LocalAnnotations {
     /// The last activation's time and result ([`ann::LAST_ROTATION`]);
     /// `None` leaves the annotation out.
     pub last_rotation: Option<String>,
+    /// Prefixes learned over BGP and accepted ([`ann::LEARNED_PREFIXES`]);
+    /// written canonical, sorted, deduplicated; left out when empty.
+    pub learned_prefixes: Vec<IpNet>,
 }
 
 /// Decodes and validates one Node. See the module docs for the text rules.
@@ -454,6 +457,11 @@ pub fn encode(local: &LocalAnnotations) -> BTreeMap<String, String> {
     }
     if let Some(last) = &local.last_rotation {
         out.insert(ann::LAST_ROTATION.to_owned(), last.clone());
+    }
+    let learned = canonical_set(local.learned_prefixes.iter().map(IpNet::trunc));
+    if !learned.is_empty() {
+        let text: Vec<String> = learned.iter().map(IpNet::to_string).collect();
+        out.insert(ann::LEARNED_PREFIXES.to_owned(), text.join(","));
     }
     if let Some(head) = &local.audit_head {
         out.insert(ann::AUDIT_HEAD.to_owned(), head.to_string());
@@ -973,6 +981,7 @@ mod tests {
             pod_cidrs: vec![net("fd00:10:244:1::/64"), net("10.244.1.0/24")],
             audit_head: Some(head(7)),
             last_rotation: Some("2026-11-21T11:36:24Z all-confirmed".into()),
+            learned_prefixes: vec![net("203.0.113.0/24"), net("198.51.100.0/24")],
         }
     }
 
@@ -1207,12 +1216,15 @@ mod tests {
         assert_eq!(map[ann::POD_CIDRS], "10.244.1.0/24,fd00:10:244:1::/64");
         assert_eq!(map[ann::PUBLIC_KEY].len(), 44);
         assert_eq!(map[ann::AUDIT_HEAD], format!("7:{}", "ab".repeat(32)));
+        assert_eq!(map[ann::LEARNED_PREFIXES], "198.51.100.0/24,203.0.113.0/24");
         assert!(map.keys().all(|k| ann::AGENT_OWNED.contains(&k.as_str())));
 
         local.next_public_key = None;
         local.pod_cidrs.clear();
         local.audit_head = None;
+        local.learned_prefixes.clear();
         let map = encode(&local);
+        assert!(!map.contains_key(ann::LEARNED_PREFIXES));
         assert!(!map.contains_key(ann::NEXT_PUBLIC_KEY));
         assert!(!map.contains_key(ann::POD_CIDRS));
         assert!(!map.contains_key(ann::AUDIT_HEAD));
@@ -1801,7 +1813,7 @@ mod tests {
         // Every agent-owned key local() sets (all of them).
         assert_eq!(
             patch["metadata"]["annotations"].as_object().unwrap().len(),
-            8
+            9
         );
 
         // A new head is one key; a head withdrawn is removed with null.
@@ -1889,6 +1901,7 @@ mod tests {
                         pod_cidrs: cidrs,
                         audit_head: head.map(|(seq, hash)| AuditHead { seq, hash }),
                         last_rotation: None,
+                        learned_prefixes: Vec::new(),
                     }
                 },
             )

@@ -34,6 +34,12 @@ pub mod annotations {
     /// single-identity device. Informational (for `wgmesh keys inventory`);
     /// never validated by peers.
     pub const LAST_ROTATION: &str = "wgmesh.dev/last-rotation";
+    /// Route sync's BGP mode: the prefixes this node learned from the
+    /// fabric and its own validator accepted, comma-separated, canonical,
+    /// sorted. Other agents accept each only inside a `MeshRoute` whose
+    /// `learn.nodes` names this node (`crate::routes`); a bad entry costs
+    /// the node nothing else.
+    pub const LEARNED_PREFIXES: &str = "wgmesh.dev/learned-prefixes";
     /// Set by people, never by the agent: overrides `endpoint`.
     pub const FORCE_ENDPOINT: &str = "wgmesh.dev/force-endpoint";
     /// Set by people, never by the agent: seconds, 0 = off.
@@ -54,6 +60,7 @@ pub mod annotations {
         POD_CIDRS,
         AUDIT_HEAD,
         LAST_ROTATION,
+        LEARNED_PREFIXES,
     ];
 
     /// No annotation value may be longer than this (bytes).

@@ -159,7 +159,7 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
                 if !valid_node_name(node) {
                     err(
                         &format!("{at}.node"),
-                        format!("{} is not a Node name", shorten(node)),
+                        format!("{} is not a Node name (lower-case RFC 1123)", shorten(node)),
                     );
                     continue;
                 }
@@ -170,7 +170,10 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
                         None => {
                             err(
                                 &format!("{at}.priority"),
-                                format!("{p} is not an integer from 0 to 65535"),
+                                format!(
+                                    "{} is not an integer from 0 to 65535",
+                                    shorten(&p.to_string())
+                                ),
                             );
                             continue;
                         }
@@ -209,7 +212,10 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
                             }
                             None => err(
                                 &format!("spec.learn.nodes[{i}]"),
-                                format!("{n} is not a Node name"),
+                                format!(
+                                    "{} is not a Node name (lower-case RFC 1123)",
+                                    shorten(&n.to_string())
+                                ),
                             ),
                         }
                     }
@@ -234,7 +240,8 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
                         err(
                             "spec.learn.maxLength",
                             format!(
-                                "{v} must be an integer from the prefix's own length to {max_bits}"
+                                "{} must be an integer from the prefix's own length to {max_bits}",
+                                shorten(&v.to_string())
                             ),
                         );
                         0
@@ -248,7 +255,10 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
                     None => {
                         err(
                             "spec.learn.priority",
-                            format!("{v} is not an integer from 0 to 65535"),
+                            format!(
+                                "{} is not an integer from 0 to 65535",
+                                shorten(&v.to_string())
+                            ),
                         );
                         100
                     }
@@ -265,7 +275,12 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
             None
         }
     };
-    if gateways.is_empty() && learn.is_none() && spec["gateways"].is_null() {
+    if spec["gateways"].as_array().is_some_and(|l| l.is_empty()) {
+        err(
+            "spec.gateways",
+            "empty: list at least one gateway node, or leave it out and use spec.learn".into(),
+        );
+    } else if gateways.is_empty() && learn.is_none() && spec["gateways"].is_null() {
         err(
             "spec.gateways",
             "missing: a MeshRoute needs spec.gateways (static) or spec.learn (BGP)".into(),
@@ -279,7 +294,10 @@ pub fn decode(object: &Value) -> Result<Grant, Invalid> {
             None => {
                 err(
                     "spec.failbackSeconds",
-                    format!("{v} is not an integer from 0 to 86400"),
+                    format!(
+                        "{} is not an integer from 0 to 86400",
+                        shorten(&v.to_string())
+                    ),
                 );
                 DEFAULT_FAILBACK
             }
@@ -413,9 +431,20 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_gateway_list_is_an_error_not_a_silent_no_op() {
+        let e = decode(&obj(json!({"prefix": "192.0.2.0/24", "gateways": []}))).unwrap_err();
+        assert_eq!(e.errors[0].field, "spec.gateways");
+        assert!(e.errors[0].problem.starts_with("empty"), "{e}");
+    }
+
+    #[test]
     fn hostile_text_is_bounded_and_escaped() {
         let long = format!("\"}}{}", "x".repeat(10_000));
         let e = decode(&obj(json!({"prefix": long, "gateways": [{"node": "n1"}]}))).unwrap_err();
         assert!(e.to_string().len() < 300, "{e}");
+        let big = json!({"x": "y".repeat(10_000)});
+        let e = decode(&obj(json!({"prefix": "192.0.2.0/24", "failbackSeconds": big,
+            "gateways": [{"node": "n1", "priority": big}], "learn": {"nodes": [big], "maxLength": big, "priority": big}}))).unwrap_err();
+        assert!(e.to_string().len() < 1000, "{}", e.to_string().len());
     }
 }

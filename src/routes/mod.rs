@@ -77,12 +77,16 @@ pub struct Outcome {
     /// Sorted by prefix.
     pub prefixes: Vec<PrefixState>,
     pub refused: Vec<Refused>,
+    /// Prefixes routed into the tunnel on no peer (dropped): carried
+    /// before, not now (the agent decides; see `agent::Agent`).
+    pub held: Vec<IpNet>,
 }
 
 impl Outcome {
     /// Whether the agent must keep sampling liveness (a remote gateway
     /// could fail at any time).
     pub fn needs_probing(&self) -> bool {
+        // (Held prefixes need no probing: nothing can carry them.)
         self.prefixes.iter().any(|p| !p.local_gateway)
     }
 
@@ -207,19 +211,17 @@ impl Router {
     /// Puts `outcome` into `plan`: each remote-gateway prefix on its active
     /// node's peer and routed into the plan's interface (the route stays when
     /// no candidate is alive, so the prefix is dropped by cryptokey routing
-    /// rather than sent elsewhere), and keepalives of at most
-    /// [`gateway::GATEWAY_KEEPALIVE`] on the sessions whose liveness matters:
-    /// toward every candidate, and toward every peer when this node is a
-    /// gateway (its peers must hear from it).
+    /// rather than sent elsewhere), each held prefix routed there on no
+    /// peer, and, on a gateway, a keepalive of at most
+    /// [`gateway::GATEWAY_KEEPALIVE`] toward every peer so that each of them
+    /// sees the gateway's session alive (see there why only the gateway).
     pub fn apply(outcome: &Outcome, plan: &mut Plan) {
         let Some(interface) = plan.routes.first().map(|r| r.interface.clone()) else {
             // No cluster route, no interface to route into: nothing carried.
             return;
         };
-        let candidates = outcome.candidate_nodes();
-        let local_gateway = outcome.prefixes.iter().any(|p| p.local_gateway);
-        for peer in &mut plan.peers {
-            if local_gateway || candidates.contains(peer.node.as_str()) {
+        if outcome.prefixes.iter().any(|p| p.local_gateway) {
+            for peer in &mut plan.peers {
                 let k = &mut peer.config.persistent_keepalive;
                 *k = Some(k.map_or(gateway::GATEWAY_KEEPALIVE, |k| {
                     k.min(gateway::GATEWAY_KEEPALIVE)
@@ -238,6 +240,12 @@ impl Router {
                 interface: interface.clone(),
             });
         }
+        for held in &outcome.held {
+            plan.routes.push(Route {
+                destination: *held,
+                interface: interface.clone(),
+            });
+        }
         plan.routes.sort();
         plan.routes.dedup();
     }
@@ -252,3 +260,28 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 mod tests;
 
 pub mod bgp;
+
+/// A Node's `wgmesh.dev/learned-prefixes` as advertisements of `node`, and
+/// the entries that are not canonical CIDRs (each named, for a log line; a
+/// bad entry drops only itself). At most [`validate::DEFAULT_CAP`] + 1
+/// entries are read: more is refused as a whole by the validator anyway.
+pub fn learned_from_annotation(node: &str, text: &str) -> (Vec<Advertised>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for entry in text
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .take(validate::DEFAULT_CAP + 1)
+    {
+        match entry.parse::<IpNet>() {
+            Ok(net) if net.trunc() == net => out.push(Advertised {
+                prefix: net,
+                node: node.to_owned(),
+                next_hop_node: Some(node.to_owned()),
+            }),
+            _ => bad.push(format!("{:?}", entry.chars().take(64).collect::<String>())),
+        }
+    }
+    (out, bad)
+}

@@ -93,11 +93,11 @@ fn the_prefix_moves_with_its_gateway_and_its_route_stays() {
         .routes
         .iter()
         .any(|r| r.destination == net("192.0.2.0/24")));
-    // Both candidates' sessions get the short keepalive.
+    // A client keeps its keepalives: only gateways send the short one.
     assert!(p
         .peers
         .iter()
-        .all(|p| p.config.persistent_keepalive == Some(gateway::GATEWAY_KEEPALIVE)));
+        .all(|p| p.config.persistent_keepalive == Some(25)));
 
     // n1 dies: n2 carries it.
     let out = router.decide(
@@ -238,4 +238,37 @@ fn learned_prefixes_only_inside_a_learn_grant_and_hostile_ones_leave_the_plan_un
     let before = p.clone();
     Router::apply(&out, &mut p);
     assert_eq!(p, before);
+}
+
+#[test]
+fn a_learned_prefixes_annotation_drops_only_its_bad_entries() {
+    let (ok, bad) =
+        learned_from_annotation("n1", "198.51.100.0/24, 203.0.113.1/24,x,,2001:db8::/48");
+    let nets: Vec<String> = ok.iter().map(|a| a.prefix.to_string()).collect();
+    assert_eq!(nets, ["198.51.100.0/24", "2001:db8::/48"]);
+    assert!(ok
+        .iter()
+        .all(|a| a.node == "n1" && a.next_hop_node.as_deref() == Some("n1")));
+    assert_eq!(bad, ["\"203.0.113.1/24\"", "\"x\""]);
+    let huge = vec!["198.51.100.0/32"; 5000].join(",");
+    assert_eq!(
+        learned_from_annotation("n1", &huge).0.len(),
+        validate::DEFAULT_CAP + 1
+    );
+}
+
+#[test]
+fn a_held_prefix_is_routed_into_the_tunnel_on_no_peer() {
+    let out = Outcome {
+        held: vec![net("198.18.0.0/24")],
+        ..Outcome::default()
+    };
+    let mut p = plan();
+    let before = p.peers.clone();
+    Router::apply(&out, &mut p);
+    assert_eq!(p.peers, before);
+    assert!(p
+        .routes
+        .iter()
+        .any(|r| r.destination == net("198.18.0.0/24") && r.interface == "wgmesh0"));
 }

@@ -26,12 +26,28 @@ use crate::mesh::overlaps;
 /// Default per-session prefix cap.
 pub const DEFAULT_CAP: usize = 1000;
 
+/// Ranges no grant may touch: the host's own (loopback, "this network"),
+/// link-local (a 169.254/16 grant would send every node's cloud-metadata
+/// requests, credentials included, to the gateway), multicast and broadcast.
+const SPECIAL_USE: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata)"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved and broadcast"),
+    ("::/8", "loopback and unspecified"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
 /// Why a prefix was refused, worded for an Event or a log line of the form
 /// `prefix P from S rejected: <reason>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("it is a default route, which no grant may carry")]
     DefaultRoute,
+    #[error("it overlaps {range}, {what}, which never leaves a host through a gateway")]
+    SpecialUse { range: IpNet, what: &'static str },
     #[error("it overlaps cluster CIDR {cidr}: pod CIDRs come from the API and always win")]
     ClusterCidr { cidr: IpNet },
     #[error("it overlaps pod CIDR {cidr} of node {owner}")]
@@ -61,6 +77,7 @@ impl Rejection {
     pub fn kind(&self) -> &'static str {
         match self {
             Rejection::DefaultRoute => "default-route",
+            Rejection::SpecialUse { .. } => "special-use",
             Rejection::ClusterCidr { .. } => "cluster-cidr",
             Rejection::PodCidrOfOtherNode { .. } => "pod-cidr-of-other-node",
             Rejection::CoversNodeAddress { .. } => "covers-node-address",
@@ -119,6 +136,12 @@ impl Validator {
     fn common(&self, prefix: &IpNet, advertiser: Option<&str>) -> Result<(), Rejection> {
         if prefix.prefix_len() == 0 {
             return Err(Rejection::DefaultRoute);
+        }
+        if let Some((range, what)) = SPECIAL_USE.iter().find_map(|(r, what)| {
+            let range: IpNet = r.parse().ok()?;
+            overlaps(&range, prefix).then_some((range, *what))
+        }) {
+            return Err(Rejection::SpecialUse { range, what });
         }
         if let Some(ip) = self.node_ips.iter().find(|ip| prefix.contains(*ip)) {
             return Err(Rejection::CoversNodeAddress { ip: *ip });
@@ -329,6 +352,24 @@ mod tests {
                 ("underlay", "covers-node-address"),
             ]
         );
+    }
+
+    #[test]
+    fn special_use_ranges_are_refused() {
+        let v = validator();
+        for p in [
+            "169.254.169.254/32",
+            "127.0.0.0/8",
+            "224.0.0.0/24",
+            "fe80::/64",
+            "ff02::/16",
+            "0.0.0.0/8",
+        ] {
+            let g = [grant("x", p, None)];
+            let (kept, bad) = v.grants(&g);
+            assert!(kept.is_empty(), "{p}");
+            assert_eq!(bad[0].1.kind(), "special-use", "{p}");
+        }
     }
 
     #[test]

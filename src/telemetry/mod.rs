@@ -191,6 +191,8 @@ pub struct Telemetry {
     /// Activations by result: the last rotation's outcome is the counter
     /// that moved last.
     pub rotations: Family<ResultLabel, Counter>,
+    /// BGP mode: each BIRD session and its state, as of the last pass.
+    bgp_sessions: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -202,6 +204,13 @@ pub struct ResultLabel {
 struct MeshCollector {
     pass: Arc<Mutex<PassState>>,
     live: Arc<Mutex<Vec<PeerView>>>,
+    bgp_sessions: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabel {
+    session: String,
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -375,12 +384,39 @@ impl prometheus_client::collector::Collector for MeshCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(pass.routes.held.len() as i64).encode(encoder.encode_descriptor(
+            "wgmesh_extra_prefixes_held",
+            "Extra prefixes carried before whose MeshRoute is now refused or invalid, or unknown: routed into the tunnel on no peer (dropped) until the MeshRoute is deleted",
+            None,
+            MetricType::Gauge,
+        )?)?;
         ConstCounter::new(pass.route_failovers).encode(encoder.encode_descriptor(
             "wgmesh_route_failovers",
             "Times an extra prefix moved from one gateway's peer to another's",
             None,
             MetricType::Counter,
         )?)?;
+        let sessions = self
+            .bgp_sessions
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if !sessions.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "wgmesh_bgp_session_established",
+                "BGP mode: 1 for each BIRD session that is Established, 0 otherwise (label state: its BGP state)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (session, state) in &sessions {
+                let label = SessionLabel {
+                    session: session.clone(),
+                    state: state.clone(),
+                };
+                ConstGauge::new(i64::from(state == "established"))
+                    .encode(family.encode_family(&label)?)?;
+            }
+        }
         let mut family = encoder.encode_descriptor(
             "wgmesh_routes_refused",
             "Prefixes the route validator refused in the last pass, by reason",
@@ -453,9 +489,11 @@ impl Telemetry {
         );
         let pass = Arc::new(Mutex::new(PassState::default()));
         let live = Arc::new(Mutex::new(Vec::new()));
+        let bgp_sessions = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(MeshCollector {
             pass: pass.clone(),
             live: live.clone(),
+            bgp_sessions: bgp_sessions.clone(),
         }));
         Self {
             registry: Arc::new(registry),
@@ -470,6 +508,14 @@ impl Telemetry {
             bypasses: Arc::new(Mutex::new(Vec::new())),
             route_bypasses,
             rotations,
+            bgp_sessions,
+        }
+    }
+
+    /// BGP mode: each session's name and state (`SessionState::as_str`).
+    pub fn set_bgp_sessions(&self, sessions: Vec<(String, String)>) {
+        if let Ok(mut s) = self.bgp_sessions.lock() {
+            *s = sessions;
         }
     }
 
@@ -669,6 +715,7 @@ mod tests {
                     prefix: "0.0.0.0/0".parse().unwrap(),
                     reason: crate::routes::Rejection::DefaultRoute,
                 }],
+                held: vec!["198.18.1.0/24".parse().unwrap()],
             },
             route_failovers: 2,
         });
@@ -712,6 +759,7 @@ mod tests {
             "wgmesh_extra_prefixes{source=\"bgp\",role=\"local\"} 0",
             "wgmesh_extra_prefixes_without_gateway 1",
             "wgmesh_route_failovers_total 2",
+            "wgmesh_extra_prefixes_held 1",
             "wgmesh_routes_refused{reason=\"default-route\"} 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

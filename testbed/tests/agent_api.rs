@@ -449,11 +449,9 @@ async fn an_extra_prefix_follows_its_healthy_gateway_and_hostile_grants_change_n
     let report = a.pass(&c.pass_nodes()).await.unwrap();
     assert!(report.probing_routes, "{report:?}");
     assert_eq!(holder(&device), Some(kb), "the best gateway holds it");
+    // node-a is a client: only gateways send the short keepalive.
     for p in device.snapshot().peers {
-        assert_eq!(
-            p.persistent_keepalive,
-            Some(wgmesh::routes::gateway::GATEWAY_KEEPALIVE)
-        );
+        assert_eq!(p.persistent_keepalive, None);
     }
 
     // node-b goes NotReady: node-c at once.
@@ -496,4 +494,27 @@ async fn an_extra_prefix_follows_its_healthy_gateway_and_hostile_grants_change_n
         metrics.contains("wgmesh_routes_refused{reason=\"pod-cidr-of-other-node\"} 1"),
         "{metrics}"
     );
+
+    // The grant edited into something invalid: the prefix is held (on no
+    // peer, still routed into the tunnel), not dropped to the default route.
+    let broken = json!({"metadata": {"name": "site"}, "spec": {"prefix": "198.18.0.0/24",
+        "gateways": [{"node": "Not_A_Node"}]}});
+    a.set_route_objects(std::slice::from_ref(&broken));
+    device.set_peer_stats(stats(500));
+    a.pass(&c.pass_nodes()).await.unwrap();
+    assert_eq!(holder(&device), None, "an invalid grant carries nothing");
+    assert!(
+        a.telemetry()
+            .render()
+            .contains("wgmesh_extra_prefixes_held 1"),
+        "{}",
+        a.telemetry().render()
+    );
+    // Deleted: let go.
+    a.set_route_objects(&[]);
+    a.pass(&c.pass_nodes()).await.unwrap();
+    assert!(a
+        .telemetry()
+        .render()
+        .contains("wgmesh_extra_prefixes_held 0"));
 }

@@ -372,6 +372,7 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         ("sec-hostbits", "198.51.100.1/24", "without host bits"),
         ("sec-default", "0.0.0.0/0", "default route"),
         ("sec-garbage", "not-a-cidr", "without host bits"),
+        ("sec-metadata", "169.254.0.0/16", "global unicast"),
     ] {
         let (status, body) = admin
             .raw(
@@ -385,6 +386,20 @@ fn an_agent_token_may_only_patch_its_own_nodes_agent_annotations() {
         assert!(body.contains(why), "{prefix}: {body}");
         println!("  REFUSED (422, CRD schema) MeshRoute {prefix}: {why}");
     }
+    let bad_node = json!({"apiVersion": "wgmesh.dev/v1alpha1", "kind": "MeshRoute",
+        "metadata": {"name": "sec-badnode"},
+        "spec": {"prefix": "198.51.100.0/24", "gateways": [{"node": "Not_A_Node"}]}});
+    let (status, body) = admin
+        .raw(
+            "POST",
+            meshroutes,
+            "application/json",
+            &bad_node.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("spec.gateways[0].node"), "{body}");
+    println!("  REFUSED (422, CRD schema) MeshRoute gateway \"Not_A_Node\": not an RFC 1123 name");
     admin
         .request(
             "POST",

@@ -117,6 +117,10 @@ pub struct Spawn {
     /// How long to wait for the control socket to answer; 0 means
     /// [`Bird::timeout`].
     pub ready_timeout: Duration,
+    /// Start BIRD in a process group of its own, so a signal to the
+    /// starter's group (a supervisor stopping the agent) does not reach it:
+    /// the agent can restart without touching the BGP sessions.
+    pub detach: bool,
 }
 
 impl Bird {
@@ -282,6 +286,10 @@ impl Bird {
         }
         if opts.recovery {
             cmd.arg("-R");
+        }
+        if opts.detach {
+            use std::os::unix::process::CommandExt as _;
+            cmd.process_group(0);
         }
         // Without a log file, stderr goes to a temporary file that only a
         // failed start reads: a pipe nobody drains would block BIRD.

@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod speaker;
 pub mod table;
 
 pub use config::{

@@ -52,6 +52,10 @@ pub const DRILLS: &[(&str, &str)] = &[
         "(real control plane only) a site subnet behind two gateway nodes (MeshRoute): the active gateway dies, the prefix moves to the other one and back after the failback time; hostile grants change no device",
     ),
     (
+        BGP_FABRIC,
+        "(real control plane only) node n1 in BGP mode with a fabric router (BIRD): its pod CIDR in the fabric's RIB, the granted site prefix on n1's peer everywhere and reachable from a pod, 4 hostile announcements refused, a withdraw leaves every device",
+    ),
+    (
         HOSTILE_TOKEN,
         "(real control plane only) one node's agent token used against another: every request outside the policy refused, its own claims of the other's CIDR and key ignored by every peer, no loss",
     ),
@@ -63,8 +67,9 @@ pub const DRILLS: &[(&str, &str)] = &[
 pub const HOSTILE_TOKEN: &str = "hostile-token";
 /// Also real control plane only: the in-memory API serves no MeshRoute.
 pub const GATEWAY_FAILOVER: &str = "gateway-failover";
+pub const BGP_FABRIC: &str = "bgp-fabric";
 /// The drills a full run leaves out on the embedded API.
-const REAL_ONLY: &[&str] = &[HOSTILE_TOKEN, GATEWAY_FAILOVER];
+const REAL_ONLY: &[&str] = &[HOSTILE_TOKEN, GATEWAY_FAILOVER, BGP_FABRIC];
 
 /// Traffic of the agent-kill drill: two flows of 500 datagrams a second.
 pub const AGENT_KILL_PPS: u32 = 500;
@@ -187,6 +192,7 @@ fn run_one(tb: &mut Testbed, name: &'static str) -> Result<Report> {
         "cidr-overlap" => cidr_overlap(tb),
         HOSTILE_TOKEN => super::hostile::hostile_token(tb),
         GATEWAY_FAILOVER => super::gateway::gateway_failover(tb),
+        BGP_FABRIC => super::fabric::bgp_fabric(tb),
         _ => Err(Error::Other(format!("no drill {name}"))),
     };
     let t1 = unix_now();

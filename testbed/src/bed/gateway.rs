@@ -145,7 +145,7 @@ fn run(
         super::traffic::ping_until(&client.pods[0].ns, SITE_HOST, Duration::from_secs(10))
     {
         println!(
-            "  ping {} -> {SITE_HOST} (site host): {reply:.3} ms",
+            "  ping {} -> {SITE_HOST} (site host): answered after {reply:.2} s",
             client.pods[0].name
         );
     } else {

@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod check;
 pub mod drill;
+mod fabric;
 mod gateway;
 mod hostile;
 pub mod rotate;

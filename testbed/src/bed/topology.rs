@@ -423,6 +423,23 @@ impl Testbed {
         self.start_recorded(name, None, true)
     }
 
+    /// Changes a recorded process's command and restarts it with it (a drill
+    /// turning an option on for one node, and back).
+    pub fn restart_with_argv(&mut self, name: &str, argv: Vec<String>) -> Result<u32> {
+        let p = self
+            .state
+            .processes
+            .iter_mut()
+            .rev()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                Error::Other(format!("no process {name} in testbed {}", self.state.id))
+            })?;
+        p.argv = argv;
+        self.state.save()?;
+        self.restart_process(name)
+    }
+
     /// Starts the latest recorded process called `name`.
     fn start_recorded(&mut self, name: &str, stdout: Option<&Path>, append: bool) -> Result<u32> {
         self.check_interrupt()?;

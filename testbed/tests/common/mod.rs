@@ -325,6 +325,7 @@ pub fn config(store: &Path, node: &str) -> AgentConfig {
         backend: wgmesh::wg::kernel::BackendKind::Uapi,
         cni_dir: Some(store.with_file_name("cni")),
         cni_overwrite: false,
+        bgp: None,
     }
 }
 
