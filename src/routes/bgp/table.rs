@@ -9,31 +9,18 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType, RouteVia,
 };
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::RouteMessageBuilder;
 
 pub type Result<T, E = TableError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("cannot open an rtnetlink socket: {source}")]
-    Connect {
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TableReader::connect needs a tokio runtime to run the rtnetlink connection on")]
-    NoRuntime,
-    #[error("dumping the {family} routes: {source}")]
-    Dump {
-        family: &'static str,
-        #[source]
-        source: Box<rtnetlink::Error>,
-    },
+    #[error("reading the routes: {0}")]
+    Net(#[source] Box<crate::net::NetError>),
 }
 
 /// The protocol number BIRD's kernel routes carry (`RTPROT_BIRD`,
@@ -119,65 +106,34 @@ fn via(v: &RouteVia) -> Option<IpAddr> {
     }
 }
 
-/// An rtnetlink connection of the network namespace the calling thread was
-/// in when [`TableReader::connect`] ran.
+/// BIRD's table as the kernel holds it, read through the one route dump of
+/// [`crate::net::Net`] (both families, every table).
 pub struct TableReader {
-    handle: rtnetlink::Handle,
+    net: crate::net::Net,
 }
 
 impl TableReader {
-    /// Opens the socket and spawns its connection task on the current tokio
-    /// runtime; the task ends when the reader is dropped.
+    /// An rtnetlink connection of the network namespace the calling thread
+    /// is in, on the current tokio runtime.
     pub fn connect() -> Result<TableReader> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| TableError::NoRuntime)?;
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(|source| TableError::Connect { source })?;
-        runtime.spawn(connection);
-        Ok(TableReader { handle })
+        Ok(TableReader {
+            net: crate::net::Net::connect().map_err(|e| TableError::Net(Box::new(e)))?,
+        })
     }
 
     /// Every unicast IPv4 and IPv6 route of kernel table `table` (see
     /// [`learned_route`]), sorted. A kernel without IPv6 yields the IPv4
     /// routes alone.
     pub async fn routes(&self, table: u32) -> Result<Vec<LearnedRoute>> {
-        let mut out = Vec::new();
-        let dumps = [
-            (
-                "IPv4",
-                AddressFamily::Inet,
-                RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            ),
-            (
-                "IPv6",
-                AddressFamily::Inet6,
-                RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            ),
-        ];
-        for (family, af, query) in dumps {
-            let got = self
-                .handle
-                .route()
-                .get(query)
-                .execute()
-                .try_collect::<Vec<_>>()
-                .await;
-            match got {
-                // Filter on the family: a kernel without IPv6 answers an
-                // AF_INET6 dump with every family's routes.
-                Ok(msgs) => out.extend(
-                    msgs.iter()
-                        .filter(|m| m.header.address_family == af)
-                        .filter_map(|m| learned_route(m, table)),
-                ),
-                Err(e) if af == AddressFamily::Inet6 && is_eafnosupport(&e) => {}
-                Err(source) => {
-                    return Err(TableError::Dump {
-                        family,
-                        source: Box::new(source),
-                    })
-                }
-            }
-        }
+        let msgs = self
+            .net
+            .route_messages()
+            .await
+            .map_err(|e| TableError::Net(Box::new(e)))?;
+        let mut out: Vec<LearnedRoute> = msgs
+            .iter()
+            .filter_map(|m| learned_route(m, table))
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -192,13 +148,6 @@ impl TableReader {
 
 /// The main table's id, for checking that nothing learned leaked there.
 pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
-
-fn is_eafnosupport(e: &rtnetlink::Error) -> bool {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()) == Some(libc::EAFNOSUPPORT),
-        _ => false,
-    }
-}
 
 #[cfg(test)]
 mod tests {
