@@ -48,16 +48,16 @@ pub const DRILLS: &[(&str, &str)] = &[
         "newer Nodes claiming pod CIDRs that overlap an older node's: no peer anywhere, one Warning Event per agent, the older node keeps its peers and traffic",
     ),
     (
+        HOSTILE_TOKEN,
+        "(real control plane only) one node's agent token used against another: every request outside the policy refused, its own claims of the other's CIDR and key ignored by every peer, no loss",
+    ),
+    (
         GATEWAY_FAILOVER,
         "(real control plane only) a site subnet behind two gateway nodes (MeshRoute): the active gateway dies, the prefix moves to the other one and back after the failback time; hostile grants change no device",
     ),
     (
         BGP_FABRIC,
         "(real control plane only) node n1 in BGP mode with a fabric router (BIRD): its pod CIDR in the fabric's RIB, the granted site prefix on n1's peer everywhere and reachable from a pod, 4 hostile announcements refused, a withdraw leaves every device",
-    ),
-    (
-        HOSTILE_TOKEN,
-        "(real control plane only) one node's agent token used against another: every request outside the policy refused, its own claims of the other's CIDR and key ignored by every peer, no loss",
     ),
 ];
 
