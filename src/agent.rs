@@ -77,6 +77,10 @@ const RETRY_MAX: Duration = Duration::from_secs(16);
 /// How often an agent in BGP mode reads BIRD's table between passes.
 const BGP_TICK: Duration = Duration::from_secs(2);
 
+/// The longest the agent waits, in the middle of a pass, to publish a key it
+/// has just switched its device to ([`Agent::publish_switched_key`]).
+const EARLY_PUBLISH_MAX: Duration = Duration::from_secs(2);
+
 /// How often a node in the middle of a key rotation re-checks its progress.
 const ROTATION_TICK: Duration = Duration::from_secs(1);
 
@@ -203,6 +207,12 @@ impl PassReport {
 pub struct DeviceView {
     pub caps: Capabilities,
     pub handshakes: Vec<Handshake>,
+    /// When `handshakes` was read. The rotation driver decides on this
+    /// instant, not on the end of the pass: evidence and clock from one
+    /// snapshot, so a slow pass cannot end a grace period on evidence read
+    /// before the peers followed (which lost every confirmation of a
+    /// kernel node's rotation on the VM tier).
+    pub read_at: jiff::Timestamp,
 }
 
 fn to_timestamp(t: std::time::SystemTime) -> jiff::Timestamp {
@@ -235,6 +245,9 @@ pub struct Agent {
     last_endpoint: Option<SocketAddr>,
     last_mtu: Option<u16>,
     announced_key: Option<PublicKey>,
+    /// The public key of the private key the last successful device step
+    /// programmed (`None` before the first): a change is a key switch.
+    device_key: Option<PublicKey>,
     telemetry: Telemetry,
     warned_foreign_cni: bool,
     /// The valid `MeshRoute` grants (route sync), as last set by
@@ -343,6 +356,7 @@ impl Agent {
             last_endpoint: None,
             last_mtu: None,
             announced_key: None,
+            device_key: None,
             telemetry: Telemetry::new(),
             warned_foreign_cni: false,
             grants: Vec::new(),
@@ -549,6 +563,15 @@ impl Agent {
             }
         };
         self.telemetry.set_device_ok(device.is_ok());
+        if device.is_ok() {
+            let switched = self
+                .device_key
+                .is_some_and(|k| k != state.active.public_key);
+            self.device_key = Some(state.active.public_key);
+            if switched {
+                self.publish_switched_key(own, &desired, &mut report).await;
+            }
+        }
         let device = device.map(|_| ());
         let mtu = match (self.cfg.mtu, self.net.clone()) {
             (Some(m), _) => m,
@@ -824,6 +847,39 @@ impl Agent {
         Ok(())
     }
 
+    /// Publishes the annotations right after the device switched to a new
+    /// active key, ahead of the routes, policy, masquerade and CNI steps.
+    /// A device holding one identity (kernel WireGuard) answers only to the
+    /// new key from now on, and its peers follow only once they see it on
+    /// the Node: every second before this write is a second of traffic
+    /// from this node dropped by every peer (on a loaded machine the rest
+    /// of a pass takes seconds). Bounded by [`EARLY_PUBLISH_MAX`] so the
+    /// API side never holds up the data path; the pass's own publish
+    /// retries whatever did not get through.
+    async fn publish_switched_key(
+        &mut self,
+        own: &Node,
+        desired: &LocalAnnotations,
+        report: &mut PassReport,
+    ) {
+        match tokio::time::timeout(EARLY_PUBLISH_MAX, self.publisher.publish(own, desired)).await
+        {
+            Ok(Ok(wrote)) => {
+                report.published |= wrote;
+                if wrote {
+                    tracing::info!(node = %self.cfg.node_name, public_key = %desired.public_key, "published the new key right after switching the device to it");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "publishing the new key after the switch failed; retried at the end of the pass")
+            }
+            Err(_) => tracing::warn!(
+                "publishing the new key after the switch took over {} s; retried at the end of the pass",
+                EARLY_PUBLISH_MAX.as_secs()
+            ),
+        }
+    }
+
     /// Runs the rotation driver ([`schedule::next_step`]) and applies its
     /// step to the store; the next pass (the store's change wakes it) puts
     /// the result on the device and the Node. Returns whether a rotation is
@@ -859,7 +915,7 @@ impl Agent {
             })
             .collect();
         let inputs = schedule::Inputs {
-            now: jiff::Timestamp::now(),
+            now: view.read_at,
             node: &self.cfg.node_name,
             phase: state.phase(),
             active: &state.active,
@@ -1407,7 +1463,11 @@ impl Agent {
                         })
                         .collect()
                 };
-                let view = DeviceView { caps, handshakes };
+                let view = DeviceView {
+                    caps,
+                    handshakes,
+                    read_at: jiff::Timestamp::now(),
+                };
                 Ok((changes, published, view))
             })
             .await??;
