@@ -5,7 +5,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use wgmesh_testbed::bed::state::{self, State};
+use wgmesh_testbed::bed::state::{self, BackendMode, NodeBackend, State};
 use wgmesh_testbed::bed::{
     check, drill, rotate, sys, teardown, topology, Error, NodeOptions, Options, Testbed,
 };
@@ -23,6 +23,31 @@ struct Cli {
 
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `up --backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    Uapi,
+    Kernel,
+    Mixed,
+}
+
+impl From<BackendArg> for BackendMode {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Uapi => Self::Uapi,
+            BackendArg::Kernel => Self::Kernel,
+            BackendArg::Mixed => Self::Mixed,
+        }
+    }
+}
+
+/// `add-node --backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NodeBackendArg {
+    Uapi,
+    Kernel,
 }
 
 /// `up --control-plane`.
@@ -70,8 +95,16 @@ enum Cmd {
         /// and kube-controller-manager (`scripts/kube-bins` builds them and prints it).
         #[arg(long, env = "WGMESH_KUBE_BINS", value_name = "DIR")]
         kube_bins: Option<PathBuf>,
+        /// The nodes' WireGuard: `uapi`, `wgmesh dataplane` (userspace) beside
+        /// each agent; `kernel`, kernel WireGuard, the agent alone with
+        /// `--backend kernel` creating the link (needs the kernel's `wireguard`
+        /// module: on a host without it, run inside scripts/test-vm's VM);
+        /// `mixed`, odd-numbered nodes kernel and even-numbered userspace.
+        #[arg(long, value_enum, default_value_t = BackendArg::Uapi)]
+        backend: BackendArg,
     },
-    /// Nodes, pod CIDRs, processes, and each device's peers (over its UAPI socket).
+    /// Nodes, pod CIDRs, processes, and each device's peers (over its UAPI socket;
+    /// kernel nodes with `wg show dump`).
     Status,
     /// Prove the mesh: a traffic matrix over every traffic class with a capture on
     /// the underlay, quiet-time API writes, add/remove convergence. Exits non-zero
@@ -136,8 +169,12 @@ enum Cmd {
         pods: Option<usize>,
         /// Start only its agent, not its dataplane (a node booting before its
         /// device exists); start the dataplane later with `restart n<i>-dataplane`.
+        /// Userspace nodes only.
         #[arg(long)]
         no_dataplane: bool,
+        /// Its WireGuard (default: what `up --backend` gives its number).
+        #[arg(long, value_enum)]
+        backend: Option<NodeBackendArg>,
     },
     /// SIGKILL a recorded process (e.g. n2-agent, n2-dataplane) if it runs and start
     /// it again exactly as it was started; also starts one that never ran.
@@ -168,6 +205,7 @@ pub fn main() -> ExitCode {
             no_spec_pod_cidrs,
             control_plane,
             kube_bins,
+            backend,
         } => real_control_plane(control_plane, kube_bins)
             .and_then(|real_control_plane| {
                 cmd_up(
@@ -179,6 +217,7 @@ pub fn main() -> ExitCode {
                         masquerade,
                         no_spec_pod_cidrs,
                         real_control_plane,
+                        backend: backend.into(),
                     },
                     false,
                 )
@@ -229,12 +268,16 @@ pub fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Cmd::Exec { target, command } => open(cli.id.as_deref()).and_then(|tb| cmd_exec(&tb, &target, &command)),
-        Cmd::AddNode { pods, no_dataplane } => open(cli.id.as_deref()).and_then(|mut tb| {
+        Cmd::AddNode { pods, no_dataplane, backend } => open(cli.id.as_deref()).and_then(|mut tb| {
             sys::install_interrupt_handler();
             let pods = pods.unwrap_or(tb.state.pods_per_node);
             let name = tb.add_node_with(NodeOptions {
                 pods,
                 dataplane: !no_dataplane,
+                backend: backend.map(|b| match b {
+                    NodeBackendArg::Uapi => NodeBackend::Uapi,
+                    NodeBackendArg::Kernel => NodeBackend::Kernel,
+                }),
             })?;
             if no_dataplane {
                 tb.say(format!(
@@ -341,6 +384,7 @@ struct UpArgs {
     masquerade: Option<bool>,
     no_spec_pod_cidrs: bool,
     real_control_plane: Option<PathBuf>,
+    backend: BackendMode,
 }
 
 /// `--control-plane real` needs `--kube-bins`; `embedded` takes none.
@@ -371,11 +415,13 @@ fn cmd_up(args: &UpArgs, quiet_summary: bool) -> Result<Testbed, Error> {
         masquerade,
         no_spec_pod_cidrs,
         ref real_control_plane,
+        backend,
     } = *args;
     prerequisites()?;
     if nodes == 0 {
         return Err(Error::Other("--nodes must be at least 1".into()));
     }
+    topology::kernel_wireguard_available(backend)?;
     let (wgmesh, me) = binaries()?;
     sys::install_interrupt_handler();
     let mut tb = Testbed::create(&Options {
@@ -388,6 +434,7 @@ fn cmd_up(args: &UpArgs, quiet_summary: bool) -> Result<Testbed, Error> {
         masquerade,
         no_spec_pod_cidrs,
         real_control_plane: real_control_plane.clone(),
+        backend,
     })?;
     if let Err(e) = tb.up(nodes) {
         let id = tb.state.id.clone();
@@ -484,6 +531,7 @@ fn cmd_status(tb: &Testbed) -> Result<ExitCode, Error> {
     if !s.rotation_flags.is_empty() {
         println!("agent rotation timings {}", s.rotation_flags.join(" "));
     }
+    println!("backend {}", s.backend.name());
     println!(
         "host encryption {}; masquerade {}",
         if s.encrypt_host_traffic {
@@ -510,9 +558,13 @@ fn cmd_status(tb: &Testbed) -> Result<ExitCode, Error> {
     for n in &s.nodes {
         let ul: Vec<String> = n.underlay.iter().map(|a| a.to_string()).collect();
         println!(
-            "\nnode {} ({}): underlay {}, pod CIDRs {}",
+            "\nnode {} ({}, {} WireGuard): underlay {}, pod CIDRs {}",
             n.name,
             n.ns,
+            match n.backend {
+                NodeBackend::Uapi => "userspace",
+                NodeBackend::Kernel => "kernel",
+            },
             ul.join(" "),
             n.pod_cidrs.join(" ")
         );
@@ -520,8 +572,15 @@ fn cmd_status(tb: &Testbed) -> Result<ExitCode, Error> {
             let ips: Vec<String> = p.ips.iter().map(|a| a.to_string()).collect();
             println!("  pod {} ({}): {}", p.name, p.ns, ips.join(" "));
         }
-        match sys::uapi_peers(&tb.sock(n)) {
-            None => println!("  device {}: UAPI socket not answering", n.iface),
+        match tb.peers(n) {
+            None => println!(
+                "  device {}: {}",
+                n.iface,
+                match n.backend {
+                    NodeBackend::Uapi => "UAPI socket not answering",
+                    NodeBackend::Kernel => "no kernel link (`wg show` finds none)",
+                }
+            ),
             Some(peers) => {
                 println!("  device {}: {} peer(s)", n.iface, peers.len());
                 let now = std::time::SystemTime::now()
@@ -675,6 +734,7 @@ fn cmd_demo(nodes: usize, pods: usize, dual_stack: bool) -> Result<ExitCode, Err
             masquerade: None,
             no_spec_pod_cidrs: false,
             real_control_plane: None,
+            backend: BackendMode::Uapi,
         },
         true,
     )?;
@@ -745,7 +805,7 @@ fn demo_body(tb: &mut Testbed) -> Result<ExitCode, Error> {
              node {}'s device, read over its UAPI socket (what `wg show` reads):",
             n1.name
         ));
-        for p in sys::uapi_peers(&tb.sock(&n1)).unwrap_or_default() {
+        for p in tb.peers(&n1).unwrap_or_default() {
             println!(
                 "  peer {}  endpoint {}  allowed ips {}",
                 p.public_key_b64(),

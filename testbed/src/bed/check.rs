@@ -324,10 +324,10 @@ pub fn convergence(tb: &mut Testbed, pods: usize) -> Result<Convergence> {
     };
     loop {
         let everywhere = others.iter().all(|n| {
-            sys::uapi_peers(&tb.sock(n))
+            tb.peers(n)
                 .is_some_and(|ps| ps.iter().any(|p| p.public_key_b64() == key))
         });
-        let complete = sys::uapi_peers(&tb.sock(&new)).is_some_and(|ps| ps.len() == others.len());
+        let complete = tb.peers(&new).is_some_and(|ps| ps.len() == others.len());
         if everywhere && complete {
             break;
         }
@@ -347,7 +347,7 @@ pub fn convergence(tb: &mut Testbed, pods: usize) -> Result<Convergence> {
     let deadline = t1 + Duration::from_secs(60);
     loop {
         let gone = others.iter().all(|n| {
-            sys::uapi_peers(&tb.sock(n))
+            tb.peers(n)
                 .is_some_and(|ps| ps.iter().all(|p| p.public_key_b64() != key))
         });
         if gone {
@@ -424,7 +424,7 @@ pub fn run(tb: &mut Testbed) -> Result<Vec<Outcome>> {
     ));
 
     println!(
-        "\n== (c) convergence with {n} nodes: add a node, then remove it (UAPI polled every 50 ms)"
+        "\n== (c) convergence with {n} nodes: add a node, then remove it (devices polled every 50 ms)"
     );
     match convergence(tb, tb.state.pods_per_node.min(1)) {
         Ok(c) => {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::capture::Capture;
 use super::check::{self, Outcome};
-use super::state::NodeRecord;
+use super::state::{NodeBackend, NodeRecord};
 use super::sys;
 use super::topology::{unix_now, NodeOptions, Testbed, RESYNC_SECONDS, WG_PORT};
 use super::traffic::{self, FlowResult, FlowSpec, Flows, Probe};
@@ -29,7 +29,7 @@ pub const DRILLS: &[(&str, &str)] = &[
     ),
     (
         "dataplane-restart",
-        "SIGKILL a node's dataplane, restart it: traffic dropped (not leaked) meanwhile, back within seconds",
+        "SIGKILL a node's dataplane, restart it (a kernel node: delete its WireGuard link, the agent re-creates it): traffic dropped (not leaked) meanwhile, back within seconds",
     ),
     (
         "revoke",
@@ -37,7 +37,7 @@ pub const DRILLS: &[(&str, &str)] = &[
     ),
     (
         "boot-without-dataplane",
-        "a new node's agent runs before its dataplane: its pods' traffic is dropped, not leaked; then it converges",
+        "a new (userspace) node's agent runs before its dataplane: its pods' traffic is dropped, not leaked; then it converges",
     ),
     (
         "api-outage",
@@ -74,12 +74,27 @@ const REAL_ONLY: &[&str] = &[HOSTILE_TOKEN, GATEWAY_FAILOVER, BGP_FABRIC];
 /// Traffic of the agent-kill drill: two flows of 500 datagrams a second.
 pub const AGENT_KILL_PPS: u32 = 500;
 /// A dataplane restart must be repaired within this (link and socket events, not
-/// the resync timer, whose period is [`RESYNC_SECONDS`]).
-pub const DATAPLANE_RECOVERY_MAX_S: f64 = 5.0;
+/// the resync timer, whose period is [`RESYNC_SECONDS`]), times [`time_scale`].
+const DATAPLANE_RECOVERY_BASE_S: f64 = 5.0;
 /// A key revoked on a running node must leave every device within this.
-pub const REVOKE_MAX_S: f64 = 10.0;
+const REVOKE_BASE_S: f64 = 10.0;
 /// A node added after a fault must be a peer everywhere within this.
-pub const CONVERGE_MAX_S: f64 = 15.0;
+const CONVERGE_BASE_S: f64 = 15.0;
+fn scaled(base: f64) -> f64 {
+    base * time_scale().unwrap_or(1.0)
+}
+
+pub use super::topology::{time_scale, TIME_SCALE_ENV};
+
+pub fn dataplane_recovery_max_s() -> f64 {
+    scaled(DATAPLANE_RECOVERY_BASE_S)
+}
+pub fn revoke_max_s() -> f64 {
+    scaled(REVOKE_BASE_S)
+}
+pub fn converge_max_s() -> f64 {
+    scaled(CONVERGE_BASE_S)
+}
 /// How long the API server is stopped.
 pub const API_OUTAGE_S: u64 = 60;
 
@@ -138,6 +153,15 @@ pub fn select(only: Option<&str>, real: bool) -> Result<Vec<&'static str>> {
 
 /// Runs the drills, printing as it goes; returns one report per drill.
 pub fn run(tb: &mut Testbed, names: &[&'static str]) -> Result<Vec<Report>> {
+    let scale = time_scale()?;
+    if scale != 1.0 {
+        println!(
+            "time limits x{scale} ({TIME_SCALE_ENV}): recovery {:.1} s, revoke {:.1} s, convergence {:.1} s",
+            dataplane_recovery_max_s(),
+            revoke_max_s(),
+            converge_max_s()
+        );
+    }
     println!(
         "== drills on testbed {} ({} nodes; host encryption {}): {}",
         tb.state.id,
@@ -165,6 +189,7 @@ pub fn run(tb: &mut Testbed, names: &[&'static str]) -> Result<Vec<Report>> {
             .map(|d| d.1)
             .unwrap_or("");
         println!("\n== drill {name}: {what}");
+        warm_sessions(tb)?;
         let r = run_one(tb, name)?;
         println!(
             "{} drill {name}: {} (plaintext {}; {:.1} s)",
@@ -176,6 +201,44 @@ pub fn run(tb: &mut Testbed, names: &[&'static str]) -> Result<Vec<Report>> {
         reports.push(r);
     }
     Ok(reports)
+}
+
+/// Gives every pair of nodes a fresh WireGuard session, one side initiating,
+/// before a drill starts its traffic. After three idle minutes a session has
+/// expired (WireGuard's REJECT_AFTER_TIME, 180 s); when traffic then starts
+/// both ways at once, both ends initiate, the handshakes cross, and kernel
+/// WireGuard resolves that only by retrying after REKEY_TIMEOUT (5 s) — a
+/// cold start of the protocol, not the fault a drill is about. Prints any
+/// pair that needed more than a second.
+fn warm_sessions(tb: &Testbed) -> Result<()> {
+    let nodes: Vec<&NodeRecord> = tb
+        .state
+        .nodes
+        .iter()
+        .filter(|n| !n.pods.is_empty())
+        .collect();
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            let Some(target) = b.pods[0].ips.first() else {
+                continue;
+            };
+            match traffic::ping_until(&a.pods[0].ns, &target.to_string(), Duration::from_secs(15)) {
+                Some(s) if s > 1.0 => println!(
+                    "  warm-up: {} -> {} answered after {s:.1} s (a new session)",
+                    a.pods[0].name, b.pods[0].name
+                ),
+                Some(_) => {}
+                None => println!(
+                    "  warm-up: {} -> {} did not answer within 15 s",
+                    a.pods[0].name, b.pods[0].name
+                ),
+            }
+            if sys::interrupted() {
+                return Err(Error::Interrupted);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_one(tb: &mut Testbed, name: &'static str) -> Result<Report> {
@@ -237,14 +300,16 @@ fn run_one(tb: &mut Testbed, name: &'static str) -> Result<Report> {
     })
 }
 
-/// Restarts any agent or dataplane of a recorded node that is not running, then
-/// waits until every device has exactly the published keys of the other nodes.
+/// Restarts any agent or dataplane of a recorded node that is not running (a
+/// kernel node has no dataplane process), then waits until every device has
+/// exactly the published keys of the other nodes.
 fn restore(tb: &mut Testbed) -> Result<()> {
     let names: Vec<String> = tb
         .state
         .nodes
         .iter()
         .flat_map(|n| [format!("{}-dataplane", n.name), format!("{}-agent", n.name)])
+        .filter(|p| tb.process(p).is_some())
         .collect();
     for p in names {
         if !tb.process_alive(&p) {
@@ -273,7 +338,7 @@ pub fn mesh_consistent(tb: &Testbed) -> std::result::Result<(), String> {
         let Some(want_own) = keys.get(&n.name) else {
             return Err(format!("{} has no published key", n.name));
         };
-        let Some(dev) = sys::uapi_device(&tb.sock(n)) else {
+        let Some(dev) = tb.device(n) else {
             return Err(format!("{}'s device does not answer", n.name));
         };
         if dev.public_key.as_ref() != Some(want_own) {
@@ -322,7 +387,8 @@ fn peer_sets(tb: &Testbed) -> BTreeMap<String, Option<BTreeSet<String>>> {
         .nodes
         .iter()
         .map(|n| {
-            let set = sys::uapi_peers(&tb.sock(n))
+            let set = tb
+                .peers(n)
                 .map(|ps| ps.iter().map(|p| p.public_key_b64()).collect());
             (n.name.clone(), set)
         })
@@ -459,6 +525,9 @@ fn agent_kill(tb: &mut Testbed) -> Result<Body> {
 
 fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
     let (x, y) = pair(tb)?;
+    if x.backend == NodeBackend::Kernel {
+        return kernel_link_delete(tb, &x, &y);
+    }
     let dp = format!("{}-dataplane", x.name);
     let flows = Flows::start(pod_flows(&x, &y, 200, 16.0, 42000)?)?;
     let t0 = flows.started;
@@ -503,14 +572,15 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
         };
     }
     let recovery = back.map(|b| at(t_restart, b));
-    let ok = recovery.is_some_and(|s| s <= DATAPLANE_RECOVERY_MAX_S);
+    let ok = recovery.is_some_and(|s| s <= dataplane_recovery_max_s());
     let end = back.unwrap_or_else(Instant::now);
     Ok(Body {
         ok,
         figure: match recovery {
             Some(s) => format!(
-                "pod traffic through {} flowed both ways again {s:.2} s after the dataplane restarted (limit {DATAPLANE_RECOVERY_MAX_S} s)",
-                x.name
+                "pod traffic through {} flowed both ways again {s:.2} s after the dataplane restarted (limit {:.1} s)",
+                x.name,
+                dataplane_recovery_max_s()
             ),
             None => format!(
                 "pod traffic through {} did not flow both ways again within {:.0} s of the restart",
@@ -521,6 +591,83 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
         phases: vec![
             ("dataplane dead".into(), unix_of(t_kill), unix_of(t_restart)),
             ("restart until traffic flowed".into(), unix_of(t_restart), unix_of(end)),
+        ],
+    })
+}
+
+/// `dataplane-restart` on a kernel node, which has no dataplane process: its
+/// WireGuard link is deleted (what a crashed module reload or an operator's
+/// `ip link del` does); the agent must notice and re-create and re-program it,
+/// and the node's pod traffic must be dropped, not leaked, meanwhile.
+fn kernel_link_delete(tb: &mut Testbed, x: &NodeRecord, y: &NodeRecord) -> Result<Body> {
+    let flows = Flows::start(pod_flows(x, y, 200, 16.0, 42000)?)?;
+    let t0 = flows.started;
+    sys::sleep(Duration::from_secs(2))?;
+    let t_kill = Instant::now();
+    sys::ip(&x.ns, &["link", "del", &x.iface])?;
+    println!(
+        "  {:.2} s: deleted {}'s kernel link {}",
+        at(t0, t_kill),
+        x.name,
+        x.iface
+    );
+    let want = tb.state.nodes.len().saturating_sub(1);
+    let back = tb
+        .wait_for(
+            &format!(
+                "{}'s agent to re-create {} with every peer",
+                x.name, x.iface
+            ),
+            Duration::from_secs(10),
+            || tb.peers(x).is_some_and(|p| p.len() == want),
+        )
+        .map(|_| Instant::now());
+    let t_back = *back.as_ref().unwrap_or(&Instant::now());
+    println!(
+        "  {}",
+        match &back {
+            Ok(t) => format!(
+                "{:.2} s: {} is back with {want} peer(s), {:.2} s after the delete",
+                at(t0, *t),
+                x.iface,
+                at(t_kill, *t)
+            ),
+            Err(e) => format!("{} not back: {e}", x.iface),
+        }
+    );
+    let results = flows.finish(Duration::from_secs(1));
+    print_flows(&results);
+    let mut flowing: Option<Instant> = Some(t_kill);
+    for r in &results {
+        let (got, sent) = r.delivered_between(t_kill, t_back);
+        println!(
+            "  {}: {got} of {sent} datagrams sent while the link was gone arrived",
+            r.label
+        );
+        flowing = match (flowing, r.first_arrival_sent_after(t_back)) {
+            (Some(b), Some(t)) => Some(b.max(t)),
+            _ => None,
+        };
+    }
+    let recovery = flowing.map(|b| at(t_kill, b));
+    let ok = back.is_ok() && recovery.is_some_and(|s| s <= dataplane_recovery_max_s());
+    let end = flowing.unwrap_or_else(Instant::now);
+    Ok(Body {
+        ok,
+        figure: match recovery {
+            Some(s) => format!(
+                "kernel node {}: pod traffic flowed both ways again {s:.2} s after its link was deleted (limit {:.1} s)",
+                x.name,
+                dataplane_recovery_max_s()
+            ),
+            None => format!(
+                "kernel node {}: pod traffic did not flow both ways again after its link was deleted",
+                x.name
+            ),
+        },
+        phases: vec![
+            ("link gone".into(), unix_of(t_kill), unix_of(t_back)),
+            ("link back until traffic flowed".into(), unix_of(t_back), unix_of(end)),
         ],
     })
 }
@@ -619,11 +766,12 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
                 c.node, c.setup_s, c.publish_s, c.add_s, c.remove_s
             );
             (
-                total <= CONVERGE_MAX_S,
+                total <= converge_max_s(),
                 format!(
-                    "a node added {:.1} s after the API returned converged {total:.2} s after its agent started ({:.2} s from add-node; limit {CONVERGE_MAX_S} s)",
+                    "a node added {:.1} s after the API returned converged {total:.2} s after its agent started ({:.2} s from add-node; limit {:.1} s)",
                     at(t_cont, t_add),
-                    total + c.setup_s
+                    total + c.setup_s,
+                    converge_max_s()
                 ),
             )
         }
@@ -647,9 +795,12 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
 fn boot_without_dataplane(tb: &mut Testbed) -> Result<Body> {
     let (_, y) = pair(tb)?;
     let expected = format!("n{}", tb.state.next_node);
+    // Userspace whatever the testbed's backend: only a userspace node has a
+    // device process that can start after its agent.
     let name = match tb.add_node_with(NodeOptions {
         pods: 1,
         dataplane: false,
+        backend: Some(NodeBackend::Uapi),
     }) {
         Ok(n) => n,
         Err(e) => {
@@ -677,7 +828,32 @@ fn boot_body(tb: &mut Testbed, name: &str, y: &NodeRecord) -> Result<Body> {
         .cloned()
         .ok_or_else(|| Error::Other(format!("{name} vanished")))?;
     let t_agent = Instant::now();
-    // Give the agent time to do whatever it does without a device.
+    // The agent writes its blackhole backstops first of all, before it talks to
+    // the API or looks for a device (in a cluster the DaemonSet's init container
+    // has written them before any pod runs): traffic starts once they are there,
+    // however long the agent takes to start (seconds on an emulated VM).
+    let backstops: Vec<String> = tb
+        .state
+        .cluster_cidrs
+        .iter()
+        .map(|c| format!("blackhole {c}"))
+        .collect();
+    tb.wait_for(
+        &format!("{name}'s agent to write its blackhole backstops"),
+        Duration::from_secs(30),
+        || {
+            let v4 = sys::ip(&n.ns, &["route", "show", "proto", "87"]).unwrap_or_default();
+            let v6 = sys::ip(&n.ns, &["-6", "route", "show", "proto", "87"]).unwrap_or_default();
+            backstops
+                .iter()
+                .all(|b| v4.contains(b.as_str()) || v6.contains(b.as_str()))
+        },
+    )?;
+    println!(
+        "  {name}: its agent wrote the backstops {:.2} s after it started",
+        t_agent.elapsed().as_secs_f64()
+    );
+    // Then give it time to do whatever else it does without a device.
     sys::sleep(Duration::from_secs(2))?;
     let p = &n.pods[0];
     let b = &y.pods[0];
@@ -782,12 +958,13 @@ fn boot_body(tb: &mut Testbed, name: &str, y: &NodeRecord) -> Result<Body> {
         sys::sleep(Duration::from_millis(100))?;
     }
     let t_end = Instant::now();
-    let ok = converged.is_some_and(|s| s <= CONVERGE_MAX_S) && delivered == 0;
+    let ok = converged.is_some_and(|s| s <= converge_max_s()) && delivered == 0;
     Ok(Body {
         ok,
         figure: match converged {
             Some(s) => format!(
-                "{delivered} datagram(s) got through before the dataplane; it converged {s:.2} s after its dataplane started (limit {CONVERGE_MAX_S} s)"
+                "{delivered} datagram(s) got through before the dataplane; it converged {s:.2} s after its dataplane started (limit {:.1} s)",
+                converge_max_s()
             ),
             None => format!(
                 "{delivered} datagram(s) got through before the dataplane; not converged 30 s after its dataplane started: {}",
@@ -843,13 +1020,13 @@ fn revoke(tb: &mut Testbed) -> Result<Body> {
         .filter(|n| n.name != x.name)
         .cloned()
         .collect();
-    let limit = Duration::from_secs_f64(REVOKE_MAX_S.max(CONVERGE_MAX_S) + 5.0);
+    let limit = Duration::from_secs_f64(revoke_max_s().max(converge_max_s()) + 5.0);
     let (mut own_gone, mut peers_gone, mut new_everywhere, mut traffic) = (None, None, None, None);
     let (a, b) = (&x.pods[0], &y.pods[0]);
     let (ia, ib) = (v4_of(&a.ips)?.to_string(), v4_of(&b.ips)?.to_string());
     while t0.elapsed() < limit {
         let now = t0.elapsed().as_secs_f64();
-        let dev = sys::uapi_device(&tb.sock(&x));
+        let dev = tb.device(&x);
         if own_gone.is_none()
             && dev
                 .as_ref()
@@ -859,7 +1036,7 @@ fn revoke(tb: &mut Testbed) -> Result<Body> {
         }
         if peers_gone.is_none()
             && others.iter().all(|n| {
-                sys::uapi_peers(&tb.sock(n))
+                tb.peers(n)
                     .is_some_and(|ps| ps.iter().all(|p| p.public_key_b64() != old))
             })
         {
@@ -868,7 +1045,7 @@ fn revoke(tb: &mut Testbed) -> Result<Body> {
         if new_everywhere.is_none() {
             if let Some(new) = dev.and_then(|d| d.public_key).filter(|k| *k != old) {
                 if others.iter().all(|n| {
-                    sys::uapi_peers(&tb.sock(n))
+                    tb.peers(n)
                         .is_some_and(|ps| ps.iter().any(|p| p.public_key_b64() == new))
                 }) {
                     new_everywhere = Some(now);
@@ -907,9 +1084,9 @@ fn revoke(tb: &mut Testbed) -> Result<Body> {
         b.name,
         show(traffic)
     );
-    let ok = own_gone.is_some_and(|s| s <= REVOKE_MAX_S)
-        && peers_gone.is_some_and(|s| s <= REVOKE_MAX_S)
-        && traffic.is_some_and(|s| s <= CONVERGE_MAX_S);
+    let ok = own_gone.is_some_and(|s| s <= revoke_max_s())
+        && peers_gone.is_some_and(|s| s <= revoke_max_s())
+        && traffic.is_some_and(|s| s <= converge_max_s());
     if !ok {
         // Leave a working node for the next drill: a restarted agent loads the store.
         println!(
@@ -921,11 +1098,14 @@ fn revoke(tb: &mut Testbed) -> Result<Body> {
     Ok(Body {
         ok,
         figure: format!(
-            "old key gone from {}'s device after {}, from every peer after {}; traffic restored after {} (limits {REVOKE_MAX_S} s, {REVOKE_MAX_S} s, {CONVERGE_MAX_S} s)",
+            "old key gone from {}'s device after {}, from every peer after {}; traffic restored after {} (limits {:.1} s, {:.1} s, {:.1} s)",
             x.name,
             show(own_gone),
             show(peers_gone),
-            show(traffic)
+            show(traffic),
+            revoke_max_s(),
+            revoke_max_s(),
+            converge_max_s()
         ),
         phases: Vec::new(),
     })
@@ -1219,7 +1399,7 @@ fn bad_body(
         Ok(c) => {
             let total = c.publish_s + c.add_s;
             (
-                total <= CONVERGE_MAX_S,
+                total <= converge_max_s(),
                 format!(
                     "a node added meanwhile converged in {total:.2} s and left in {:.2} s",
                     c.remove_s
@@ -1518,11 +1698,11 @@ fn overlap_body(
             .entry(format!("{} {}", ev.regarding, ev.instance))
             .or_insert_with(|| format!("{}: {}", ev.reason, ev.message));
     }
-    let devices: BTreeMap<String, Option<Vec<sys::UapiPeer>>> = tb
+    let devices: BTreeMap<String, Option<Vec<sys::WgPeer>>> = tb
         .state
         .nodes
         .iter()
-        .map(|n| (n.name.clone(), sys::uapi_peers(&tb.sock(n))))
+        .map(|n| (n.name.clone(), tb.peers(n)))
         .collect();
     let w = agents.iter().map(|a| a.len()).max().unwrap_or(2).max(7);
     let mut header = format!("  {:14} {:18} {:8}", "case", "claim", "expect");

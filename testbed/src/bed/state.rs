@@ -98,6 +98,66 @@ pub struct State {
     /// agent then has a kubeconfig of its own ([`Self::agent_kubeconfig`]).
     #[serde(default)]
     pub control_plane: Option<crate::control_plane::Spec>,
+    /// `up --backend`: which WireGuard every node added runs (also for nodes
+    /// added later with `add-node`).
+    #[serde(default)]
+    pub backend: BackendMode,
+}
+
+/// `up --backend`: the WireGuard implementation of the testbed's nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendMode {
+    /// `wgmesh dataplane` (userspace, a TUN device and a UAPI socket) beside each
+    /// agent, which runs with `--backend uapi`.
+    #[default]
+    Uapi,
+    /// Kernel WireGuard: the agent alone with `--backend kernel` (it creates
+    /// the link); needs a kernel with the `wireguard` module.
+    Kernel,
+    /// Odd-numbered nodes kernel, even-numbered userspace: a cluster mid-migration.
+    Mixed,
+}
+
+impl BackendMode {
+    /// The backend node number `index` gets.
+    pub fn for_node(self, index: u32) -> NodeBackend {
+        match self {
+            Self::Uapi => NodeBackend::Uapi,
+            Self::Kernel => NodeBackend::Kernel,
+            Self::Mixed if index % 2 == 1 => NodeBackend::Kernel,
+            Self::Mixed => NodeBackend::Uapi,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uapi => "uapi",
+            Self::Kernel => "kernel",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+/// The WireGuard one node runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeBackend {
+    /// `wgmesh dataplane` (the process `<node>-dataplane`), read over UAPI.
+    #[default]
+    Uapi,
+    /// A kernel WireGuard link the agent created, read with `wg show dump` in the
+    /// node's namespace.
+    Kernel,
+}
+
+impl NodeBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uapi => "uapi",
+            Self::Kernel => "kernel",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +192,9 @@ pub struct NodeRecord {
     pub store: PathBuf,
     pub pod_cidrs: Vec<String>,
     pub pods: Vec<PodRecord>,
+    /// Userspace dataplane or kernel WireGuard (older state files: userspace).
+    #[serde(default)]
+    pub backend: NodeBackend,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

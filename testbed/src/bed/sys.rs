@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -152,9 +152,9 @@ pub fn http(
     Ok((status, body.to_string()))
 }
 
-/// A peer as a device reports it over UAPI.
-#[derive(Debug, Clone, Default)]
-pub struct UapiPeer {
+/// A peer as a device reports it (over UAPI, or `wg show dump` for a kernel link).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WgPeer {
     pub public_key_hex: String,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
@@ -163,7 +163,7 @@ pub struct UapiPeer {
     pub tx_bytes: u64,
 }
 
-impl UapiPeer {
+impl WgPeer {
     /// The key in the base64 form Node annotations and `wg` use.
     pub fn public_key_b64(&self) -> String {
         hex_to_b64(&self.public_key_hex)
@@ -171,21 +171,21 @@ impl UapiPeer {
 }
 
 /// The device's peers, or `None` when its UAPI socket does not answer.
-pub fn uapi_peers(sock: &Path) -> Option<Vec<UapiPeer>> {
+pub fn uapi_peers(sock: &Path) -> Option<Vec<WgPeer>> {
     uapi_device(sock).map(|d| d.peers)
 }
 
-/// A device as it reports itself over UAPI.
-#[derive(Debug, Clone, Default)]
-pub struct UapiDevice {
+/// A WireGuard device as it reports itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WgDevice {
     /// The public half of the device's private key (base64), if it has one.
     pub public_key: Option<String>,
-    pub peers: Vec<UapiPeer>,
+    pub peers: Vec<WgPeer>,
 }
 
 /// The device's own public key (derived from the private key it reports) and peers,
 /// or `None` when its UAPI socket does not answer.
-pub fn uapi_device(sock: &Path) -> Option<UapiDevice> {
+pub fn uapi_device(sock: &Path) -> Option<WgDevice> {
     let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"get=1\n\n").ok()?;
@@ -207,7 +207,7 @@ pub fn uapi_device(sock: &Path) -> Option<UapiDevice> {
     if !text.contains("errno=0") {
         return None;
     }
-    let mut peers: Vec<UapiPeer> = Vec::new();
+    let mut peers: Vec<WgPeer> = Vec::new();
     let mut public_key = None;
     for line in text.lines() {
         let Some((k, v)) = line.split_once('=') else {
@@ -218,7 +218,7 @@ pub fn uapi_device(sock: &Path) -> Option<UapiDevice> {
             continue;
         }
         if k == "public_key" {
-            peers.push(UapiPeer {
+            peers.push(WgPeer {
                 public_key_hex: v.to_string(),
                 ..Default::default()
             });
@@ -234,7 +234,59 @@ pub fn uapi_device(sock: &Path) -> Option<UapiDevice> {
             _ => {}
         }
     }
-    Some(UapiDevice { public_key, peers })
+    Some(WgDevice { public_key, peers })
+}
+
+/// A kernel WireGuard link in namespace `ns`, read with `wg show IFACE dump` (an
+/// independent reader: wireguard-tools, not our netlink code), or `None` when
+/// there is no such link. The dump's first line carries the private key: only
+/// the public key is kept and the output buffer is wiped.
+pub fn kernel_device(ns: &str, iface: &str) -> Option<WgDevice> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "wg", "show", iface, "dump"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let mut stdout = zeroize::Zeroizing::new(out.stdout);
+    if !out.status.success() {
+        return None;
+    }
+    let parsed = std::str::from_utf8(&stdout).ok().and_then(parse_wg_dump);
+    zeroize::Zeroize::zeroize(&mut *stdout);
+    parsed
+}
+
+/// Parses `wg show IFACE dump`: the interface line (private key, public key,
+/// port, fwmark), then one line per peer (public key, preshared key, endpoint,
+/// allowed IPs, latest handshake, rx, tx, keepalive), tab-separated.
+fn parse_wg_dump(text: &str) -> Option<WgDevice> {
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next()?.split('\t').collect();
+    let public_key = head
+        .get(1)
+        .filter(|k| **k != "(none)")
+        .map(|k| k.to_string());
+    let mut peers = Vec::new();
+    for line in lines {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 8 {
+            return None;
+        }
+        peers.push(WgPeer {
+            public_key_hex: b64_to_hex(f[0])?,
+            endpoint: (f[2] != "(none)").then(|| f[2].to_string()),
+            allowed_ips: f[3]
+                .split(',')
+                .filter(|a| !a.is_empty() && *a != "(none)")
+                .map(str::to_string)
+                .collect(),
+            last_handshake_sec: f[4].parse().ok()?,
+            rx_bytes: f[5].parse().ok()?,
+            tx_bytes: f[6].parse().ok()?,
+        });
+    }
+    Some(WgDevice { public_key, peers })
 }
 
 /// The base64 public key of a hex private key. Only the public half leaves this
@@ -262,32 +314,22 @@ fn public_of_private_hex(hex: &str) -> Option<String> {
 }
 
 fn hex_to_b64(hex: &str) -> String {
-    let bytes: Vec<u8> = (0..hex.len() / 2)
-        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect();
-    base64(&bytes)
+    base64(&hex::decode(hex).unwrap_or_default())
 }
 
 /// Standard base64 with padding (what Node annotations and `wg` use for keys).
 pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Hex of a standard base64 string (a WireGuard key as `wg` prints it).
+fn b64_to_hex(b64: &str) -> Option<String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .map(hex::encode)
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -337,5 +379,38 @@ mod tests {
         );
         assert_eq!(super::hex_to_b64("666f6f"), "Zm9v");
         assert_eq!(super::hex_to_b64("666f"), "Zm8=");
+        for hex in ["666f6f", "666f", "66", &"ab".repeat(32)] {
+            assert_eq!(
+                super::b64_to_hex(&super::hex_to_b64(hex)).as_deref(),
+                Some(hex)
+            );
+        }
+    }
+
+    #[test]
+    fn wg_dump_is_parsed_without_the_private_key() {
+        let key = super::hex_to_b64(&"ab".repeat(32));
+        let text = format!(
+            "PRIVATE\t{key}\t51820\toff\n\
+             {key}\t(none)\t192.0.2.2:51820\t10.244.1.0/24,fd00::/64\t1700000000\t10\t20\toff\n\
+             {key}\t(none)\t(none)\t(none)\t0\t0\t0\t25\n"
+        );
+        let dev = super::parse_wg_dump(&text).expect("parses");
+        assert_eq!(dev.public_key.as_deref(), Some(key.as_str()));
+        assert_eq!(dev.peers.len(), 2);
+        assert_eq!(dev.peers[0].public_key_b64(), key);
+        assert_eq!(dev.peers[0].endpoint.as_deref(), Some("192.0.2.2:51820"));
+        assert_eq!(dev.peers[0].allowed_ips, ["10.244.1.0/24", "fd00::/64"]);
+        assert_eq!(
+            (
+                dev.peers[0].last_handshake_sec,
+                dev.peers[0].rx_bytes,
+                dev.peers[0].tx_bytes
+            ),
+            (1_700_000_000, 10, 20)
+        );
+        assert!(dev.peers[1].endpoint.is_none() && dev.peers[1].allowed_ips.is_empty());
+        assert!(!format!("{dev:?}").contains("PRIVATE"));
+        assert!(super::parse_wg_dump("PRIVATE\tk\t1\toff\nshort line\n").is_none());
     }
 }

@@ -11,7 +11,8 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use super::state::{
-    list_ids, state_root, LinkRecord, NodeRecord, PodRecord, ProcessRecord, State, NETNS_PREFIX,
+    list_ids, state_root, BackendMode, LinkRecord, NodeBackend, NodeRecord, PodRecord,
+    ProcessRecord, State, NETNS_PREFIX,
 };
 use super::sys::{self, ip, netns_exec};
 use super::{Error, Result};
@@ -59,6 +60,8 @@ pub struct Options {
     /// from the binaries in this directory (`scripts/kube-bins` prints it) instead
     /// of the in-memory API.
     pub real_control_plane: Option<PathBuf>,
+    /// Userspace dataplanes, kernel WireGuard, or both ([`BackendMode::Mixed`]).
+    pub backend: BackendMode,
 }
 
 /// The real control plane's ports, on the underlay namespace (its own network
@@ -80,8 +83,11 @@ pub const ROTATION_TIMINGS: &[(&str, &str)] = &[
 pub struct NodeOptions {
     pub pods: usize,
     /// Start the node's dataplane. Without it only the agent starts (a node booting
-    /// before its device exists); `restart <node>-dataplane` starts it later.
+    /// before its device exists); `restart <node>-dataplane` starts it later. Only
+    /// for userspace nodes (a kernel node has no dataplane process).
     pub dataplane: bool,
+    /// The node's WireGuard; `None`: what the testbed's `--backend` gives its index.
+    pub backend: Option<NodeBackend>,
 }
 
 /// A testbed being built or used: its state plus the binaries.
@@ -185,6 +191,7 @@ impl Testbed {
             masquerade: opts.masquerade,
             no_spec_pod_cidrs: opts.no_spec_pod_cidrs,
             control_plane,
+            backend: opts.backend,
             ..Default::default()
         };
         state.save()?;
@@ -208,7 +215,7 @@ impl Testbed {
         for _ in 0..nodes {
             self.add_node(self.state.pods_per_node)?;
         }
-        let secs = self.wait_mesh(Duration::from_secs(60))?;
+        let secs = self.wait_mesh(Duration::from_secs_f64(60.0 * time_scale()?))?;
         self.state.phase = "running".into();
         self.state.save()?;
         self.say(format!(
@@ -720,6 +727,7 @@ impl Testbed {
         self.add_node_with(NodeOptions {
             pods,
             dataplane: true,
+            backend: None,
         })
     }
 
@@ -729,10 +737,19 @@ impl Testbed {
     pub fn add_node_with(&mut self, opts: NodeOptions) -> Result<String> {
         let pods = opts.pods;
         let index = self.state.next_node;
-        self.state.next_node += 1;
         if index > 250 {
             return Err(Error::Other("at most 250 nodes per testbed".into()));
         }
+        let backend = opts
+            .backend
+            .unwrap_or_else(|| self.state.backend.for_node(index));
+        if backend == NodeBackend::Kernel && !opts.dataplane {
+            return Err(Error::Other(format!(
+                "n{index} would run kernel WireGuard, which has no dataplane process to \
+                 start later: add it as a userspace node (add-node --backend uapi --no-dataplane)"
+            )));
+        }
+        self.state.next_node += 1;
         let name = format!("n{index}");
         let prefix = self.state.prefix();
         let ns = format!("{prefix}{name}");
@@ -837,6 +854,7 @@ impl Testbed {
             store: store.clone(),
             pod_cidrs: pod_cidrs.clone(),
             pods: Vec::new(),
+            backend,
         });
         self.state.save()?;
 
@@ -912,12 +930,14 @@ impl Testbed {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if opts.dataplane {
+        if backend == NodeBackend::Kernel {
+            // No dataplane process: the agent creates the kernel link itself.
+        } else if opts.dataplane {
             self.spawn(&format!("{name}-dataplane"), &ns, &argv, None)?;
             let sock = self.state.uapi_dir.join(format!("{iface}.sock"));
             self.wait_for(
                 &format!("{name}'s UAPI socket"),
-                Duration::from_secs(10),
+                Duration::from_secs_f64(10.0 * time_scale()?),
                 || sock.exists(),
             )?;
         } else {
@@ -945,11 +965,12 @@ impl Testbed {
             // /etc/cni/net.d is shared by every namespace and not ours.
             "--cni-dir",
             &cni,
-            // The testbed runs wgmesh's userspace dataplane: never let `auto` pick
-            // kernel WireGuard (it would create the interface itself when it
-            // probes before the dataplane has bound its socket).
+            // The backend is fixed, never probed: on a userspace node `auto`
+            // could pick kernel WireGuard (creating the interface itself when it
+            // probes before the dataplane has bound its socket), as the
+            // DaemonSets pin it.
             "--backend",
-            "uapi",
+            backend.name(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -971,7 +992,9 @@ impl Testbed {
             "node {name}: underlay {}, pod CIDRs {}, {pods} pod(s), {} on {iface}",
             addrs.join(" "),
             pod_cidrs.join(" "),
-            if opts.dataplane {
+            if backend == NodeBackend::Kernel {
+                "kernel WireGuard, agent only".to_string()
+            } else if opts.dataplane {
                 "dataplane + agent".to_string()
             } else {
                 format!("agent only (start the dataplane with `restart {name}-dataplane`)")
@@ -985,6 +1008,21 @@ impl Testbed {
         self.state.uapi_dir.join(format!("{}.sock", node.iface))
     }
 
+    /// A node's WireGuard device as it reports itself: over its UAPI socket
+    /// (userspace) or `wg show dump` in its namespace (kernel); `None` when there
+    /// is no device to ask.
+    pub fn device(&self, node: &NodeRecord) -> Option<sys::WgDevice> {
+        match node.backend {
+            NodeBackend::Uapi => sys::uapi_device(&self.sock(node)),
+            NodeBackend::Kernel => sys::kernel_device(&node.ns, &node.iface),
+        }
+    }
+
+    /// A node's peers ([`Self::device`]).
+    pub fn peers(&self, node: &NodeRecord) -> Option<Vec<sys::WgPeer>> {
+        self.device(node).map(|d| d.peers)
+    }
+
     /// Waits until every device has one peer per other node; returns the seconds waited.
     pub fn wait_mesh(&self, timeout: Duration) -> Result<f64> {
         let t0 = Instant::now();
@@ -996,7 +1034,7 @@ impl Testbed {
                 self.state
                     .nodes
                     .iter()
-                    .all(|n| sys::uapi_peers(&self.sock(n)).is_some_and(|p| p.len() == want))
+                    .all(|n| self.peers(n).is_some_and(|p| p.len() == want))
             },
         )?;
         Ok(t0.elapsed().as_secs_f64())
@@ -1071,6 +1109,43 @@ pub fn testbed_pod_cidrs(index: u32, dual_stack: bool) -> Vec<String> {
         out.push(format!("fd00:10:244:{i:x}::/64"));
     }
     out
+}
+
+/// The environment variable that stretches the drills' time limits on a slow
+/// machine (the VM tier's software-emulated guest runs the same binaries
+/// several times slower): a factor from 1 to 10, printed with every run.
+pub const TIME_SCALE_ENV: &str = "WGMESH_TESTBED_TIME_SCALE";
+
+/// The factor [`TIME_SCALE_ENV`] gives (1 when unset); an unusable value is an
+/// error naming the variable and the range.
+pub fn time_scale() -> Result<f64> {
+    match std::env::var(TIME_SCALE_ENV) {
+        Err(_) => Ok(1.0),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(f) if (1.0..=10.0).contains(&f) => Ok(f),
+            _ => Err(Error::Other(format!(
+                "{TIME_SCALE_ENV}={v:?}: give a factor from 1 to 10 (how much slower than a \
+                 normal host this machine runs the testbed), or unset it"
+            ))),
+        },
+    }
+}
+
+/// `up --backend kernel|mixed` needs kernel WireGuard on this host: fails early,
+/// naming the way out, instead of agents failing one by one.
+pub fn kernel_wireguard_available(mode: BackendMode) -> Result<()> {
+    if mode == BackendMode::Uapi || Path::new("/sys/module/wireguard").exists() {
+        return Ok(());
+    }
+    match sys::run(&["modprobe", "wireguard"]) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Error::Other(format!(
+            "--backend {} needs kernel WireGuard, and this kernel has none ({e}); \
+             run it in the VM tier (scripts/test-vm boots a kernel that has it) or use \
+             --backend uapi",
+            mode.name()
+        ))),
+    }
 }
 
 /// Whether `--help` text lists `flag` as an option (not merely as a prefix of a
