@@ -18,6 +18,7 @@ pub mod routes;
 pub mod status;
 pub mod telemetry;
 pub mod text;
+pub mod uapi;
 pub mod wg;
 
 /// The annotation prefix wgmesh owns on Node objects.

@@ -10,7 +10,7 @@
 //!   gives the same text (the formatter is canonical);
 //! - every error has an errno and a message.
 
-use wgmesh::wg::proto::{format_set, message_len, parse_request_bytes, Request};
+use wgmesh::uapi::{format_set, message_len, parse_request_bytes, Request};
 
 pub fn run(data: &[u8]) {
     // Framing must not panic on anything, whatever the parser thinks of it.

@@ -24,7 +24,7 @@ use ipnet::IpNet;
 
 use super::allowed_ips::AllowedIps;
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
-pub use crate::wg::proto::ExtraRole;
+pub use crate::uapi::ExtraRole;
 use crate::wg::SessionInfo;
 
 /// Handshake initiations per second the device answers before it demands

@@ -25,7 +25,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::device::{Device, PeerSettings, Sink, TunOutcome, UdpOutcome, DATA_OVERHEAD, TICK};
-use crate::wg::proto::{self, DeviceSnapshot, PeerSnapshot, SetRequest, SnapshotSession};
+use crate::uapi::{self, DeviceSnapshot, PeerSnapshot, SetRequest, SnapshotSession};
 
 /// What the UAPI thread asks of the data thread.
 pub enum Control {
@@ -400,7 +400,7 @@ impl Runtime {
             private_key: self.device.private_key().cloned(),
             listen_port: self.udp.port,
             fwmark: self.fwmark,
-            wgmesh_version: Some(proto::WGMESH_VERSION),
+            wgmesh_version: Some(uapi::WGMESH_VERSION),
             extra_identity: self.device.extra_identity(),
             peers: self
                 .device
@@ -438,7 +438,7 @@ impl Runtime {
 
     /// The extra identity as it is, private half included (the device keeps
     /// it across a `set` that does not mention it).
-    fn current_extra(&self) -> Option<(crate::keys::PrivateKey, proto::ExtraRole)> {
+    fn current_extra(&self) -> Option<(crate::keys::PrivateKey, uapi::ExtraRole)> {
         self.device.extra_identity_key()
     }
 
@@ -457,7 +457,7 @@ impl Runtime {
                     }
                     Err(e) => {
                         tracing::warn!(port, error = %e, "cannot change the listen port");
-                        return proto::errno::PORT_IN_USE;
+                        return uapi::errno::PORT_IN_USE;
                     }
                 }
             }
@@ -465,7 +465,7 @@ impl Runtime {
         if let Some(mark) = req.fwmark {
             if let Err(e) = set_mark(&self.udp.socket, mark) {
                 tracing::warn!(mark, error = %e, "cannot set fwmark");
-                return proto::errno::IO;
+                return uapi::errno::IO;
             }
             self.fwmark = mark;
         }

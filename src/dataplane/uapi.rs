@@ -2,7 +2,7 @@
 //! (`<dir>/<interface>.sock`), so `wg show`, `wg showconf` and `wg set` work on
 //! the device and the agent drives it like any other implementation.
 //!
-//! Requests are parsed here (`wg::proto`) and handed to the data thread over a
+//! Requests are parsed by the shared codec ([`crate::uapi`]) and handed to the data thread over a
 //! channel; the data thread answers between batches. Only root can connect: the
 //! socket is created 0600 (under umask 077), as wireguard-go does.
 
@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
 use super::runtime::Control;
-use crate::wg::proto::{self, Request};
+use crate::uapi::{self, Request};
 
 /// How long a client may take to send its request, and the data thread to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,16 +97,16 @@ fn handle(mut conn: UnixStream, control: &Sender<Control>, wake: &UnixStream) ->
     let mut chunk = [0u8; 4096];
     loop {
         // One connection may carry several requests.
-        while let Some(len) = proto::message_len(&buf) {
+        while let Some(len) = uapi::message_len(&buf) {
             let msg: Vec<u8> = buf.drain(..len).collect();
-            let reply = match proto::parse_request_bytes(&msg) {
+            let reply = match uapi::parse_request_bytes(&msg) {
                 Ok(Request::Get) => {
                     let (tx, rx) = mpsc::sync_channel(1);
                     ask(control, wake, Control::Get(tx))?;
                     let snap = rx
                         .recv_timeout(TIMEOUT)
                         .map_err(|_| io::Error::other("data thread did not answer"))?;
-                    proto::format_get(&snap).as_bytes().to_vec()
+                    uapi::format_get(&snap).as_bytes().to_vec()
                 }
                 Ok(Request::Set(req)) => {
                     let (tx, rx) = mpsc::sync_channel(1);
@@ -114,18 +114,18 @@ fn handle(mut conn: UnixStream, control: &Sender<Control>, wake: &UnixStream) ->
                     let errno = rx
                         .recv_timeout(TIMEOUT)
                         .map_err(|_| io::Error::other("data thread did not answer"))?;
-                    proto::format_errno(errno).into_bytes()
+                    uapi::format_errno(errno).into_bytes()
                 }
                 Err(e) if e.closes_connection() => return Ok(()),
                 Err(e) => {
                     tracing::debug!(error = %e, "invalid UAPI request");
-                    proto::format_errno(e.errno()).into_bytes()
+                    uapi::format_errno(e.errno()).into_bytes()
                 }
             };
             conn.write_all(&reply)?;
         }
-        if buf.len() > proto::MAX_LINE_LEN * 64 {
-            conn.write_all(proto::format_errno(proto::errno::IO).as_bytes())?;
+        if buf.len() > uapi::MAX_LINE_LEN * 64 {
+            conn.write_all(uapi::format_errno(uapi::errno::IO).as_bytes())?;
             return Ok(());
         }
         let n = conn.read(&mut chunk)?;

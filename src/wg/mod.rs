@@ -30,7 +30,6 @@
 
 pub mod kernel;
 pub mod memory;
-pub mod proto;
 pub mod uapi;
 
 use std::time::SystemTime;
@@ -38,7 +37,7 @@ use std::time::SystemTime;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{diff, PeerChange, PeerConfig};
 
-pub use proto::ExtraRole;
+pub use crate::uapi::ExtraRole;
 
 pub type Result<T, E = WgError> = std::result::Result<T, E>;
 
@@ -60,7 +59,7 @@ pub enum WgError {
     Protocol {
         path: String,
         #[source]
-        source: proto::ProtoError,
+        source: crate::uapi::ProtoError,
     },
 }
 

@@ -14,12 +14,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::proto::{self, PeerUpdate, SetRequest};
 use super::{
     restrict, Backend, Capabilities, ChangeSet, DeviceState, PeerStats, Result, SessionInfo,
     WgError,
 };
 use crate::mesh::{PeerChange, PeerConfig};
+use crate::uapi::{self, PeerUpdate, SetRequest};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,9 +44,9 @@ impl UapiBackend {
         Self::new(dir.join(format!("{interface}.sock")))
     }
 
-    fn get(&mut self) -> Result<proto::DeviceSnapshot> {
-        let text = self.exchange(proto::format_get_request())?;
-        let snap = proto::parse_get_response(&text).map_err(|source| WgError::Protocol {
+    fn get(&mut self) -> Result<uapi::DeviceSnapshot> {
+        let text = self.exchange(uapi::format_get_request())?;
+        let snap = uapi::parse_get_response(&text).map_err(|source| WgError::Protocol {
             path: self.path.display().to_string(),
             source,
         })?;
@@ -75,7 +75,7 @@ impl UapiBackend {
         s.write_all(request.as_bytes()).map_err(io)?;
         let mut out = Vec::new();
         let mut buf = [0u8; 8192];
-        while proto::message_len(&out).is_none() {
+        while uapi::message_len(&out).is_none() {
             let n = s.read(&mut buf).map_err(io)?;
             if n == 0 {
                 break;
@@ -159,8 +159,8 @@ impl Backend for UapiBackend {
             return Ok(());
         }
         let request = set_request(changes, self.caps);
-        let text = self.exchange(&proto::format_set(&request))?;
-        proto::parse_errno_response(&text).map_err(|source| WgError::Protocol {
+        let text = self.exchange(&uapi::format_set(&request))?;
+        uapi::parse_errno_response(&text).map_err(|source| WgError::Protocol {
             path: self.path.display().to_string(),
             source,
         })
