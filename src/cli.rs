@@ -227,7 +227,7 @@ pub struct AgentArgs {
     #[arg(long, env = "WGMESH_STORE", default_value = wgmesh::keys::store::DEFAULT_DIR)]
     pub store: PathBuf,
     /// WireGuard interface (its UAPI socket is <uapi-dir>/<interface>.sock).
-    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0", value_parser = parse_interface)]
     pub interface: String,
     /// Directory of the UAPI socket.
     #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
@@ -407,7 +407,7 @@ pub struct StatusArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// WireGuard interface.
-    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0", value_parser = parse_interface)]
     pub interface: String,
     /// Directory of the UAPI socket.
     #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
@@ -440,7 +440,7 @@ pub struct StatusArgs {
 )]
 pub struct DataplaneArgs {
     /// Name of the TUN interface (and of the UAPI socket). Must be unique on the host.
-    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    #[arg(long, short, env = "WGMESH_INTERFACE", default_value = "wgmesh0", value_parser = parse_interface)]
     pub interface: String,
     /// Directory of the UAPI socket; `wg` only looks in /var/run/wireguard.
     #[arg(long, env = "WGMESH_UAPI_DIR", default_value = wgmesh::dataplane::DEFAULT_UAPI_DIR)]
@@ -464,6 +464,14 @@ pub enum Output {
     Json,
 }
 
+/// `--interface`: the project's one interface-name rule
+/// (`wgmesh::net::check_interface_name`); clap puts the flag in front of it.
+fn parse_interface(text: &str) -> Result<String, String> {
+    wgmesh::net::check_interface_name(text)
+        .map(|()| text.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// `90d`, `12h`, `1d12h`, `45s` (see `wgmesh::keys::evidence::parse_duration`).
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     wgmesh::keys::evidence::parse_duration(text)
@@ -480,5 +488,43 @@ fn parse_optional_duration(text: &str) -> Result<MaxAge, String> {
     match text.trim() {
         "off" | "never" => Ok(MaxAge(None)),
         t => parse_duration(t).map(|d| MaxAge(Some(d))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// Every `--interface` takes the one rule, and its error names the flag,
+    /// the name, what is wrong and the rule.
+    #[test]
+    fn every_interface_flag_checks_the_one_rule() {
+        for command in [
+            &["wgmesh", "dataplane"][..],
+            &[
+                "wgmesh",
+                "agent",
+                "--node-name",
+                "a",
+                "--cluster-cidrs",
+                "10.244.0.0/16",
+            ],
+            &["wgmesh", "status", "--node-name", "a"],
+        ] {
+            let ok = [command, &["--interface", "wg-0.a_b"]].concat();
+            if let Err(e) = Cli::try_parse_from(&ok) {
+                panic!("{ok:?}: {e}");
+            }
+            let bad = [command, &["--interface", "much-too-long-nm"]].concat();
+            let err = Cli::try_parse_from(&bad).unwrap_err().to_string();
+            assert!(
+                err.contains("'--interface <INTERFACE>'")
+                    && err.contains("\"much-too-long-nm\": longer than 15 bytes")
+                    && err.contains(wgmesh::net::INTERFACE_NAME_RULE),
+                "{err}"
+            );
+        }
     }
 }

@@ -143,12 +143,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataplane(args) => {
-            if args.interface.is_empty() || args.interface.len() > 15 {
-                anyhow::bail!(
-                    "--interface {:?}: an interface name is 1 to 15 characters",
-                    args.interface
-                );
-            }
             let opts = wgmesh::dataplane::Options {
                 interface: args.interface,
                 mtu: args.mtu,

@@ -267,7 +267,7 @@ fn kernel_errors_reach_our_error_type_with_their_errno() {
         // Names the kernel would refuse, refused before any request.
         for bad in ["bad/name", "much-too-long-nm", ""] {
             let err = KernelBackend::new(bad).ensure_link().unwrap_err();
-            assert!(matches!(kernel_error(&err), KernelError::InvalidName { .. }), "{err}");
+            assert!(matches!(kernel_error(&err), KernelError::InvalidName(_)), "{err}");
             eprintln!("name {bad:?}: {err}");
         }
         let Err(err) = select_backend(BackendKind::Kernel, "much-too-long-nm", dir.path()).await else {

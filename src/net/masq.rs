@@ -108,7 +108,7 @@ pub fn ensure_masquerade(spec: &MasqSpec) -> Result<MasqChange> {
 }
 
 fn ensure_with(nft: &OsStr, spec: &MasqSpec) -> Result<MasqChange> {
-    super::validate_interface_name(&spec.interface)?;
+    super::check_interface_name(&spec.interface)?;
     let tables = run(nft, &["-j", "list", "tables"], None, "list the tables")?;
     let exists = has_our_table(&parse(&tables, "list the tables")?);
     if !spec.enabled {
@@ -739,6 +739,6 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(matches!(err, NetError::InvalidName { .. }), "{err:?}");
+        assert!(matches!(err, NetError::InvalidName(_)), "{err:?}");
     }
 }

@@ -229,7 +229,7 @@ impl PolicySpec {
         };
         match reason {
             Some(reason) => Err(NetError::InvalidPolicy { reason }),
-            None => super::validate_interface_name(&self.interface),
+            None => Ok(super::check_interface_name(&self.interface)?),
         }
     }
 }
@@ -1406,7 +1406,7 @@ mod tests {
         }
         assert!(matches!(
             PolicySpec::new("a/b").validate(),
-            Err(NetError::InvalidName { .. })
+            Err(NetError::InvalidName(_))
         ));
         assert!(spec().validate().is_ok());
     }

@@ -7,7 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::transport::{ensure_wireguard_link, validate_name, GenlConn};
+use super::transport::{ensure_wireguard_link, GenlConn};
 use super::{device_label, KernelBackend, KernelError, FAMILY_NAME};
 use crate::wg::uapi::UapiBackend;
 use crate::wg::{Backend, Result, WgError};
@@ -161,7 +161,7 @@ fn check_kernel_device(
     let created = match policy {
         LinkPolicy::Create => ensure_wireguard_link(interface).map_err(|e| e.to_string())?,
         LinkPolicy::Existing => {
-            validate_name(interface).map_err(|e| e.to_string())?;
+            crate::net::check_interface_name(interface).map_err(|e| e.to_string())?;
             false
         }
     };

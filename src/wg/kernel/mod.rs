@@ -263,8 +263,8 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
-    #[error("invalid interface name {name:?}: {reason}")]
-    InvalidName { name: String, reason: &'static str },
+    #[error(transparent)]
+    InvalidName(#[from] crate::net::InvalidInterfaceName),
     #[error("{0}")]
     Task(String),
 }

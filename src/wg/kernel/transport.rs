@@ -20,8 +20,6 @@ use zeroize::Zeroizing;
 
 use super::{KernelError, FAMILY_NAME};
 
-const IFNAMSIZ: usize = 16;
-
 /// A generic netlink socket with the `wireguard` family resolved.
 pub(super) struct GenlConn {
     socket: Socket,
@@ -201,7 +199,7 @@ fn errno_error(code: NonZeroI32) -> io::Error {
 /// name exists; true if created. The message is rtnetlink's own
 /// `LinkWireguard` builder, sent over a blocking socket.
 pub(super) fn ensure_wireguard_link(interface: &str) -> std::result::Result<bool, KernelError> {
-    validate_name(interface)?;
+    crate::net::check_interface_name(interface)?;
     let socket = open_socket(NETLINK_ROUTE, "route")?;
     let mut message = NetlinkMessage::from(RouteNetlinkMessage::NewLink(
         rtnetlink::LinkWireguard::new(interface).build(),
@@ -222,28 +220,6 @@ pub(super) fn ensure_wireguard_link(interface: &str) -> std::result::Result<bool
             interface: interface.to_owned(),
             source: io::Error::new(io::ErrorKind::InvalidData, d),
         }),
-    }
-}
-
-pub(super) fn validate_name(name: &str) -> std::result::Result<(), KernelError> {
-    let reason = if name.is_empty() {
-        Some("empty")
-    } else if name.len() >= IFNAMSIZ {
-        Some("longer than 15 bytes")
-    } else if name
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
-    {
-        Some("contains '/', ':' or whitespace")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(KernelError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
     }
 }
 
