@@ -54,6 +54,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 use wgmesh::keys::{PrivateKey, PublicKey};
 use wgmesh::mesh::{PeerChange, PeerConfig};
+use wgmesh::net::NetError;
 use wgmesh::wg::kernel::{
     kernel_available, select_backend, select_reader, set_messages, BackendKind, KernelBackend,
     KernelError, SAFE_MESSAGE_BYTES,
@@ -267,7 +268,7 @@ fn kernel_errors_reach_our_error_type_with_their_errno() {
         // Names the kernel would refuse, refused before any request.
         for bad in ["bad/name", "much-too-long-nm", ""] {
             let err = KernelBackend::new(bad).ensure_link().unwrap_err();
-            assert!(matches!(kernel_error(&err), KernelError::InvalidName(_)), "{err}");
+            assert!(matches!(kernel_error(&err), KernelError::Link(NetError::InvalidName(_))), "{err}");
             eprintln!("name {bad:?}: {err}");
         }
         let Err(err) = select_backend(BackendKind::Kernel, "much-too-long-nm", dir.path()).await else {

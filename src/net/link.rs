@@ -1,11 +1,17 @@
-//! The one interface-name rule of the project, and (below it) the link
-//! operations that need no rtnetlink connection of their own.
+//! The one interface-name rule of the project, and the link operation that
+//! runs without a tokio runtime: creating the kernel WireGuard link.
 //!
 //! Every place that takes an interface name checks it here, so a bad
 //! `--interface` (or a bad name in a spec built in code) is refused before
 //! any request with the same words everywhere: the CLI's parser (the error
 //! names the flag), the rtnetlink link, route and policy code, the
 //! masquerade, and the kernel WireGuard backend.
+
+use rtnetlink::packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::protocols::NETLINK_ROUTE;
+
+use super::{netlink, NetError, Result};
 
 /// The rule [`check_interface_name`] applies, in words, for error messages
 /// and `--help`.
@@ -27,7 +33,7 @@ pub struct InvalidInterfaceName {
 /// silently truncated the name). The kernel counts bytes: at most
 /// `IFNAMSIZ - 1` = 15, and its `isspace` is ASCII whitespace (with VT) plus
 /// byte 0xA0.
-pub fn check_interface_name(name: &str) -> Result<(), InvalidInterfaceName> {
+pub fn check_interface_name(name: &str) -> std::result::Result<(), InvalidInterfaceName> {
     const IFNAMSIZ: usize = 16;
     let reason = if name.is_empty() {
         Some("empty")
@@ -51,6 +57,35 @@ pub fn check_interface_name(name: &str) -> Result<(), InvalidInterfaceName> {
             reason,
         }),
         None => Ok(()),
+    }
+}
+
+/// Creates the kernel WireGuard link `interface` (`ip link add <interface>
+/// type wireguard`) unless an interface of that name exists; true if it
+/// created it. The link starts down; [`super::Net::ensure_link_up`] sets its
+/// MTU and brings it up. Blocking (the kernel backend calls it from a
+/// synchronous [`crate::wg::Backend`] method): the message is rtnetlink's
+/// own `LinkWireguard` builder, sent over `net::netlink::request`. Fails when
+/// the host has no WireGuard module ("Unknown device type", EOPNOTSUPP) or
+/// the caller lacks CAP_NET_ADMIN.
+pub fn ensure_wireguard_link(interface: &str) -> Result<bool> {
+    check_interface_name(interface)?;
+    let socket = netlink::open(NETLINK_ROUTE).map_err(|source| NetError::Connect { source })?;
+    let mut message = NetlinkMessage::from(RouteNetlinkMessage::NewLink(
+        rtnetlink::LinkWireguard::new(interface).build(),
+    ));
+    message.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    message.header.sequence_number = 1;
+    message.finalize();
+    let mut buf = vec![0u8; message.buffer_len()];
+    message.serialize(&mut buf);
+    match netlink::request(&socket, &buf, 1) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(source) => Err(NetError::CreateLink {
+            interface: interface.to_owned(),
+            source,
+        }),
     }
 }
 

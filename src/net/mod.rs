@@ -23,6 +23,7 @@
 
 mod link;
 mod masq;
+pub(crate) mod netlink;
 mod policy;
 mod routes;
 
@@ -41,7 +42,9 @@ use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use routes::RouteEntry;
 
-pub use link::{check_interface_name, InvalidInterfaceName, INTERFACE_NAME_RULE};
+pub use link::{
+    check_interface_name, ensure_wireguard_link, InvalidInterfaceName, INTERFACE_NAME_RULE,
+};
 pub use masq::{ensure_masquerade, MasqChange, MasqSpec, MASQ_TABLE};
 pub use policy::{
     Bypass, PolicyChanges, PolicyRule, PolicySpec, RouteView, RuleSelector, RuleView,
@@ -96,6 +99,12 @@ pub enum NetError {
     NoRuntime,
     #[error(transparent)]
     InvalidName(#[from] InvalidInterfaceName),
+    #[error("creating wireguard link {interface}: {source}")]
+    CreateLink {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interface {name} does not exist")]
     LinkNotFound { name: String },
     #[error("{op} interface {name}: {source}")]
@@ -216,9 +225,9 @@ impl NetError {
             | NetError::PolicyRoute { source, .. }
             | NetError::Rule { source, .. }
             | NetError::RuleDump { source, .. } => errno(source),
-            NetError::Connect { source } | NetError::NftSpawn { source, .. } => {
-                source.raw_os_error()
-            }
+            NetError::Connect { source }
+            | NetError::CreateLink { source, .. }
+            | NetError::NftSpawn { source, .. } => source.raw_os_error(),
             NetError::NoRuntime
             | NetError::InvalidName(_)
             | NetError::LinkNotFound { .. }

@@ -7,7 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::transport::{ensure_wireguard_link, GenlConn};
+use super::transport::GenlConn;
 use super::{device_label, KernelBackend, KernelError, FAMILY_NAME};
 use crate::wg::uapi::UapiBackend;
 use crate::wg::{Backend, Result, WgError};
@@ -159,7 +159,9 @@ fn check_kernel_device(
     policy: LinkPolicy,
 ) -> std::result::Result<(KernelBackend, bool), String> {
     let created = match policy {
-        LinkPolicy::Create => ensure_wireguard_link(interface).map_err(|e| e.to_string())?,
+        LinkPolicy::Create => {
+            crate::net::ensure_wireguard_link(interface).map_err(|e| e.to_string())?
+        }
         LinkPolicy::Existing => {
             crate::net::check_interface_name(interface).map_err(|e| e.to_string())?;
             false

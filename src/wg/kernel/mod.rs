@@ -8,10 +8,15 @@
 //! - `messages`, pure and tested in memory: a change set as
 //!   `WG_CMD_SET_DEVICE` messages split to size ([`set_messages`]), and a
 //!   `WG_CMD_GET_DEVICE` dump read back ([`device_state`], [`peer_stats`]);
-//! - `transport`: the generic netlink socket, the family lookup and one
-//!   request with its replies;
+//! - `transport`: the generic netlink socket with the family resolved, one
+//!   request and its replies over `crate::net::netlink` (a loop of our
+//!   own, not netlink-proto: that module says why);
 //! - `choice`: `--backend auto|kernel|uapi` ([`select_backend`],
 //!   [`select_reader`]).
+//!
+//! The link itself (`ip link add … type wireguard`) is created with the
+//! other link code, by [`crate::net::ensure_wireguard_link`], and its name
+//! checked by the project's one rule, [`crate::net::check_interface_name`].
 //!
 //! Everything runs over blocking netlink sockets: [`Backend`] is a
 //! synchronous trait that the agent calls from `spawn_blocking`, and every
@@ -42,7 +47,7 @@ use netlink_packet_wireguard::WireguardMessage;
 
 use super::{Backend, ChangeSet, DeviceState, PeerStats, Result, WgError};
 use messages::{get_request, parse_wireguard, scrub};
-use transport::{ensure_wireguard_link, GenlConn};
+use transport::GenlConn;
 
 pub use choice::{kernel_available, select_backend, select_reader, BackendKind, SelectedBackend};
 pub use messages::{
@@ -74,11 +79,11 @@ impl KernelBackend {
         }
     }
 
-    /// Creates the `wireguard` link if there is no interface of that name;
-    /// true if it created it. The link starts down; the agent's
-    /// `Net::ensure_link_up` sets its MTU and brings it up.
+    /// Creates the `wireguard` link if there is no interface of that name
+    /// ([`crate::net::ensure_wireguard_link`]); true if it created it.
     pub fn ensure_link(&self) -> Result<bool> {
-        ensure_wireguard_link(&self.interface).map_err(|e| self.error(e))
+        crate::net::ensure_wireguard_link(&self.interface)
+            .map_err(|e| self.error(KernelError::Link(e)))
     }
 
     fn error(&self, e: KernelError) -> WgError {
@@ -114,7 +119,7 @@ impl KernelBackend {
             let request = get_request(&interface, conn.family, seq);
             let replies = conn
                 .request(&request, seq)
-                .map_err(|e| e.at("WG_CMD_GET_DEVICE", &interface))?;
+                .map_err(KernelError::netlink("WG_CMD_GET_DEVICE", &interface))?;
             if replies.interrupted {
                 continue;
             }
@@ -157,12 +162,10 @@ impl KernelBackend {
             let interface = self.interface.clone();
             let conn = self.conn()?;
             let bytes = message.to_bytes(conn.family, seq);
-            conn.request(&bytes, seq).map_err(|e| {
-                e.at(
-                    &format!("WG_CMD_SET_DEVICE message {} of {total}", i + 1),
-                    &interface,
-                )
-            })?;
+            conn.request(&bytes, seq).map_err(KernelError::netlink(
+                &format!("WG_CMD_SET_DEVICE message {} of {total}", i + 1),
+                &interface,
+            ))?;
         }
         Ok(())
     }
@@ -257,14 +260,9 @@ pub enum KernelError {
         interface: String,
         detail: String,
     },
-    #[error("creating wireguard link {interface}: {source}")]
-    CreateLink {
-        interface: String,
-        #[source]
-        source: io::Error,
-    },
+    /// Creating the link, or a name the kernel would refuse.
     #[error(transparent)]
-    InvalidName(#[from] crate::net::InvalidInterfaceName),
+    Link(#[from] crate::net::NetError),
     #[error("{0}")]
     Task(String),
 }
@@ -275,9 +273,20 @@ impl KernelError {
         match self {
             KernelError::Socket { source, .. }
             | KernelError::Family { source }
-            | KernelError::Netlink { source, .. }
-            | KernelError::CreateLink { source, .. } => source.raw_os_error(),
+            | KernelError::Netlink { source, .. } => source.raw_os_error(),
+            KernelError::Link(e) => e.errno(),
             _ => None,
+        }
+    }
+
+    /// The error of operation `op` on `interface` that the kernel (or the
+    /// socket) answered with `source`.
+    fn netlink(op: &str, interface: &str) -> impl FnOnce(io::Error) -> KernelError {
+        let (op, interface) = (op.to_owned(), interface.to_owned());
+        move |source| KernelError::Netlink {
+            op,
+            interface,
+            source,
         }
     }
 }
@@ -294,5 +303,26 @@ mod tests {
     fn the_backend_is_send() {
         fn is_send<T: Send>() {}
         is_send::<KernelBackend>();
+    }
+
+    #[test]
+    fn a_refused_request_names_the_operation_and_keeps_the_errno() {
+        let refused = io::Error::from_raw_os_error(libc::ENODEV);
+        let e = KernelError::netlink("WG_CMD_GET_DEVICE", "wgmesh0")(refused);
+        assert_eq!(e.errno(), Some(libc::ENODEV));
+        assert!(
+            e.to_string().starts_with("WG_CMD_GET_DEVICE on wgmesh0: "),
+            "{e}"
+        );
+        let e = KernelError::Link(crate::net::NetError::CreateLink {
+            interface: "wgmesh0".into(),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert_eq!(e.errno(), Some(libc::EPERM));
+        assert!(
+            e.to_string()
+                .starts_with("creating wireguard link wgmesh0: "),
+            "{e}"
+        );
     }
 }
