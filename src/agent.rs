@@ -1431,6 +1431,7 @@ impl Agent {
                 let local = LocalDevice {
                     private_key: &key,
                     listen_port: port,
+                    fwmark: None,
                     extra: extra.as_ref().map(|(k, role)| (k, *role)),
                 };
                 let changes = wg::reconcile(&state, &local, &desired, caps);

@@ -215,7 +215,8 @@ fn a_second_daemon_cannot_take_a_live_socket() {
 }
 
 /// The agent's backend seam against the real device: apply a reconcile, read
-/// back, and a second reconcile is empty (a resync writes nothing).
+/// back, and a second reconcile is empty (a resync writes nothing); the
+/// fwmark set, kept and cleared through it.
 #[test]
 fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
     use wgmesh::keys::PrivateKey;
@@ -230,6 +231,7 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
     let local = LocalDevice {
         private_key: &key,
         listen_port: 44444,
+        fwmark: None,
         extra: None,
     };
     let peer = |n: u8, ka: Option<u16>| {
@@ -247,13 +249,17 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
         p
     };
     let desired = vec![peer(1, None), peer(2, Some(25)), peer(3, None)];
+    // What a reconcile pass against the device would write now.
+    let plan = |backend: &mut UapiBackend, local: &LocalDevice<'_>, desired: &[PeerConfig]| {
+        reconcile(
+            &backend.state().unwrap(),
+            local,
+            desired,
+            backend.capabilities(),
+        )
+    };
 
-    let changes = reconcile(
-        &backend.state().unwrap(),
-        &local,
-        &desired,
-        backend.capabilities(),
-    );
+    let changes = plan(&mut backend, &local, &desired);
     assert!(!changes.is_empty());
     backend.apply(&changes).unwrap();
     let state = backend.state().unwrap();
@@ -265,33 +271,52 @@ fn the_uapi_backend_reconciles_and_a_resync_writes_nothing() {
     want.sort_by_key(|p| p.public_key);
     assert_eq!(got, want);
     for _ in 0..3 {
-        let again = reconcile(
-            &backend.state().unwrap(),
-            &local,
-            &desired,
-            backend.capabilities(),
-        );
+        let again = plan(&mut backend, &local, &desired);
         assert!(again.is_empty(), "resync wants to write: {again:?}");
     }
 
     // A node leaves, another changes CIDR: only those two change.
     let mut next = vec![peer(1, None), peer(2, Some(25))];
     next[0].allowed_ips = vec!["10.244.9.0/24".parse().unwrap()];
-    let changes = reconcile(
-        &backend.state().unwrap(),
-        &local,
-        &next,
-        backend.capabilities(),
-    );
+    let changes = plan(&mut backend, &local, &next);
     assert_eq!(changes.peers.len(), 2, "{changes:?}");
     backend.apply(&changes).unwrap();
-    assert!(reconcile(
-        &backend.state().unwrap(),
-        &local,
-        &next,
-        backend.capabilities()
-    )
-    .is_empty());
+    assert!(plan(&mut backend, &local, &next).is_empty());
+
+    // The fwmark through the seam (`fwmark=`): set, read back, kept by a
+    // peer update that does not mention it, cleared with 0.
+    let marked = LocalDevice {
+        fwmark: Some(0x2a),
+        ..local.clone()
+    };
+    let changes = plan(&mut backend, &marked, &next);
+    assert_eq!(changes.fwmark, Some(0x2a), "{changes:?}");
+    assert!(changes.peers.is_empty() && changes.listen_port.is_none());
+    backend.apply(&changes).unwrap();
+    assert_eq!(backend.state().unwrap().fwmark, 0x2a);
+    assert!(get(&sock).contains("\nfwmark=42\n"), "{}", get(&sock));
+    let moved = vec![peer(1, Some(5)), peer(2, Some(25))];
+    let changes = plan(&mut backend, &local, &moved);
+    assert!(
+        changes.fwmark.is_none() && changes.peers.len() == 1,
+        "{changes:?}"
+    );
+    backend.apply(&changes).unwrap();
+    assert_eq!(
+        backend.state().unwrap().fwmark,
+        0x2a,
+        "kept across a peer update"
+    );
+    assert!(plan(&mut backend, &marked, &moved).is_empty());
+    let cleared = LocalDevice {
+        fwmark: Some(0),
+        ..local.clone()
+    };
+    let changes = plan(&mut backend, &cleared, &moved);
+    assert_eq!(changes.fwmark, Some(0));
+    backend.apply(&changes).unwrap();
+    assert_eq!(backend.state().unwrap().fwmark, 0);
+    assert!(!get(&sock).contains("fwmark="), "{}", get(&sock));
 }
 
 #[test]

@@ -8,9 +8,10 @@
 //! What runs:
 //! - the device created through our rtnetlink code, key and port set, peers
 //!   added, updated (endpoint, keepalive, allowed IPs replaced) and removed,
-//!   allowed IPs appended across continuation messages; a fwmark set by an
-//!   operator survives our writes (the seam carries none); every state read
-//!   back equals the plan, so the next reconcile writes nothing;
+//!   allowed IPs appended across continuation messages; the fwmark set,
+//!   kept across peer and key writes, and cleared through the seam, and one
+//!   set by an operator left alone where the seam asks for none; every state
+//!   read back equals the plan, so the next reconcile writes nothing;
 //! - errors from the kernel and from our own checks mapped to `WgError` with
 //!   the `KernelError` and errno underneath (missing link, port in use, a
 //!   link of another kind, a bad name);
@@ -108,6 +109,7 @@ fn the_kernel_device_is_created_configured_and_read_back_through_netlink() {
         let local = LocalDevice {
             private_key: &key,
             listen_port: PORT,
+            fwmark: None,
             extra: None,
         };
         let caps = b.capabilities();
@@ -119,9 +121,20 @@ fn the_kernel_device_is_created_configured_and_read_back_through_netlink() {
         assert_eq!(wg(&shown, &[&ifc, "public-key"]).trim(), key.public_key().to_base64());
         assert_eq!(wg(&shown, &[&ifc, "listen-port"]).trim(), PORT.to_string());
 
-        // A fwmark set by an operator: the seam has none, so our writes
-        // never send WGDEVICE_A_FWMARK and the kernel keeps it.
-        wg_set(&shown, &[&ifc, "fwmark", "0x2a"]);
+        // The fwmark through our seam (WGDEVICE_A_FWMARK): a change of its
+        // own, read back by us and by `wg`. Every reconcile below asks for it
+        // too, so each `assert_converged` checks it survived the peer writes.
+        let local = LocalDevice {
+            fwmark: Some(0x2a),
+            ..local
+        };
+        let changes = reconcile(&state, &local, &[], caps);
+        assert_eq!(changes.fwmark, Some(0x2a), "{changes:?}");
+        assert!(changes.peers.is_empty() && changes.private_key.is_none() && changes.listen_port.is_none());
+        b.apply(&changes).unwrap();
+        let state = b.state().unwrap();
+        assert_eq!(state.fwmark, 0x2a);
+        assert_eq!(wg(&shown, &[&ifc, "fwmark"]).trim(), "0x2a");
 
         // Peers added: an IPv4 endpoint with keepalive, an IPv6 endpoint,
         // none at all (the device learns it from a handshake).
@@ -196,9 +209,36 @@ fn the_kernel_device_is_created_configured_and_read_back_through_netlink() {
         let changes = reconcile(&state, &local2, &desired, caps);
         assert!(changes.private_key.is_some() && changes.peers.is_empty());
         b.apply(&changes).unwrap();
-        assert_converged(&mut *b, &local2, &desired);
-        assert_eq!(wg(&shown, &[&ifc, "fwmark"]).trim(), "0x2a", "the operator's fwmark survived");
-        eprintln!("ok: key, port, add/update/remove, replace/append, fwmark kept on {ifc}");
+        let state = assert_converged(&mut *b, &local2, &desired);
+        assert_eq!(state.fwmark, 0x2a);
+        assert_eq!(wg(&shown, &[&ifc, "fwmark"]).trim(), "0x2a", "our fwmark survived the peer and key writes");
+
+        // Cleared through the seam (0 = off) ...
+        let cleared = LocalDevice {
+            fwmark: Some(0),
+            ..local2.clone()
+        };
+        let changes = reconcile(&state, &cleared, &desired, caps);
+        assert_eq!(changes.fwmark, Some(0), "{changes:?}");
+        b.apply(&changes).unwrap();
+        let state = assert_converged(&mut *b, &cleared, &desired);
+        assert_eq!(state.fwmark, 0);
+        assert_eq!(wg(&shown, &[&ifc, "fwmark"]).trim(), "off");
+        // ... and one an operator sets is left alone where we ask for none
+        // (`fwmark: None`, the agent's setting), across a peer update.
+        wg_set(&shown, &[&ifc, "fwmark", "0x2b"]);
+        let unmanaged = LocalDevice {
+            fwmark: None,
+            ..local2.clone()
+        };
+        let desired = vec![p1b.clone(), p2b.clone()];
+        let changes = reconcile(&b.state().unwrap(), &unmanaged, &desired, caps);
+        assert!(changes.fwmark.is_none() && changes.peers.len() == 1, "{changes:?}");
+        b.apply(&changes).unwrap();
+        let state = assert_converged(&mut *b, &unmanaged, &desired);
+        assert_eq!(state.fwmark, 0x2b);
+        assert_eq!(wg(&shown, &[&ifc, "fwmark"]).trim(), "0x2b", "the operator's fwmark survived");
+        eprintln!("ok: key, port, fwmark set/kept/cleared through the seam, add/update/remove, replace/append, an operator's fwmark kept on {ifc}");
     });
 }
 
@@ -218,6 +258,7 @@ fn kernel_errors_reach_our_error_type_with_their_errno() {
         let some_changes = ChangeSet {
             private_key: Some(key.clone()),
             listen_port: Some(PORT),
+            fwmark: None,
             ..ChangeSet::default()
         };
 
@@ -294,6 +335,7 @@ fn a_thousand_peers_with_seven_thousand_allowed_ips_round_trip() {
         let local = LocalDevice {
             private_key: &key,
             listen_port: PORT,
+            fwmark: None,
             extra: None,
         };
         let desired: Vec<PeerConfig> = (0..1000u32)
@@ -585,6 +627,7 @@ fn a_key_rotation_hand_over_on_a_kernel_peer() {
                 let local = LocalDevice {
                     private_key: &ka2,
                     listen_port: PORT,
+                    fwmark: None,
                     extra: None,
                 };
                 let changes = reconcile(

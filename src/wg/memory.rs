@@ -130,6 +130,9 @@ impl Backend for MemoryBackend {
             if let Some(p) = changes.listen_port {
                 inner.state.listen_port = p;
             }
+            if let Some(mark) = changes.fwmark {
+                inner.state.fwmark = mark;
+            }
             inner.state.peers = apply(&inner.state.peers, &changes.peers);
             inner.applies += 1;
             inner.last = Some(changes);

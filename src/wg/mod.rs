@@ -68,6 +68,8 @@ pub enum WgError {
 pub struct DeviceState {
     pub public_key: Option<PublicKey>,
     pub listen_port: u16,
+    /// The mark (`SO_MARK`) on the device's UDP packets; 0 is none.
+    pub fwmark: u32,
     pub peers: Vec<PeerConfig>,
     /// The extra local identity (public half) and its role; always `None` on
     /// a backend without [`Capabilities::dual_identity`].
@@ -118,6 +120,8 @@ pub struct ChangeSet {
     /// keeps the sessions of both.
     pub extra_identity: Option<Option<(PrivateKey, ExtraRole)>>,
     pub listen_port: Option<u16>,
+    /// `Some(0)` clears the fwmark.
+    pub fwmark: Option<u32>,
     pub peers: Vec<PeerChange>,
 }
 
@@ -126,6 +130,7 @@ impl ChangeSet {
         self.private_key.is_none()
             && self.extra_identity.is_none()
             && self.listen_port.is_none()
+            && self.fwmark.is_none()
             && self.peers.is_empty()
     }
 }
@@ -164,6 +169,11 @@ pub trait Backend: Send {
 pub struct LocalDevice<'a> {
     pub private_key: &'a PrivateKey,
     pub listen_port: u16,
+    /// The fwmark the device must have (`Some(0)`: none). `None` leaves
+    /// the device's own alone, so one that an operator set (`wg set …
+    /// fwmark`, for policy routing of the tunnel's UDP) survives every
+    /// reconcile; the agent has no fwmark setting and passes `None`.
+    pub fwmark: Option<u32>,
     /// The extra identity during a rotation: the staged next key
     /// ([`ExtraRole::Next`]) or, after activation, the old one
     /// ([`ExtraRole::Previous`]). Ignored on a backend without
@@ -208,6 +218,7 @@ pub fn reconcile(
         private_key: (!key_ok).then(|| local.private_key.clone()),
         extra_identity,
         listen_port: (state.listen_port != local.listen_port).then_some(local.listen_port),
+        fwmark: local.fwmark.filter(|mark| *mark != state.fwmark),
         peers,
     }
 }
@@ -299,6 +310,7 @@ mod tests {
         let local = LocalDevice {
             private_key: &key,
             listen_port: 51820,
+            fwmark: None,
             extra: None,
         };
         assert!(reconcile(&state, &local, &desired, Capabilities::WGMESH).is_empty());
@@ -311,6 +323,7 @@ mod tests {
         let local = LocalDevice {
             private_key: &key,
             listen_port: 51820,
+            fwmark: None,
             extra: None,
         };
         let c = reconcile(
@@ -325,6 +338,47 @@ mod tests {
         );
         assert_eq!(c.listen_port, Some(51820));
         assert_eq!(c.peers, vec![PeerChange::Add(peer(1))]);
+    }
+
+    /// The fwmark is written only when the local side asks for one that
+    /// differs; `None` leaves the device's own (an operator's) alone.
+    #[test]
+    fn the_fwmark_is_managed_only_when_asked() {
+        let key = PrivateKey::generate();
+        let state = DeviceState {
+            public_key: Some(key.public_key()),
+            listen_port: 51820,
+            fwmark: 0x2a,
+            peers: vec![peer(1)],
+            ..DeviceState::default()
+        };
+        let local = |fwmark| LocalDevice {
+            private_key: &key,
+            listen_port: 51820,
+            fwmark,
+            extra: None,
+        };
+        let caps = Capabilities::default();
+        assert!(reconcile(&state, &local(None), &[peer(1)], caps).is_empty());
+        assert!(reconcile(&state, &local(Some(0x2a)), &[peer(1)], caps).is_empty());
+        for mark in [7, 0] {
+            let c = reconcile(&state, &local(Some(mark)), &[peer(1)], caps);
+            assert_eq!(c.fwmark, Some(mark));
+            assert!(!c.is_empty() && c.peers.is_empty() && c.listen_port.is_none());
+            // Standard WireGuard: no capability strips it.
+            assert_eq!(restrict(&c, caps).fwmark, Some(mark));
+        }
+        let mut backend = memory::MemoryBackend::new();
+        let c = reconcile(&backend.state().unwrap(), &local(Some(9)), &[peer(1)], caps);
+        backend.apply(&c).unwrap();
+        assert_eq!(backend.state().unwrap().fwmark, 9);
+        let c = reconcile(&backend.state().unwrap(), &local(None), &[], caps);
+        backend.apply(&c).unwrap();
+        assert_eq!(
+            backend.state().unwrap().fwmark,
+            9,
+            "kept across a peer removal"
+        );
     }
 
     fn rotating(mut p: PeerConfig, successor: u8) -> PeerConfig {
@@ -348,6 +402,7 @@ mod tests {
         let local = LocalDevice {
             private_key: &key,
             listen_port: 51820,
+            fwmark: None,
             extra: Some((&next, ExtraRole::Next)),
         };
         let desired = vec![rotating(peer(1), 9)];
@@ -385,6 +440,7 @@ mod tests {
         let local = LocalDevice {
             private_key: &k2,
             listen_port: 51820,
+            fwmark: None,
             extra: Some((&k1, ExtraRole::Previous)),
         };
         let c = reconcile(&state, &local, &[], Capabilities::WGMESH);
@@ -415,6 +471,7 @@ mod tests {
         let local = LocalDevice {
             private_key: &key,
             listen_port: 51820,
+            fwmark: None,
             extra: None,
         };
         let mut new = peer(9);
@@ -466,6 +523,7 @@ mod tests {
             let local = LocalDevice {
                 private_key: &k1,
                 listen_port: 51820,
+                fwmark: None,
                 extra: Some((&k2, ExtraRole::Next)),
             };
             let desired = vec![rotating(peer(1), 9)];

@@ -134,6 +134,7 @@ impl Backend for UapiBackend {
         Ok(DeviceState {
             public_key: snap.private_key.as_ref().map(|k| k.public_key()),
             listen_port: snap.listen_port,
+            fwmark: snap.fwmark,
             extra_identity: snap.extra_identity,
             sessions,
             peers: snap
@@ -177,7 +178,7 @@ pub fn set_request(changes: &ChangeSet, caps: Capabilities) -> SetRequest {
         private_key: changes.private_key.clone().map(Some),
         extra_identity: changes.extra_identity.clone(),
         listen_port: changes.listen_port,
-        fwmark: None,
+        fwmark: changes.fwmark,
         replace_peers: false,
         peers: changes.peers.iter().map(peer_update).collect(),
     }

@@ -89,6 +89,7 @@ impl fmt::Debug for SetMessage {
                 WireguardAttribute::IfName(n) => d.field("interface", n),
                 WireguardAttribute::PrivateKey(_) => d.field("private_key", &"<redacted>"),
                 WireguardAttribute::ListenPort(p) => d.field("listen_port", p),
+                WireguardAttribute::Fwmark(m) => d.field("fwmark", m),
                 _ => d.field("peers", &self.peer_count()),
             };
         }
@@ -109,7 +110,7 @@ impl Drop for SetMessage {
 /// The `WG_CMD_SET_DEVICE` messages that apply `changes` to `interface`,
 /// each at most `max_bytes` long (netlink header included), in order. Pure.
 ///
-/// - The first message carries the private key and listen port, if any.
+/// - The first message carries the private key, listen port and fwmark, if any.
 /// - Peers follow in the change set's order ([`crate::mesh::diff`]'s: a
 ///   hand-over's new key, with the allowed IPs, comes before the removal of
 ///   the old one, so the kernel moves each prefix to the new peer atomically).
@@ -142,6 +143,9 @@ pub fn set_messages(interface: &str, changes: &ChangeSet, max_bytes: usize) -> V
     }
     if let Some(port) = changes.listen_port {
         s.push_device_attr(WireguardAttribute::ListenPort(port));
+    }
+    if let Some(mark) = changes.fwmark {
+        s.push_device_attr(WireguardAttribute::Fwmark(mark));
     }
     let mut restore = Vec::new();
     for change in &changes.peers {
@@ -195,6 +199,7 @@ pub fn device_state(messages: Vec<WireguardMessage>) -> std::result::Result<Devi
                     k.zeroize();
                 }
                 WireguardAttribute::ListenPort(p) => state.listen_port = *p,
+                WireguardAttribute::Fwmark(m) => state.fwmark = *m,
                 WireguardAttribute::Peers(list) => {
                     for peer in list.iter() {
                         let parsed = peer_config(peer)?;

@@ -91,6 +91,7 @@ fn a_small_change_set_is_one_message_with_the_right_bytes() {
     let changes = ChangeSet {
         private_key: Some(key.clone()),
         listen_port: Some(51820),
+        fwmark: None,
         peers: vec![
             PeerChange::Remove(pk(1)),
             PeerChange::Update {
@@ -219,6 +220,7 @@ fn a_thousand_peers_span_several_messages_each_under_the_limit() {
     let changes = ChangeSet {
         private_key: Some(key.clone()),
         listen_port: Some(51820),
+        fwmark: None,
         peers,
         extra_identity: None,
     };
@@ -405,6 +407,7 @@ fn debug_never_shows_the_private_key() {
     let changes = ChangeSet {
         private_key: Some(key),
         listen_port: Some(51820),
+        fwmark: None,
         peers: vec![PeerChange::Remove(pk(1))],
         extra_identity: None,
     };
@@ -413,6 +416,51 @@ fn debug_never_shows_the_private_key() {
     assert!(text.contains("<redacted>"), "{text}");
     assert!(!text.contains("171"), "{text}"); // 0xab
     assert!(!text.to_lowercase().contains("abab"), "{text}");
+}
+
+/// The fwmark is a device attribute: it rides in the first message with the
+/// key and port (`WGDEVICE_A_FWMARK`, 7), never in a continuation, and 0
+/// (clear) is sent like any other value.
+#[test]
+fn the_fwmark_rides_in_the_first_message() {
+    let peers: Vec<PeerChange> = (0..100)
+        .map(|i| PeerChange::Add(peer(i, vec![net(&format!("10.1.{i}.0/24"))])))
+        .collect();
+    for mark in [0x2a_u32, 0] {
+        let changes = ChangeSet {
+            listen_port: Some(51820),
+            fwmark: Some(mark),
+            peers: peers.clone(),
+            ..ChangeSet::default()
+        };
+        let messages = set_messages("wgmesh0", &changes, SAFE_MESSAGE_BYTES);
+        assert!(messages.len() > 1);
+        let bytes = messages[0].to_bytes(FAMILY, 1);
+        // IfName (12 bytes) and ListenPort (8) at 20..40, then the mark.
+        assert_eq!(&bytes[40..44], &[8, 0, 7, 0]);
+        assert_eq!(&bytes[44..48], &mark.to_ne_bytes());
+        let (_, _, first) = parse(&bytes);
+        assert!(first.attributes.contains(&WireguardAttribute::Fwmark(mark)));
+        for m in &messages[1..] {
+            let (_, _, rest) = parse(&m.to_bytes(FAMILY, 1));
+            assert!(!rest
+                .attributes
+                .iter()
+                .any(|a| matches!(a, WireguardAttribute::Fwmark(_))));
+        }
+        assert!(format!("{:?}", messages[0]).contains(&format!("fwmark: {mark}")));
+    }
+    // No fwmark in the change set: none on the wire (the device keeps its own).
+    let changes = ChangeSet {
+        listen_port: Some(51820),
+        ..ChangeSet::default()
+    };
+    let (_, _, m) =
+        parse(&set_messages("wgmesh0", &changes, SAFE_MESSAGE_BYTES)[0].to_bytes(FAMILY, 1));
+    assert!(!m
+        .attributes
+        .iter()
+        .any(|a| matches!(a, WireguardAttribute::Fwmark(_))));
 }
 
 /// A `WG_CMD_GET_DEVICE` dump as the kernel sends it: two multipart
@@ -430,7 +478,7 @@ fn a_get_device_dump_parses_into_device_state() {
             WireguardAttribute::PrivateKey(private.as_x25519().to_bytes()),
             WireguardAttribute::PublicKey(*private.public_key().as_bytes()),
             WireguardAttribute::ListenPort(51820),
-            WireguardAttribute::Fwmark(0),
+            WireguardAttribute::Fwmark(0x2a),
             WireguardAttribute::Peers(vec![
                 WireguardPeer(vec![
                     A::PublicKey(*pk(1).as_bytes()),
@@ -519,6 +567,7 @@ fn a_get_device_dump_parses_into_device_state() {
     let state = device_state(messages).unwrap();
     assert_eq!(state.public_key, Some(private.public_key()));
     assert_eq!(state.listen_port, 51820);
+    assert_eq!(state.fwmark, 0x2a);
     assert_eq!(
         state.peers,
         vec![

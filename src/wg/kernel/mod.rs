@@ -27,9 +27,9 @@
 //! kernel takes one device per `WG_CMD_SET_DEVICE` message, and a message
 //! must stay well under what the socket buffers accept. [`set_messages`]
 //! splits a change set into as many messages as needed, each at most
-//! `max_bytes` long: the private key and listen port ride in the first,
-//! peers follow in order, and a peer whose allowed IPs overflow a message
-//! continues in the next one. Only a peer's first chunk carries
+//! `max_bytes` long: the private key, listen port and fwmark ride in the
+//! first, peers follow in order, and a peer whose allowed IPs overflow a
+//! message continues in the next one. Only a peer's first chunk carries
 //! `WGPEER_F_REPLACE_ALLOWEDIPS`, so the continuation chunks add to what
 //! the first one set instead of replacing it. Unlike the UAPI backend, the
 //! messages are applied one by one: if the kernel refuses message k, the
