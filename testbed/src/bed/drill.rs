@@ -558,19 +558,7 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
         }
     );
     let results = flows.finish(Duration::from_secs(1));
-    print_flows(&results);
-    let mut back: Option<Instant> = Some(t_restart);
-    for r in &results {
-        let (got, sent) = r.delivered_between(t_kill, t_restart);
-        println!(
-            "  {}: {got} of {sent} datagrams sent while the dataplane was dead arrived",
-            r.label
-        );
-        back = match (back, r.first_arrival_sent_after(t_restart)) {
-            (Some(b), Some(t)) => Some(b.max(t)),
-            _ => None,
-        };
-    }
+    let back = flowing_again(&results, t_kill, t_restart, "the dataplane was dead");
     let recovery = back.map(|b| at(t_restart, b));
     let ok = recovery.is_some_and(|s| s <= dataplane_recovery_max_s());
     let end = back.unwrap_or_else(Instant::now);
@@ -593,6 +581,31 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
             ("restart until traffic flowed".into(), unix_of(t_restart), unix_of(end)),
         ],
     })
+}
+
+/// Prints the flows and, per flow, what was delivered of what was sent between
+/// `dead` and `back` (while `what`); returns when every flow had delivered a
+/// datagram sent after `back` (`None`: some flow never did).
+fn flowing_again(
+    results: &[FlowResult],
+    dead: Instant,
+    back: Instant,
+    what: &str,
+) -> Option<Instant> {
+    print_flows(results);
+    let mut flowing = Some(back);
+    for r in results {
+        let (got, sent) = r.delivered_between(dead, back);
+        println!(
+            "  {}: {got} of {sent} datagrams sent while {what} arrived",
+            r.label
+        );
+        flowing = match (flowing, r.first_arrival_sent_after(back)) {
+            (Some(b), Some(t)) => Some(b.max(t)),
+            _ => None,
+        };
+    }
+    flowing
 }
 
 /// `dataplane-restart` on a kernel node, which has no dataplane process: its
@@ -636,19 +649,7 @@ fn kernel_link_delete(tb: &mut Testbed, x: &NodeRecord, y: &NodeRecord) -> Resul
         }
     );
     let results = flows.finish(Duration::from_secs(1));
-    print_flows(&results);
-    let mut flowing: Option<Instant> = Some(t_kill);
-    for r in &results {
-        let (got, sent) = r.delivered_between(t_kill, t_back);
-        println!(
-            "  {}: {got} of {sent} datagrams sent while the link was gone arrived",
-            r.label
-        );
-        flowing = match (flowing, r.first_arrival_sent_after(t_back)) {
-            (Some(b), Some(t)) => Some(b.max(t)),
-            _ => None,
-        };
-    }
+    let flowing = flowing_again(&results, t_kill, t_back, "the link was gone");
     let recovery = flowing.map(|b| at(t_kill, b));
     let ok = back.is_ok() && recovery.is_some_and(|s| s <= dataplane_recovery_max_s());
     let end = flowing.unwrap_or_else(Instant::now);
