@@ -529,7 +529,8 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
         return kernel_link_delete(tb, &x, &y);
     }
     let dp = format!("{}-dataplane", x.name);
-    let flows = Flows::start(pod_flows(&x, &y, 200, 16.0, 42000)?)?;
+    let secs = restart_flow_secs()?;
+    let flows = Flows::start(pod_flows(&x, &y, 200, secs, 42000)?)?;
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
@@ -573,7 +574,7 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
             None => format!(
                 "pod traffic through {} did not flow both ways again within {:.0} s of the restart",
                 x.name,
-                16.0 - at(t0, t_restart)
+                secs - at(t0, t_restart)
             ),
         },
         phases: vec![
@@ -581,6 +582,12 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
             ("restart until traffic flowed".into(), unix_of(t_restart), unix_of(end)),
         ],
     })
+}
+
+/// How long dataplane-restart's flows run: 16 s, times the time scale, so a
+/// recovery within the (scaled) limit is always seen.
+fn restart_flow_secs() -> Result<f64> {
+    Ok(16.0 * time_scale()?)
 }
 
 /// Prints the flows and, per flow, what was delivered of what was sent between
@@ -613,7 +620,7 @@ fn flowing_again(
 /// `ip link del` does); the agent must notice and re-create and re-program it,
 /// and the node's pod traffic must be dropped, not leaked, meanwhile.
 fn kernel_link_delete(tb: &mut Testbed, x: &NodeRecord, y: &NodeRecord) -> Result<Body> {
-    let flows = Flows::start(pod_flows(x, y, 200, 16.0, 42000)?)?;
+    let flows = Flows::start(pod_flows(x, y, 200, restart_flow_secs()?, 42000)?)?;
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
