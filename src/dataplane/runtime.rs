@@ -712,8 +712,9 @@ fn open_tun(opts: &Options) -> Result<SyncDevice, RuntimeError> {
     build(false).map_err(err)
 }
 
-/// SO_RCVBUFFORCE / SO_SNDBUFFORCE (needs CAP_NET_ADMIN).
-fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
+/// SO_RCVBUFFORCE / SO_SNDBUFFORCE (needs CAP_NET_ADMIN): a socket buffer
+/// above `net.core.rmem_max`/`wmem_max`. Also the testbed's flow receivers'.
+pub fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: a valid socket fd and a pointer to a c_int of the given length.
     let rc = unsafe {

@@ -6,10 +6,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use wgmesh::dataplane::runtime::force_buffer;
 
 use super::sys;
 use super::{Error, Result};
@@ -295,6 +297,11 @@ pub struct FlowResult {
     pub received: Vec<Option<Instant>>,
     /// Sends the kernel refused (EINVAL/ENETUNREACH from a blackhole or no route).
     pub send_errors: u64,
+    /// Datagrams the receiving namespace's UDP sockets dropped for a full
+    /// receive buffer while the flow ran (`RcvbufErrors` of its
+    /// /proc/net/snmp; shared by every socket there): loss on a starved
+    /// receiver, after the mesh delivered the packet.
+    pub rcvbuf_errors: u64,
 }
 
 impl FlowResult {
@@ -361,7 +368,7 @@ impl FlowResult {
         let sent = self.sent.len() as u64;
         let lost = self.lost();
         format!(
-            "{}: sent {sent}, received {}, lost {lost} ({:.2} %), longest outage {:.0} ms{}",
+            "{}: sent {sent}, received {}, lost {lost} ({:.2} %), longest outage {:.0} ms{}{}",
             self.label,
             self.received_count(),
             if sent == 0 {
@@ -374,6 +381,14 @@ impl FlowResult {
                 format!(", {} sends refused by the kernel", self.send_errors)
             } else {
                 String::new()
+            },
+            if self.rcvbuf_errors > 0 {
+                format!(
+                    ", {} dropped by the receiving namespace's full UDP receive buffers",
+                    self.rcvbuf_errors
+                )
+            } else {
+                String::new()
             }
         )
     }
@@ -383,7 +398,7 @@ impl FlowResult {
 pub struct Flows {
     pub started: Instant,
     senders: Vec<JoinHandle<(Vec<Instant>, u64)>>,
-    receivers: Vec<(JoinHandle<()>, Arrivals)>,
+    receivers: Vec<(JoinHandle<()>, Arrivals, Arc<AtomicU64>)>,
     specs: Vec<FlowSpec>,
     stop: Arc<AtomicBool>,
     /// Senders stop at their next datagram (receivers keep going until `finish`).
@@ -394,6 +409,26 @@ const MAGIC: u32 = 0x7767_7462; // "wgtb"
 
 /// A receiver's arrival times, by sequence number.
 type Arrivals = Arc<Mutex<Vec<Option<Instant>>>>;
+
+/// A flow receiver's socket buffer: 8 s of a 1,000 pps flow even at a
+/// datagram's full kernel cost (about 1 KiB each), so a receiver thread
+/// starved for a while (an emulated machine, a loaded host) loses nothing
+/// the mesh delivered.
+const RECEIVE_BUFFER: usize = 8 << 20;
+
+/// `Udp: ... RcvbufErrors` of the calling thread's network namespace.
+fn udp_rcvbuf_errors() -> Option<u64> {
+    rcvbuf_errors_of(&std::fs::read_to_string("/proc/thread-self/net/snmp").ok()?)
+}
+
+/// `RcvbufErrors` from the text of /proc/net/snmp (a `Udp:` names line, then
+/// its values line).
+fn rcvbuf_errors_of(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let col = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(col)?.parse().ok()
+}
 
 impl Flows {
     /// Binds every receiver, then starts every sender.
@@ -415,11 +450,17 @@ impl Flows {
             );
             let a2 = arrivals.clone();
             let stop2 = stop.clone();
+            let overflows = Arc::new(AtomicU64::new(0));
+            let overflows2 = overflows.clone();
             let h = std::thread::spawn(move || {
                 let sock = sys::enter_netns(&ns)
                     .and_then(|_| UdpSocket::bind(bind))
                     .and_then(|s| {
                         s.set_read_timeout(Some(Duration::from_millis(50)))?;
+                        let s2 = socket2::SockRef::from(&s);
+                        if force_buffer(&s2, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER).is_err() {
+                            s2.set_recv_buffer_size(RECEIVE_BUFFER)?;
+                        }
                         Ok(s)
                     });
                 let sock = match sock {
@@ -432,6 +473,7 @@ impl Flows {
                         return;
                     }
                 };
+                let baseline = udp_rcvbuf_errors();
                 let mut buf = [0u8; 64];
                 while !stop2.load(Ordering::SeqCst) {
                     if let Ok(n) = sock.recv(&mut buf) {
@@ -454,9 +496,12 @@ impl Flows {
                         }
                     }
                 }
+                if let (Some(before), Some(after)) = (baseline, udp_rcvbuf_errors()) {
+                    overflows2.store(after.saturating_sub(before), Ordering::SeqCst);
+                }
             });
             match rx.recv_timeout(Duration::from_secs(5)) {
-                Ok(Ok(())) => receivers.push((h, arrivals)),
+                Ok(Ok(())) => receivers.push((h, arrivals, overflows)),
                 Ok(Err(e)) => {
                     stop.store(true, Ordering::SeqCst);
                     return Err(Error::io(
@@ -546,7 +591,9 @@ impl Flows {
         self.stop.store(true, Ordering::SeqCst);
         let mut out = Vec::new();
         let receivers = std::mem::take(&mut self.receivers);
-        for ((spec, (sent, errors)), (h, arrivals)) in self.specs.iter().zip(sent).zip(receivers) {
+        for ((spec, (sent, errors)), (h, arrivals, overflows)) in
+            self.specs.iter().zip(sent).zip(receivers)
+        {
             let _ = h.join();
             let received = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
             out.push(FlowResult {
@@ -555,6 +602,7 @@ impl Flows {
                 sent,
                 received,
                 send_errors: errors,
+                rcvbuf_errors: overflows.load(Ordering::SeqCst),
             });
         }
         out
@@ -568,7 +616,7 @@ impl Drop for Flows {
         for h in self.senders.drain(..) {
             let _ = h.join();
         }
-        for (h, _) in self.receivers.drain(..) {
+        for (h, _, _) in self.receivers.drain(..) {
             let _ = h.join();
         }
     }
@@ -577,6 +625,19 @@ impl Drop for Flows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receive_buffer_errors_read_from_the_udp_lines_of_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            Udp: 10 0 3 9 21 0\n\
+            UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            UdpLite: 0 0 0 0 7 0\n";
+        assert_eq!(rcvbuf_errors_of(snmp), Some(21));
+        assert_eq!(rcvbuf_errors_of("Ip: Forwarding\nIp: 1\n"), None);
+        // This thread's own namespace has the counter.
+        assert!(udp_rcvbuf_errors().is_some());
+    }
 
     #[test]
     fn outage_and_recovery_from_sequence_numbers() {
@@ -592,6 +653,7 @@ mod tests {
             sent,
             received,
             send_errors: 0,
+            rcvbuf_errors: 0,
         };
         assert_eq!(f.lost(), 4);
         assert_eq!(f.longest_outage(), ms * 4);
