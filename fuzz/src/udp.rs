@@ -363,6 +363,9 @@ struct Harness {
     b_index: [Option<u32>; 2],
     slack: usize,
     datagrams: usize,
+    /// The remotes' `decapsulate` output, allocated once per input (a fresh
+    /// one per delivered datagram was fresh pages under ASan's quarantine).
+    buf: Vec<u8>,
 }
 
 impl Harness {
@@ -418,6 +421,7 @@ impl Harness {
             b_index: [None; 2],
             slack,
             datagrams: 0,
+            buf: Vec::new(),
         };
         h.upsert(Who::A, ALLOWED_A.iter().map(|n| net(n)).collect(), true);
         h.upsert(Who::C, ALLOWED_C.iter().map(|n| net(n)).collect(), true);
@@ -720,13 +724,14 @@ impl Harness {
                 };
                 let (who, addr) = (self.remotes[i].who, self.remotes[i].addr);
                 let mut replies = Vec::new();
-                let mut buf = vec![0u8; BUF_LEN];
+                self.buf.resize(BUF_LEN, 0);
+                let buf = &mut self.buf;
                 let tunn = self.remotes[i].tunn();
                 let mut datagram: &[u8] = &d;
                 // boringtun's contract: after WriteToNetwork, call again with an
                 // empty datagram until Done (this flushes queued packets).
                 for _ in 0..300 {
-                    match tunn.decapsulate(Some(ADDR_B.ip()), datagram, &mut buf) {
+                    match tunn.decapsulate(Some(ADDR_B.ip()), datagram, buf) {
                         TunnResult::WriteToNetwork(reply) => replies.push(reply.to_vec()),
                         _ => break,
                     }
