@@ -25,7 +25,7 @@ pub const DRILLS: &[(&str, &str)] = &[
     ),
     (
         "agent-kill",
-        "SIGKILL a node's agent under 1,000 pps pod traffic, restart it: no loss",
+        "SIGKILL a node's agent under 1,000 pps pod traffic (divided by the time scale), restart it: no loss",
     ),
     (
         "dataplane-restart",
@@ -82,6 +82,14 @@ const REVOKE_BASE_S: f64 = 10.0;
 const CONVERGE_BASE_S: f64 = 15.0;
 fn scaled(base: f64) -> f64 {
     base * time_scale().unwrap_or(1.0)
+}
+
+/// A drill's traffic rate on this machine: `base` datagrams a second divided
+/// by [`time_scale`] (a machine that runs the testbed N times slower gets
+/// 1/N of the traffic, so its receivers and tcpdump keep up), at least 10.
+/// Every drill prints the rate it used.
+pub fn drill_pps(base: u32) -> u32 {
+    ((f64::from(base) / time_scale().unwrap_or(1.0)).ceil() as u32).max(10)
 }
 
 pub use super::topology::{time_scale, TIME_SCALE_ENV};
@@ -156,10 +164,12 @@ pub fn run(tb: &mut Testbed, names: &[&'static str]) -> Result<Vec<Report>> {
     let scale = time_scale()?;
     if scale != 1.0 {
         println!(
-            "time limits x{scale} ({TIME_SCALE_ENV}): recovery {:.1} s, revoke {:.1} s, convergence {:.1} s",
+            "time limits x{scale} ({TIME_SCALE_ENV}): recovery {:.1} s, revoke {:.1} s, convergence {:.1} s; \
+             traffic rates divided by {scale} (agent-kill {} pps a flow)",
             dataplane_recovery_max_s(),
             revoke_max_s(),
-            converge_max_s()
+            converge_max_s(),
+            drill_pps(AGENT_KILL_PPS)
         );
     }
     println!(
@@ -476,7 +486,8 @@ fn agent_kill(tb: &mut Testbed) -> Result<Body> {
     let (x, y) = pair(tb)?;
     let agent = format!("{}-agent", x.name);
     let secs = 10.0;
-    let flows = Flows::start(pod_flows(&x, &y, AGENT_KILL_PPS, secs, 41000)?)?;
+    let pps = drill_pps(AGENT_KILL_PPS);
+    let flows = Flows::start(pod_flows(&x, &y, pps, secs, 41000)?)?;
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
@@ -510,7 +521,7 @@ fn agent_kill(tb: &mut Testbed) -> Result<Body> {
         figure: format!(
             "lost {lost} of {sent} datagrams ({:.2} %) at {} pps while {agent} was killed and restarted; longest outage {:.0} ms",
             if sent == 0 { 0.0 } else { 100.0 * lost as f64 / sent as f64 },
-            2 * AGENT_KILL_PPS,
+            2 * pps,
             outage.as_secs_f64() * 1000.0
         ),
         phases: vec![(
@@ -530,7 +541,7 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
     }
     let dp = format!("{}-dataplane", x.name);
     let secs = restart_flow_secs()?;
-    let flows = Flows::start(pod_flows(&x, &y, 200, secs, 42000)?)?;
+    let flows = Flows::start(pod_flows(&x, &y, drill_pps(200), secs, 42000)?)?;
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
@@ -620,7 +631,13 @@ fn flowing_again(
 /// `ip link del` does); the agent must notice and re-create and re-program it,
 /// and the node's pod traffic must be dropped, not leaked, meanwhile.
 fn kernel_link_delete(tb: &mut Testbed, x: &NodeRecord, y: &NodeRecord) -> Result<Body> {
-    let flows = Flows::start(pod_flows(x, y, 200, restart_flow_secs()?, 42000)?)?;
+    let flows = Flows::start(pod_flows(
+        x,
+        y,
+        drill_pps(200),
+        restart_flow_secs()?,
+        42000,
+    )?)?;
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
@@ -709,8 +726,9 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
     if nodes.len() < 2 {
         return Err(Error::Other("api-outage needs 2 nodes with a pod".into()));
     }
-    // A ring of flows: each node's first pod to the next node's, 1,000 pps in all.
-    let pps = (1000 / nodes.len() as u32).max(20);
+    // A ring of flows: each node's first pod to the next node's, 1,000 pps in
+    // all (divided by the time scale).
+    let pps = drill_pps((1000 / nodes.len() as u32).max(20));
     let secs = API_OUTAGE_S as f64 + 6.0;
     let mut specs = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -880,7 +898,7 @@ fn boot_body(tb: &mut Testbed, name: &str, y: &NodeRecord) -> Result<Body> {
                 from_ns: p.ns.clone(),
                 to_ns: b.ns.clone(),
                 to: SocketAddr::new(v4_of(&b.ips)?, 44000),
-                pps: 200,
+                pps: drill_pps(200),
                 duration: Duration::from_secs(6),
             },
             FlowSpec {
@@ -888,7 +906,7 @@ fn boot_body(tb: &mut Testbed, name: &str, y: &NodeRecord) -> Result<Body> {
                 from_ns: p.ns.clone(),
                 to_ns: y.ns.clone(),
                 to: SocketAddr::new(v4_of(&y.underlay)?, 44001),
-                pps: 200,
+                pps: drill_pps(200),
                 duration: Duration::from_secs(6),
             },
             FlowSpec {
@@ -896,7 +914,7 @@ fn boot_body(tb: &mut Testbed, name: &str, y: &NodeRecord) -> Result<Body> {
                 from_ns: n.ns.clone(),
                 to_ns: b.ns.clone(),
                 to: SocketAddr::new(v4_of(&b.ips)?, 44002),
-                pps: 200,
+                pps: drill_pps(200),
                 duration: Duration::from_secs(6),
             },
         ]
@@ -906,7 +924,7 @@ fn boot_body(tb: &mut Testbed, name: &str, y: &NodeRecord) -> Result<Body> {
             from_ns: n.ns.clone(),
             to_ns: y.ns.clone(),
             to: SocketAddr::new(y_ip, 44003),
-            pps: 200,
+            pps: drill_pps(200),
             duration: Duration::from_secs(6),
         }))
         .collect(),
@@ -1601,10 +1619,13 @@ fn cidr_overlap(tb: &mut Testbed) -> Result<Body> {
     .collect();
     // Traffic between the older node and another one for the whole drill: the older
     // node must keep its peers (and its pods their traffic).
-    let secs = 2.0 * RESYNC_SECONDS as f64 + 8.0;
-    let flows = Flows::start(pod_flows(&x, &older, 250, secs, 46000)?)?;
+    // (As long as the drill can take: the wait for the first Events, then two
+    // resyncs; stopped when it ends.)
+    let secs = converge_max_s() + 2.0 * RESYNC_SECONDS as f64 + 8.0;
+    let flows = Flows::start(pod_flows(&x, &older, drill_pps(250), secs, 46000)?)?;
     let mut created = Vec::new();
     let result = overlap_body(tb, &mut claims, &older, &agents, &before, &mut created);
+    flows.stop_sending();
     let results = flows.finish(Duration::from_secs(1));
     for name in &created {
         let _ = tb.delete_node_object(name);
@@ -1619,6 +1640,34 @@ fn cidr_overlap(tb: &mut Testbed) -> Result<Body> {
         x.name, older.name
     ));
     Ok(body)
+}
+
+/// The Warning Events about the drill's Nodes: (Node, agent) → (Event
+/// objects, occurrences), and one message of each.
+#[allow(clippy::type_complexity)]
+fn claim_warnings(
+    tb: &Testbed,
+    created: &[String],
+) -> Result<(
+    BTreeMap<(String, String), (u64, u64)>,
+    BTreeMap<String, String>,
+)> {
+    let mut warnings: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let mut sample: BTreeMap<String, String> = BTreeMap::new();
+    for ev in &list_events(tb)? {
+        if ev.type_ != "Warning" || !created.contains(&ev.regarding) {
+            continue;
+        }
+        let e = warnings
+            .entry((ev.regarding.clone(), ev.instance.clone()))
+            .or_default();
+        e.0 += 1;
+        e.1 += ev.occurrences;
+        sample
+            .entry(format!("{} {}", ev.regarding, ev.instance))
+            .or_insert_with(|| format!("{}: {}", ev.reason, ev.message));
+    }
+    Ok((warnings, sample))
 }
 
 fn overlap_body(
@@ -1683,29 +1732,42 @@ fn overlap_body(
         older.name,
         older.pod_cidrs.join(",")
     );
-    let watch = Duration::from_secs(2 * RESYNC_SECONDS + 2);
-    let left = watch.saturating_sub(t_create.elapsed());
-    println!(
-        "  watching devices and Events for {:.0} s (over 2 resyncs)",
-        left.as_secs_f64()
-    );
-    sys::sleep(left)?;
-    let events = list_events(tb)?;
-    let mut warnings: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    let mut sample: BTreeMap<String, String> = BTreeMap::new();
-    for ev in &events {
-        if ev.type_ != "Warning" || !created.contains(&ev.regarding) {
-            continue;
+    // First every agent's verdict on every claim (an Event for each rejected
+    // one, a peer for the free one), up to the convergence limit; then two
+    // resyncs more, so an agent that re-raises its Events on every pass shows.
+    let limit = Duration::from_secs_f64(converge_max_s());
+    let verdicts_in = loop {
+        let (warnings, _) = claim_warnings(tb, created)?;
+        let all = claims.iter().all(|c| {
+            agents.iter().all(|a| {
+                if c.rejected {
+                    warnings.contains_key(&(c.name.clone(), a.clone()))
+                } else {
+                    tb.state
+                        .nodes
+                        .iter()
+                        .find(|n| n.name == *a)
+                        .and_then(|n| tb.peers(n))
+                        .is_some_and(|ps| ps.iter().any(|p| p.public_key_b64() == c.key))
+                }
+            })
+        });
+        if all || t_create.elapsed() > limit {
+            break all.then(|| t_create.elapsed());
         }
-        let e = warnings
-            .entry((ev.regarding.clone(), ev.instance.clone()))
-            .or_default();
-        e.0 += 1;
-        e.1 += ev.occurrences;
-        sample
-            .entry(format!("{} {}", ev.regarding, ev.instance))
-            .or_insert_with(|| format!("{}: {}", ev.reason, ev.message));
-    }
+        sys::sleep(Duration::from_millis(500))?;
+    };
+    let watch = Duration::from_secs(2 * RESYNC_SECONDS + 2);
+    println!(
+        "  every agent's verdict on every claim: {}; watching devices and Events {:.0} s more (over 2 resyncs)",
+        match verdicts_in {
+            Some(t) => format!("after {:.2} s", t.as_secs_f64()),
+            None => format!("NOT all within {:.0} s", limit.as_secs_f64()),
+        },
+        watch.as_secs_f64()
+    );
+    sys::sleep(watch)?;
+    let (warnings, sample) = claim_warnings(tb, created)?;
     let devices: BTreeMap<String, Option<Vec<sys::WgPeer>>> = tb
         .state
         .nodes

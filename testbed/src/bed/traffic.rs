@@ -146,12 +146,20 @@ pub fn probe_matrix(
     })
 }
 
-/// One `ping` from `ns`: the average RTT in ms, `None` when nothing answered.
+/// How long a probe waits for its answer: `base` seconds times the time
+/// scale (a machine that runs the testbed N times slower answers N times later).
+fn probe_wait(base: f64) -> Duration {
+    Duration::from_secs_f64(base * super::topology::time_scale().unwrap_or(1.0))
+}
+
+/// One `ping` from `ns`: the average RTT in ms, `None` when nothing answered
+/// (two echo requests, each answer awaited 2 s times the time scale).
 pub fn ping(ns: &str, target: &str) -> Option<f64> {
+    let wait = probe_wait(2.0).as_secs().max(1).to_string();
     let out = sys::netns_exec(
         ns,
         &[
-            "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", target,
+            "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", &wait, target,
         ],
     )
     .ok()?;
@@ -174,13 +182,15 @@ pub fn ping_until(ns: &str, target: &str, timeout: Duration) -> Option<f64> {
     None
 }
 
-/// One TCP round trip from `ns`: connect, send a line, read it back (3 s budget).
+/// One TCP round trip from `ns`: connect, send a line, read it back (3 s
+/// budget each, times the time scale).
 pub fn tcp_probe(ns: &str, target: SocketAddr) -> Option<f64> {
     let t0 = Instant::now();
     let token = format!("wgmesh-testbed probe {target} {:?}\n", t0);
+    let wait = probe_wait(3.0);
     sys::in_netns(ns, move || {
-        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut s = TcpStream::connect_timeout(&target, wait)?;
+        s.set_read_timeout(Some(wait))?;
         s.write_all(token.as_bytes())?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 256];
