@@ -39,6 +39,7 @@
 //! `src/seeds.rs`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use blake2::digest::consts::U16;
@@ -206,11 +207,31 @@ const fn v4sock(ip: [u8; 4], port: u16) -> SocketAddr {
     ))
 }
 
+/// Inputs run and datagrams the device received in them, over the process.
+static INPUTS: AtomicU64 = AtomicU64::new(0);
+static DATAGRAMS: AtomicU64 = AtomicU64::new(0);
+/// Every this many inputs, a `udp_receive stats:` line on stderr (the fuzz
+/// log), which `scripts/fuzz` reads: the fuzzer's throughput in datagrams,
+/// not only in executions.
+const STATS_EVERY: u64 = 1000;
+
 /// Runs one input. Panics (the fuzzer's crash) when an invariant fails.
 pub fn run(data: &[u8]) {
+    let delivered = run_input(data);
+    let inputs = INPUTS.fetch_add(1, Ordering::Relaxed) + 1;
+    let datagrams = DATAGRAMS.fetch_add(delivered as u64, Ordering::Relaxed) + delivered as u64;
+    if inputs % STATS_EVERY == 0 {
+        eprintln!(
+            "udp_receive stats: {inputs} inputs, {datagrams} datagrams received by the device"
+        );
+    }
+}
+
+/// One input; how many datagrams the device received.
+fn run_input(data: &[u8]) -> usize {
     let mut input = Input(data);
     let Some(header) = input.u8() else {
-        return;
+        return 0;
     };
     let mut h = Harness::new(header);
     h.scenario(header & 3);
@@ -251,6 +272,7 @@ pub fn run(data: &[u8]) {
             _ => {}
         }
     }
+    h.datagrams
 }
 
 /// Reads the input front to back; short reads return what is left.
