@@ -94,10 +94,11 @@ fn handle(mut conn: UnixStream, control: &Sender<Control>, wake: &UnixStream) ->
     conn.set_read_timeout(Some(TIMEOUT))?;
     conn.set_write_timeout(Some(TIMEOUT))?;
     let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 4096];
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut framer = uapi::Framer::default();
     loop {
         // One connection may carry several requests.
-        while let Some(len) = uapi::message_len(&buf) {
+        while let Some(len) = framer.message_len(&buf) {
             let msg: Vec<u8> = buf.drain(..len).collect();
             let reply = match uapi::parse_request_bytes(&msg) {
                 Ok(Request::Get) => {

@@ -805,6 +805,13 @@ fn framing() {
     assert_eq!(message_len(msg.as_bytes()), Some(msg.len()));
     let msg = format_get(&golden_snapshot());
     assert_eq!(message_len(msg.as_bytes()), Some(msg.len()));
+    // Byte by byte through one framer: nothing until the last byte.
+    let mut framer = Framer::default();
+    let bytes = msg.as_bytes();
+    for n in 1..bytes.len() {
+        assert_eq!(framer.message_len(&bytes[..n]), None);
+    }
+    assert_eq!(framer.message_len(bytes), Some(bytes.len()));
 }
 
 #[test]
@@ -1083,6 +1090,37 @@ fn hex_of(bytes: &[u8]) -> String {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The incremental framer, fed a stream in any chunks and drained after
+    /// each message as a server does, frames exactly what `message_len` does
+    /// on the whole buffer each time.
+    #[test]
+    fn framer_matches_message_len_on_any_chunking(
+        stream in proptest::collection::vec(
+            prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'x'), Just(b'='),
+                        Just(b'g'), Just(b'e'), Just(b't'), Just(b'1')],
+            0..200,
+        ),
+        cuts in proptest::collection::vec(1usize..17, 1..40),
+    ) {
+        let mut framer = Framer::default();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        let mut cut = cuts.iter().cycle();
+        while fed < stream.len() {
+            let n = (*cut.next().unwrap()).min(stream.len() - fed);
+            buf.extend_from_slice(&stream[fed..fed + n]);
+            fed += n;
+            loop {
+                let want = message_len(&buf);
+                prop_assert_eq!(framer.message_len(&buf), want);
+                match want {
+                    Some(len) => { buf.drain(..len); }
+                    None => break,
+                }
+            }
+        }
+    }
 
     #[test]
     fn parsers_never_panic_on_bytes(input in prop::collection::vec(any::<u8>(), 0..600)) {

@@ -74,8 +74,11 @@ impl UapiBackend {
         s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
         s.write_all(request.as_bytes()).map_err(io)?;
         let mut out = Vec::new();
-        let mut buf = [0u8; 8192];
-        while uapi::message_len(&out).is_none() {
+        // A `get` of thousands of peers is megabytes: few reads, each byte
+        // framed once.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut framer = uapi::Framer::default();
+        while framer.message_len(&out).is_none() {
             let n = s.read(&mut buf).map_err(io)?;
             if n == 0 {
                 break;
