@@ -238,6 +238,8 @@ pub struct Agent {
     /// The audit head last recorded per other node (`None`: its annotation
     /// is bad, already logged).
     witnessed: HashMap<String, Option<crate::keys::audit::AuditHead>>,
+    /// Last pass's decoded Nodes: a pass decodes only the Nodes that changed.
+    decode_cache: node::DecodeCache,
     /// Each peer's endpoint as the previous pass published it, so that a
     /// peer that roamed (NAT rebinding) keeps its new address until its Node
     /// publishes a different one.
@@ -352,6 +354,7 @@ impl Agent {
             reported_bypasses: Vec::new(),
             pending_bypasses: None,
             witnessed: HashMap::new(),
+            decode_cache: node::DecodeCache::new(),
             last_endpoints: HashMap::new(),
             last_endpoint: None,
             last_mtu: None,
@@ -492,7 +495,7 @@ impl Agent {
         let vcfg = ValidationConfig {
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
         };
-        let decoded: Vec<_> = nodes.iter().map(|n| node::decode(n, &vcfg)).collect();
+        let decoded = self.decode_cache.decode_all(nodes, &vcfg);
         let mut mcfg = MeshConfig {
             local_node: self.cfg.node_name.clone(),
             interface: self.cfg.interface.clone(),

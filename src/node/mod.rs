@@ -13,8 +13,10 @@ use jiff::Timestamp;
 use crate::keys::audit::AuditHead;
 use crate::keys::PublicKey;
 
+mod cache;
 mod codec;
 
+pub use cache::DecodeCache;
 pub use codec::*;
 
 /// Annotation keys (full names, including the `wgmesh.dev/` prefix).
