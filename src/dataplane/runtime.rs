@@ -395,7 +395,11 @@ impl Runtime {
             let d = t.duration_since(UNIX_EPOCH).ok()?;
             Some((d.as_secs(), d.subsec_nanos()))
         };
+        // Sorted by peer, as `peers()` is: each peer takes its run from the
+        // front (a scan of every session per peer was quadratic in a mesh
+        // where every peer has one).
         let sessions = self.device.sessions();
+        let mut sessions = sessions.as_slice();
         DeviceSnapshot {
             private_key: self.device.private_key().cloned(),
             listen_port: self.udp.port,
@@ -409,9 +413,8 @@ impl Runtime {
                 .map(|p| {
                     let mut s = PeerSnapshot::new(p.public_key);
                     s.successor = p.successor;
-                    s.sessions = sessions
+                    s.sessions = take_run(&mut sessions, &p.public_key)
                         .iter()
-                        .filter(|x| x.peer == p.public_key)
                         .filter_map(|x| {
                             Some(SnapshotSession {
                                 local: x.local,
@@ -798,5 +801,49 @@ mod tests {
             e.to_string(),
             "TUN device wgmesh0 went away; exiting so the supervisor restarts the data plane (poll reported POLLERR|POLLHUP on it)"
         );
+    }
+}
+
+/// The sessions of `peer` at the front of `sessions` (sorted by peer, and
+/// asked for peers in ascending order), which then starts after them; the
+/// sessions of lower keys, whose peers were not asked for, are skipped.
+fn take_run<'a>(
+    sessions: &mut &'a [crate::wg::SessionInfo],
+    peer: &crate::keys::PublicKey,
+) -> &'a [crate::wg::SessionInfo] {
+    let skip = sessions.iter().take_while(|x| x.peer < *peer).count();
+    let rest = &sessions[skip..];
+    let run = rest.iter().take_while(|x| x.peer == *peer).count();
+    let (mine, after) = rest.split_at(run);
+    *sessions = after;
+    mine
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::take_run;
+    use crate::keys::PublicKey;
+    use crate::wg::SessionInfo;
+
+    fn session(peer: u8, local: u8) -> SessionInfo {
+        SessionInfo {
+            peer: PublicKey::from_bytes([peer; 32]),
+            local: PublicKey::from_bytes([local; 32]),
+            remote: PublicKey::from_bytes([peer; 32]),
+            established: std::time::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn each_peer_gets_exactly_its_own_sessions() {
+        let all = vec![session(1, 9), session(2, 8), session(2, 9), session(4, 9)];
+        let mut rest = all.as_slice();
+        let key = |n: u8| PublicKey::from_bytes([n; 32]);
+        // Peer 1 is not asked for: its session is skipped, never given to 2.
+        assert_eq!(take_run(&mut rest, &key(2)), &all[1..3]);
+        assert!(take_run(&mut rest, &key(3)).is_empty());
+        assert_eq!(take_run(&mut rest, &key(4)), &all[3..]);
+        assert!(take_run(&mut rest, &key(5)).is_empty());
+        assert!(rest.is_empty());
     }
 }
