@@ -110,7 +110,8 @@ pub struct AgentConfig {
     pub rule_priority: u32,
     /// The API server's addresses: exempt from host encryption.
     pub api_servers: Vec<SocketAddr>,
-    /// How long to wait for more Node events before a pass (coalescing bursts).
+    /// The least time between the end of a pass and a pass that Node events
+    /// ask for (a lone change goes at once; a burst is coalesced).
     pub debounce: Duration,
     /// Re-check the device this often even without Node events (drift).
     pub resync: Duration,
@@ -1733,7 +1734,9 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         let mut rotating = false;
         let mut probing = false;
         routes.feed(&mut agent);
-        let again = match agent.pass(&nodes).await {
+        let pass = agent.pass(&nodes).await;
+        let pass_ended = tokio::time::Instant::now();
+        let again = match pass {
             Ok(report) if report.api_failed => {
                 probing = report.probing_routes;
                 rotating = report.rotating;
@@ -1783,8 +1786,7 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
         loop {
             tokio::select! {
                 _ = changed.notified() => {
-                    // Coalesce a burst of events into one pass.
-                    tokio::time::sleep(debounce).await;
+                    tokio::time::sleep(change_delay(pass_ended.elapsed(), debounce)).await;
                     break;
                 }
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -2020,6 +2022,16 @@ impl FileStamp {
     }
 }
 
+/// How long a pass that a Node event asks for waits, `since` the last pass
+/// ended: a change after a quiet spell goes at once (one Node change is one
+/// watch event, and waiting for more would only delay it); an event within
+/// `debounce` of the last pass (the rest of a burst, or the echo of this
+/// node's own publish) waits until `debounce` has passed, so a burst is still
+/// coalesced into one pass per `debounce` at most.
+fn change_delay(since: Duration, debounce: Duration) -> Duration {
+    debounce.saturating_sub(since)
+}
+
 fn state_file(store: &Path) -> PathBuf {
     store.join(crate::keys::store::STATE_FILE)
 }
@@ -2075,4 +2087,25 @@ fn internal_ips(own: &Node) -> Vec<IpAddr> {
     // IPv4 first: the common underlay, and stable across dual-stack ordering.
     ips.sort_by_key(|ip| !ip.is_ipv4());
     ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_after_a_quiet_spell_goes_at_once_and_a_burst_is_spaced() {
+        let debounce = Duration::from_millis(200);
+        assert_eq!(
+            change_delay(Duration::from_secs(5), debounce),
+            Duration::ZERO
+        );
+        assert_eq!(change_delay(debounce, debounce), Duration::ZERO);
+        assert_eq!(
+            change_delay(Duration::from_millis(50), debounce),
+            Duration::from_millis(150)
+        );
+        assert_eq!(change_delay(Duration::ZERO, debounce), debounce);
+        assert_eq!(change_delay(Duration::ZERO, Duration::ZERO), Duration::ZERO);
+    }
 }

@@ -258,7 +258,9 @@ pub struct AgentArgs {
     /// Do not touch the link or routes (someone else manages them).
     #[arg(long, env = "WGMESH_NO_NETWORK")]
     pub no_network: bool,
-    /// Milliseconds to wait for more Node events before reconciling.
+    /// Milliseconds between passes that Node events ask for: a change after
+    /// a quiet spell is reconciled at once, later events of a burst wait
+    /// until this long after the last pass, and are coalesced.
     #[arg(long, env = "WGMESH_DEBOUNCE_MS", default_value_t = 200)]
     pub debounce_ms: u64,
     /// Seconds between device re-checks without Node events.

@@ -15,7 +15,9 @@
 //! `wgmesh agent --backend uapi --no-network`, and measures:
 //! - the initial sync: agent start to N − 1 peers on the device;
 //! - per Node change (alternately a new Node and a changed endpoint
-//!   annotation), the time from the API write to the device showing it, read
+//!   annotation, each --spacing-ms after the one before reached the device,
+//!   by default just over the agent's --debounce-ms, so that each change is
+//!   a lone one), the time from the API write to the device showing it, read
 //!   by polling the device's UAPI `get` (the poll's own duration bounds the
 //!   resolution and is printed);
 //! - the agent's CPU seconds (utime + stime) per change, VmRSS and VmHWM;
@@ -68,6 +70,13 @@ struct Args {
     /// The agent's --debounce-ms (its default is 200)
     #[arg(long, env = "WGMESH_SCALE_DEBOUNCE_MS", default_value_t = 200)]
     debounce_ms: u64,
+    /// Pause (milliseconds) before each change once the one before reached
+    /// the device; by default --debounce-ms + 100, so each change finds the
+    /// agent quiet and is measured as a lone change (a change within
+    /// --debounce-ms of the agent's last pass waits out the rest of it: that
+    /// is the agent's burst pacing, measured with a smaller value)
+    #[arg(long, env = "WGMESH_SCALE_SPACING_MS")]
+    spacing_ms: Option<u64>,
     /// Longest wait for any one step (a change to reach the device, the
     /// initial sync, a process to start), seconds
     #[arg(long, env = "WGMESH_SCALE_STEP_TIMEOUT", default_value_t = 180)]
@@ -382,7 +391,11 @@ async fn measure(args: &Args, n: usize) -> Result<Row> {
     let mut polls = Polls::default();
     let cpu0 = cpu_seconds(agent.pid())?;
     let mut latencies_ms = Vec::with_capacity(args.changes);
+    let spacing = Duration::from_millis(args.spacing_ms.unwrap_or(args.debounce_ms + 100));
     for c in 0..args.changes {
+        if c > 0 {
+            tokio::time::sleep(spacing).await;
+        }
         let (what, t0, expect_key, expect_ep);
         if c % 2 == 0 {
             // A new Node joins.
