@@ -6,8 +6,9 @@
 //! endpoints are addresses of 198.18.0.0/15 (RFC 2544's benchmarking range),
 //! which the script routes as local inside the namespace (`ip route add local
 //! ... dev lo`): peers' endpoints may not be loopback addresses, and no packet
-//! to one can leave the namespace (none is sent: no peer has traffic or a
-//! keepalive).
+//! to one can leave the namespace (the data plane's handshake initiations to
+//! new peers, and their retries, are the only packets: no peer has traffic
+//! or a keepalive).
 //!
 //! For each N it starts `wgmesh-testbed api`, creates N Nodes (the agent's own
 //! plus N − 1 remote ones with a fresh x25519 key, an endpoint and a /24 pod
