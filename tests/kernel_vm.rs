@@ -52,6 +52,8 @@ use std::sync::{mpsc, Once};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+mod support;
+
 use ipnet::IpNet;
 use wgmesh::keys::{PrivateKey, PublicKey};
 use wgmesh::mesh::{PeerChange, PeerConfig};
@@ -1271,19 +1273,7 @@ fn run(args: &[&str]) -> String {
 }
 
 fn try_ip(ns: &str, args: &str) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["-n", ns])
-        .args(args.split_whitespace())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "ip -n {ns} {args}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    support::ip_in(ns, args)
 }
 
 fn ip(ns: &str, args: &str) -> String {
