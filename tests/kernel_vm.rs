@@ -1083,7 +1083,7 @@ impl Netns {
 
     /// A link that is not WireGuard: dummy if the kernel has it, else veth.
     fn add_plain_link(&self, ifc: &str) {
-        if try_ip(&self.name, &format!("link add {ifc} type dummy")).is_err() {
+        if support::ip_in(&self.name, &format!("link add {ifc} type dummy")).is_err() {
             ip(
                 &self.name,
                 &format!("link add {ifc} type veth peer name {ifc}p"),
@@ -1272,16 +1272,12 @@ fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn try_ip(ns: &str, args: &str) -> Result<String, String> {
-    support::ip_in(ns, args)
-}
-
 fn ip(ns: &str, args: &str) -> String {
-    try_ip(ns, args).unwrap_or_else(|e| panic!("{e}"))
+    support::ip_in(ns, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn link_exists(ns: &str, ifc: &str) -> bool {
-    try_ip(ns, &format!("link show {ifc}")).is_ok()
+    support::ip_in(ns, &format!("link show {ifc}")).is_ok()
 }
 
 /// `wg show ARGS` in `ns`.
