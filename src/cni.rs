@@ -77,6 +77,8 @@ pub enum CniError {
     BadName(String),
     #[error("refusing to write a conflist without the \"{MARKER_KEY}\": {{\"managed\": true}} marker: it could never be recognised as wgmesh's again")]
     NotManaged,
+    #[error("cannot encode the conflist: {0}")]
+    Encode(#[source] serde_json::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -158,8 +160,7 @@ pub fn conflist(cfg: &CniConfig) -> Result<String> {
         marker: Marker { managed: true },
         plugins,
     };
-    // Serializing plain structs of strings, bools and integers cannot fail.
-    let mut text = serde_json::to_string_pretty(&list).unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&list).map_err(CniError::Encode)?;
     text.push('\n');
     Ok(text)
 }

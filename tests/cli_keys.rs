@@ -415,9 +415,9 @@ fn rewrite_consistently(store: &Path, seq: u64, reason: &str) {
             r.reason = reason.into();
         }
         r.prev_hash = prev;
-        r.hash = r.body_hash();
+        r.hash = r.body_hash().unwrap();
         prev = r.hash.clone();
-        text.push_str(&r.to_line());
+        text.push_str(&r.to_line().unwrap());
         text.push('\n');
         last = Some(r.head());
     }

@@ -324,7 +324,7 @@ pub fn audit_show(
     };
     if json {
         for r in &records {
-            writeln!(out, "{}", r.to_line())?;
+            writeln!(out, "{}", r.to_line().map_err(StoreError::AuditEncode)?)?;
         }
     } else {
         write!(out, "{}", audit_table(&records))?;

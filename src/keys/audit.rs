@@ -227,8 +227,10 @@ impl Entry {
 }
 
 impl AuditRecord {
-    /// Chains `entry` after `head`.
-    pub fn new(head: &Head, ctx: &Context, entry: Entry) -> Self {
+    /// Chains `entry` after `head`. Fails only if the record cannot be
+    /// serialized for its hash, which for these fields (strings, integers,
+    /// options) serde_json never does; an error still beats a hash of nothing.
+    pub fn new(head: &Head, ctx: &Context, entry: Entry) -> Result<Self, serde_json::Error> {
         let mut record = Self {
             seq: head.seq + 1,
             time: ctx.time,
@@ -246,12 +248,12 @@ impl AuditRecord {
             prev_hash: head.hash.clone(),
             hash: String::new(),
         };
-        record.hash = record.body_hash();
-        record
+        record.hash = record.body_hash()?;
+        Ok(record)
     }
 
     /// The SHA-256 of this record's canonical body (everything but `hash`).
-    pub fn body_hash(&self) -> String {
+    pub fn body_hash(&self) -> Result<String, serde_json::Error> {
         let body = Body {
             seq: self.seq,
             time: &self.time,
@@ -268,15 +270,13 @@ impl AuditRecord {
             peer_head: &self.peer_head,
             prev_hash: &self.prev_hash,
         };
-        // Serializing plain strings, integers and options cannot fail.
-        let json = serde_json::to_vec(&body).unwrap_or_default();
-        crate::text::hex(&Sha256::digest(json))
+        let json = serde_json::to_vec(&body)?;
+        Ok(crate::text::hex(&Sha256::digest(json)))
     }
 
-    /// The record as one line of the log, without the newline. (Like the hash
-    /// above, serializing strings, integers and options cannot fail.)
-    pub fn to_line(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    /// The record as one line of the log, without the newline.
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 
     pub fn head(&self) -> Head {
@@ -288,15 +288,19 @@ impl AuditRecord {
 }
 
 /// Builds the records for a sequence of entries, chained after `head`.
-pub fn chain(head: &Head, ctx: &Context, entries: Vec<Entry>) -> Vec<AuditRecord> {
+pub fn chain(
+    head: &Head,
+    ctx: &Context,
+    entries: Vec<Entry>,
+) -> Result<Vec<AuditRecord>, serde_json::Error> {
     let mut head = head.clone();
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
-        let record = AuditRecord::new(&head, ctx, entry);
+        let record = AuditRecord::new(&head, ctx, entry)?;
         head = record.head();
         out.push(record);
     }
-    out
+    Ok(out)
 }
 
 /// The first problem `verify` found. `line` is 1-based, as editors number lines.
@@ -353,12 +357,13 @@ pub fn verify(log: &[u8], head: Option<&Head>) -> Result<Verified, VerifyError> 
                 "has no final newline: the log was cut in the middle of this record".into(),
             ));
         }
-        if record.to_line() != *raw {
+        let encode = |e: serde_json::Error| bad(format!("cannot be re-encoded to check it: {e}"));
+        if record.to_line().map_err(encode)? != *raw {
             return Err(bad(
                 "is not in the canonical form wgmesh writes (fields reordered, spacing changed or values re-encoded): the line was edited".into(),
             ));
         }
-        if record.body_hash() != record.hash {
+        if record.body_hash().map_err(encode)? != record.hash {
             return Err(bad(format!(
                 "record seq {} was edited: its content does not match its hash",
                 record.seq
@@ -749,10 +754,10 @@ mod tests {
         }
         events.extend(state.revoke(meta(3)).unwrap().events);
         let entries = events.iter().map(Entry::from_key_event).collect();
-        let records = chain(&Head::empty(), &ctx("test"), entries);
+        let records = chain(&Head::empty(), &ctx("test"), entries).unwrap();
         let mut log = String::new();
         for r in &records {
-            log.push_str(&r.to_line());
+            log.push_str(&r.to_line().unwrap());
             log.push('\n');
         }
         (log, records.last().unwrap().head())
@@ -802,8 +807,8 @@ mod tests {
             let mut l = lines(&log);
             let mut r: AuditRecord = serde_json::from_str(&l[target]).unwrap();
             r.actor = "cli:mallory".into();
-            r.hash = r.body_hash();
-            l[target] = r.to_line();
+            r.hash = r.body_hash().unwrap();
+            l[target] = r.to_line().unwrap();
             assert_eq!(bad_line(&join(&l), &head), target + 1);
         }
     }
@@ -835,9 +840,9 @@ mod tests {
         forged.seq = 4;
         forged.prev_hash = serde_json::from_str::<AuditRecord>(&orig[2]).unwrap().hash;
         forged.reason = "forged".into();
-        forged.hash = forged.body_hash();
+        forged.hash = forged.body_hash().unwrap();
         let mut l = orig.clone();
-        l.insert(3, forged.to_line());
+        l.insert(3, forged.to_line().unwrap());
         assert_eq!(bad_line(&join(&l), &head), 4);
 
         // Swap lines 3 and 4.
@@ -864,9 +869,10 @@ mod tests {
             &last.head(),
             &ctx("hand"),
             Entry::new(EventKind::Revoked, 9),
-        );
+        )
+        .unwrap();
         let mut l = orig.clone();
-        l.push(extra.to_line());
+        l.push(extra.to_line().unwrap());
         assert_eq!(bad_line(&join(&l), &head), n + 1);
 
         // The head deleted.
@@ -914,10 +920,10 @@ mod tests {
             seq: 4,
             hash: "ab".repeat(32),
         });
-        let records = chain(&Head::empty(), &ctx("t"), vec![entry, activated, seen]);
+        let records = chain(&Head::empty(), &ctx("t"), vec![entry, activated, seen]).unwrap();
         let mut text = String::new();
         for r in &records {
-            let line = r.to_line();
+            let line = r.to_line().unwrap();
             // keys/README.md: strip the hash field, sha256 the rest.
             let cut = line.rfind(",\"hash\":").unwrap();
             let body = format!("{}}}", &line[..cut]);
@@ -977,7 +983,7 @@ mod tests {
                 seq,
                 hash: hash.into(),
             });
-            chain(&Head::empty(), &ctx, vec![e])
+            chain(&Head::empty(), &ctx, vec![e]).unwrap()
         };
         let good = claim("node-b", "node-a", 3, &a[2].hash);
         let other = claim("node-c", "node-x", 3, "00");

@@ -45,6 +45,8 @@ pub enum EvidenceError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot encode the bundle's manifest.json, so the bundle has no manifest and does not verify: {0}")]
+    Manifest(#[source] serde_json::Error),
 }
 
 /// Parses `90d`, `12h`, `1d12h`, `2w`, `3600s` into seconds. Units: s, m, h,
@@ -595,7 +597,7 @@ impl Bundle {
             "missing": missing,
             "check": "sha256sum -c: jq -r '.files[] | \"\\(.sha256)  \\(.name)\"' manifest.json | sha256sum -c",
         });
-        let mut text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        let mut text = serde_json::to_vec_pretty(&manifest).map_err(EvidenceError::Manifest)?;
         text.push(b'\n');
         write_new(&self.dir.join(MANIFEST), &text)?;
         Ok(crate::text::hex(&Sha256::digest(&text)))

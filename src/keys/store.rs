@@ -92,6 +92,10 @@ pub enum StoreError {
     /// An audit record would lack what every record must say.
     #[error("the {field} of an audit record must not be empty: every key event says who did it, why, and (for a peer's confirmation) how it was proven")]
     EmptyField { field: &'static str },
+    /// serde_json refused an audit record (it never does for the record's
+    /// plain fields); the log is left as it was.
+    #[error("cannot encode an audit record, so nothing was appended to the log: {0}")]
+    AuditEncode(#[from] serde_json::Error),
 }
 
 /// The contents of `state.json`.
@@ -741,7 +745,7 @@ impl Store {
             reason: who.reason.clone(),
             time,
         };
-        let records = audit::chain(head, &ctx, entries.into_iter().collect());
+        let records = audit::chain(head, &ctx, entries.into_iter().collect())?;
         append_records(&self.dir, &records)
     }
 }
@@ -1021,7 +1025,7 @@ fn recover(
         ),
         time: Timestamp::now(),
     };
-    let records = audit::chain(&log.head, &ctx, vec![op.aborted_entry()]);
+    let records = audit::chain(&log.head, &ctx, vec![op.aborted_entry()])?;
     append_records(dir, &records)?;
     if let Some(last) = records.last() {
         log.head = last.head();
@@ -1038,7 +1042,7 @@ fn append_records(dir: &Path, records: &[AuditRecord]) -> Result<()> {
     };
     let mut text = String::new();
     for r in records {
-        text.push_str(&r.to_line());
+        text.push_str(&r.to_line()?);
         text.push('\n');
     }
     let path = dir.join(AUDIT_FILE);
@@ -1802,9 +1806,9 @@ mod tests {
                 r.reason = reason.into();
             }
             r.prev_hash = prev.clone();
-            r.hash = r.body_hash();
+            r.hash = r.body_hash().unwrap();
             prev = r.hash.clone();
-            text.push_str(&r.to_line());
+            text.push_str(&r.to_line().unwrap());
             text.push('\n');
         }
         fs::write(dir.join(AUDIT_FILE), text).unwrap();
@@ -1894,13 +1898,16 @@ mod tests {
             .activate(Some(&[]), &who("all peers confirmed"))
             .unwrap();
         assert_eq!(last_record(dir).unconfirmed, Some(vec![]));
-        assert!(last_record(dir).to_line().contains("\"unconfirmed\":[]"));
+        assert!(last_record(dir)
+            .to_line()
+            .unwrap()
+            .contains("\"unconfirmed\":[]"));
         store.destroy_old(&who("t")).unwrap();
         store.stage(&who("t")).unwrap();
         store.activate(None, &who("by hand")).unwrap();
         let by_hand = last_record(dir);
         assert_eq!(by_hand.unconfirmed, None);
-        assert!(!by_hand.to_line().contains("unconfirmed"));
+        assert!(!by_hand.to_line().unwrap().contains("unconfirmed"));
     }
 
     #[test]
