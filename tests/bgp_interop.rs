@@ -50,8 +50,6 @@ use wgmesh::routes::bgp::{
     Reconfigured, SessionState, Spawn, TableReader, MAIN_TABLE, RTPROT_BIRD,
 };
 
-mod support;
-
 const PREFIX: &str = "wgbg-";
 const TABLE: u32 = 187;
 const OUR_AS: u32 = 64512;
@@ -100,8 +98,9 @@ fn gobgp_fabric() {
 /// change. No root needed: nothing is started.
 #[test]
 fn rendered_configs_parse() {
-    if support::which("bird").is_none() {
-        support::skip_or_fail("rendered_configs_parse", "bird");
+    use testkit::prereq::{missing, Need};
+    if let Some(what) = missing(&[Need::Tool("bird")]) {
+        testkit::prereq::skip_or_fail("rendered_configs_parse", &what);
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -166,18 +165,18 @@ impl Engine {
 
     fn missing(self) -> Vec<String> {
         let mut missing = Vec::new();
-        if !support::is_root() {
+        if !testkit::prereq::is_root() {
             missing.push("root".to_owned());
         }
         for c in ["ip", "bird", "birdc"] {
-            if support::which(c).is_none() {
+            if testkit::prereq::which(c).is_none() {
                 missing.push(c.to_owned());
             }
         }
         match self {
             Engine::Bird => {}
             Engine::Frr => {
-                if support::which("vtysh").is_none() {
+                if testkit::prereq::which("vtysh").is_none() {
                     missing.push("vtysh".to_owned());
                 }
                 for d in [FRR_ZEBRA, FRR_BGPD] {
@@ -195,7 +194,7 @@ impl Engine {
             }
             Engine::Gobgp => {
                 for c in ["gobgpd", "gobgp"] {
-                    if support::which(c).is_none() {
+                    if testkit::prereq::which(c).is_none() {
                         missing.push(c.to_owned());
                     }
                 }
@@ -235,7 +234,7 @@ fn run_engine(engine: Engine) {
     let test = format!("{}_fabric", engine.name());
     let missing = engine.missing();
     if !missing.is_empty() {
-        support::skip_or_fail(&test, &missing.join(", "));
+        testkit::prereq::skip_or_fail(&test, &missing.join(", "));
         return;
     }
     reap_stale_once();
@@ -706,10 +705,10 @@ impl Lab {
             namespaces: Vec::new(),
         };
         for ns in [lab.node.clone(), lab.fabric.clone()] {
-            if support::netns_path(&ns).exists() {
-                support::netns_del(&ns);
+            if testkit::netns::path(&ns).exists() {
+                testkit::netns::del(&ns);
             }
-            support::netns_add(&ns)?;
+            testkit::netns::add(&ns).map_err(|e| e.to_string())?;
             lab.namespaces.push(ns);
         }
         // Created inside the namespaces: the names never exist on the host.
@@ -740,11 +739,13 @@ impl Lab {
             (&lab.node, "n0", OUR4, OUR6),
             (&lab.fabric, "f0", THEIR4, THEIR6),
         ] {
-            support::ip_in(ns, "link set lo up")?;
-            support::ip_in(ns, &format!("addr add {v4}/24 dev {link}"))?;
+            testkit::netns::ip_in(ns, "link set lo up").map_err(|e| e.to_string())?;
+            testkit::netns::ip_in(ns, &format!("addr add {v4}/24 dev {link}"))
+                .map_err(|e| e.to_string())?;
             // nodad: usable at once, not after duplicate address detection.
-            support::ip_in(ns, &format!("addr add {v6}/64 dev {link} nodad"))?;
-            support::ip_in(ns, &format!("link set {link} up"))?;
+            testkit::netns::ip_in(ns, &format!("addr add {v6}/64 dev {link} nodad"))
+                .map_err(|e| e.to_string())?;
+            testkit::netns::ip_in(ns, &format!("link set {link} up")).map_err(|e| e.to_string())?;
         }
         Ok(lab)
     }
@@ -820,7 +821,7 @@ impl Lab {
     fn table(&self, table: u32) -> Vec<LearnedRoute> {
         let ns = self.node.clone();
         thread::spawn(move || {
-            support::enter_netns(&ns).expect("enter the node namespace");
+            testkit::netns::enter(&ns).expect("enter the node namespace");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -842,7 +843,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.kill_ours();
         for (_, child) in self.theirs.iter_mut().rev() {
-            support::stop(child, Duration::from_secs(3));
+            testkit::process::stop(child, Duration::from_secs(3));
         }
         // Anything still running in our namespaces was started by this lab
         // (a daemon's helper child): end it by pid before the namespace goes.
@@ -850,11 +851,11 @@ impl Drop for Lab {
             if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
                 for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                     if let Ok(pid) = pid.parse() {
-                        support::signal(pid, support::SIGKILL);
+                        testkit::process::signal(pid, testkit::Signal::KILL);
                     }
                 }
             }
-            support::netns_del(ns);
+            testkit::netns::del(ns);
         }
         let _ = self.engine;
     }
@@ -880,11 +881,11 @@ fn reap_stale_once() {
             if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
                 for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                     if let Ok(p) = p.parse() {
-                        support::signal(p, support::SIGKILL);
+                        testkit::process::signal(p, testkit::Signal::KILL);
                     }
                 }
             }
-            support::netns_del(&name);
+            testkit::netns::del(&name);
         }
     });
 }

@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
-
 /// Everything one test started; removed on drop, also when the test panics.
 struct Fixture {
     netns: String,
@@ -22,34 +20,29 @@ struct Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         for c in &mut self.children {
-            support::stop(c, Duration::from_secs(3));
+            testkit::process::stop(c, Duration::from_secs(3));
         }
-        support::netns_del(&self.netns);
+        testkit::netns::del(&self.netns);
     }
 }
 
 /// What is missing for these tests to run here, if anything.
 fn prerequisites() -> Result<(), String> {
-    if !support::is_root() {
-        return Err("root".into());
+    use testkit::prereq::{missing, Need};
+    match missing(&[Need::Root, Need::Tun, Need::Tool("ip")]) {
+        Some(what) => Err(what),
+        None => Ok(()),
     }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("/dev/net/tun".into());
-    }
-    if !support::has_ip() {
-        return Err("ip (iproute2)".into());
-    }
-    Ok(())
 }
 
 /// Returns None (after printing SKIP) when the test cannot run here.
 fn setup(tag: &str) -> Option<Fixture> {
     if let Err(missing) = prerequisites() {
-        support::skip_or_fail(&format!("dataplane_uapi::{tag}"), &missing);
+        testkit::prereq::skip_or_fail(&format!("dataplane_uapi::{tag}"), &missing);
         return None;
     }
     let netns = format!("wgmu{}{tag}", std::process::id());
-    support::netns_add(&netns).unwrap_or_else(|e| panic!("{e}"));
+    testkit::netns::add(&netns).unwrap_or_else(|e| panic!("{e}"));
     Some(Fixture {
         netns,
         dir: tempfile::tempdir().unwrap(),

@@ -45,14 +45,11 @@ use std::fs::{self, File};
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Once};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
-
-mod support;
 
 use ipnet::IpNet;
 use wgmesh::keys::{PrivateKey, PublicKey};
@@ -1040,7 +1037,7 @@ fn requested(case: &str) -> bool {
 }
 
 fn missing_prerequisite() -> Option<String> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !testkit::prereq::is_root() {
         return Some("not root".into());
     }
     for tool in [["ip", "-V"], ["wg", "--version"], ["ping", "-V"]] {
@@ -1071,7 +1068,7 @@ struct Netns {
 impl Netns {
     fn create(case: &str, side: &str) -> Netns {
         let name = format!("{PREFIX}{}-{case}-{side}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
+        testkit::netns::add(&name).unwrap_or_else(|e| panic!("{e}"));
         let ns = Netns { name };
         ip(&ns.name, "link set lo up");
         ns
@@ -1083,7 +1080,7 @@ impl Netns {
 
     /// A link that is not WireGuard: dummy if the kernel has it, else veth.
     fn add_plain_link(&self, ifc: &str) {
-        if support::ip_in(&self.name, &format!("link add {ifc} type dummy")).is_err() {
+        if testkit::netns::ip_in(&self.name, &format!("link add {ifc} type dummy")).is_err() {
             ip(
                 &self.name,
                 &format!("link add {ifc} type veth peer name {ifc}p"),
@@ -1102,11 +1099,9 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.name);
+        let name = self.name.clone();
         thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
+            testkit::netns::enter(&name).unwrap_or_else(|e| panic!("{e}"));
             f()
         })
     }
@@ -1183,9 +1178,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        testkit::netns::del(&self.name);
     }
 }
 
@@ -1222,13 +1215,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            testkit::process::stop(&mut child, Duration::from_secs(5));
         }
     }
 }
@@ -1273,11 +1260,11 @@ fn run(args: &[&str]) -> String {
 }
 
 fn ip(ns: &str, args: &str) -> String {
-    support::ip_in(ns, args).unwrap_or_else(|e| panic!("{e}"))
+    testkit::netns::ip_in(ns, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn link_exists(ns: &str, ifc: &str) -> bool {
-    support::ip_in(ns, &format!("link show {ifc}")).is_ok()
+    testkit::netns::ip_in(ns, &format!("link show {ifc}")).is_ok()
 }
 
 /// `wg show ARGS` in `ns`.

@@ -33,8 +33,6 @@ use wgmesh::net::{
     RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL,
 };
 
-mod support;
-
 const WG: &str = "wgm0";
 const OTHER: &str = "other0";
 /// The underlay of the fail-closed case, holding the default routes.
@@ -792,19 +790,13 @@ impl Netns {
     /// `None` (after a SKIP line) when the prerequisites are missing; panics
     /// instead when CI=true.
     fn create(case: &str) -> Option<Netns> {
-        let missing = if !support::is_root() {
-            Some("root".to_owned())
-        } else if !support::has_ip() {
-            Some("ip (iproute2)".to_owned())
-        } else {
-            None
-        };
-        if let Some(missing) = missing {
+        use testkit::prereq::Need;
+        if let Some(missing) = testkit::prereq::missing(&[Need::Root, Need::Tool("ip")]) {
             return skip(case, &missing);
         }
         reap_stale_once();
         let name = format!("{PREFIX}{}-{case}", std::process::id());
-        if let Err(e) = support::netns_add(&name) {
+        if let Err(e) = testkit::netns::add(&name) {
             return skip(case, &format!("network namespaces ({e})"));
         }
         Some(Netns { ns: Ns { name } })
@@ -820,7 +812,7 @@ impl Netns {
         let ns = self.ns.clone();
         let result = thread::spawn(move || {
             // Only this thread moves; sockets it opens belong to the netns.
-            support::enter_netns(&ns.name).unwrap_or_else(|e| panic!("setns {}: {e}", ns.name));
+            testkit::netns::enter(&ns.name).unwrap_or_else(|e| panic!("setns {}: {e}", ns.name));
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -855,8 +847,8 @@ impl Ns {
         "veth"
     }
 
-    fn try_ip(&self, args: &str) -> Result<String, String> {
-        support::ip_in(&self.name, args)
+    fn try_ip(&self, args: &str) -> Result<String, testkit::CmdError> {
+        testkit::netns::ip_in(&self.name, args)
     }
 
     fn ip(&self, args: &str) -> String {
@@ -973,7 +965,7 @@ impl Ns {
     fn assert_dropped(&self, addr: &str) {
         match self.try_ip(&format!("route get {addr}")) {
             Ok(out) => assert!(out.starts_with("blackhole"), "{addr} is routed: {out}"),
-            Err(e) => assert!(e.contains("Invalid argument"), "{addr}: {e}"),
+            Err(e) => assert!(e.to_string().contains("Invalid argument"), "{addr}: {e}"),
         }
         let ip: IpAddr = addr.parse().unwrap();
         let any: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
@@ -992,14 +984,14 @@ impl Ns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        support::netns_del(&self.name);
+        testkit::netns::del(&self.name);
     }
 }
 
 const PREFIX: &str = "wgnr-";
 
 fn skip(case: &str, missing: &str) -> Option<Netns> {
-    support::skip_or_fail(&format!("net_routes {case}"), missing);
+    testkit::prereq::skip_or_fail(&format!("net_routes {case}"), missing);
     None
 }
 
@@ -1019,7 +1011,7 @@ fn reap_stale_once() {
                 continue;
             };
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                support::netns_del(&name);
+                testkit::netns::del(&name);
             }
         }
     });
@@ -1186,7 +1178,7 @@ impl Ns {
     fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let name = self.name.clone();
         thread::spawn(move || {
-            support::enter_netns(&name).unwrap_or_else(|e| panic!("setns {name}: {e}"));
+            testkit::netns::enter(&name).unwrap_or_else(|e| panic!("setns {name}: {e}"));
             f()
         })
         .join()
@@ -1233,7 +1225,7 @@ impl Ns {
     fn assert_dropped_from(&self, src: &str, addr: &str) {
         match self.try_ip(&format!("route get {addr} from {src}")) {
             Ok(out) => assert!(out.starts_with("blackhole"), "{addr} is routed: {out}"),
-            Err(e) => assert!(e.contains("Invalid argument"), "{addr}: {e}"),
+            Err(e) => assert!(e.to_string().contains("Invalid argument"), "{addr}: {e}"),
         }
         let socket = UdpSocket::bind((ip(src), 0)).expect("bind");
         let err = socket

@@ -103,8 +103,6 @@ mod wgmesh_dataplane {
 
 // ---- constants and case description -------------------------------------
 
-mod support;
-
 const UAPI_DIR: &str = "/var/run/wireguard";
 const NETNS_LIB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-lib.sh");
 const LISTEN_PORT: u16 = 51820;
@@ -210,7 +208,7 @@ fn run_case(name: &str, case: Case) {
     let missing = missing_prerequisites(&[case.a, case.b]);
     if !missing.is_empty() {
         let what = missing.join(", ");
-        support::skip_or_fail(name, &what);
+        testkit::prereq::skip_or_fail(name, &what);
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
@@ -308,7 +306,7 @@ impl Node {
         let Some(mut child) = self.daemon.take() else {
             return Ok(());
         };
-        support::signal(child.id(), support::SIGTERM);
+        testkit::process::signal(child.id(), testkit::Signal::TERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             match child.try_wait() {
@@ -593,7 +591,7 @@ impl Pair {
             // Anything still inside (a helper that outlived its timeout) goes too.
             if let Ok(pids) = run(&["ip", "netns", "pids", &ns]) {
                 for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    support::signal(pid, support::SIGKILL);
+                    testkit::process::signal(pid, testkit::Signal::KILL);
                 }
             }
             let _ = run(&["ip", "netns", "del", &ns]);
@@ -743,7 +741,7 @@ fn in_netns<T: Send + 'static>(
 ) -> thread::JoinHandle<io::Result<T>> {
     let ns = ns.to_owned();
     thread::spawn(move || {
-        support::enter_netns(&ns)?;
+        testkit::netns::enter(&ns)?;
         f()
     })
 }
@@ -790,11 +788,11 @@ impl Pattern {
 
 fn missing_prerequisites(impls: &[Impl]) -> Vec<String> {
     let mut missing = Vec::new();
-    if !support::is_root() {
+    if !testkit::prereq::is_root() {
         missing.push("root".to_string());
     }
     for cmd in ["ip", "wg", "ping", "timeout", "bash"] {
-        if support::which(cmd).is_none() {
+        if testkit::prereq::which(cmd).is_none() {
             missing.push(cmd.to_string());
         }
     }
@@ -807,7 +805,7 @@ fn missing_prerequisites(impls: &[Impl]) -> Vec<String> {
     for imp in impls {
         let present = match imp {
             Impl::Wgmesh => Path::new(env!("CARGO_BIN_EXE_wgmesh")).exists(),
-            Impl::WireguardGo => support::which("wireguard-go").is_some(),
+            Impl::WireguardGo => testkit::prereq::which("wireguard-go").is_some(),
             Impl::Boringtun => boringtun_bin().is_some(),
         };
         if !present {
@@ -838,7 +836,7 @@ fn reap_and_guard_once() {
                 NETNS_LIB,
             ])
             .status();
-        if support::which("setsid").is_some() {
+        if testkit::prereq::which("setsid").is_some() {
             // setsid: outside our process group, so the Ctrl-C that ends us
             // does not end the guardian.
             let _ = Command::new("setsid")
@@ -910,7 +908,7 @@ fn write_private(path: &Path, key: &str) -> io::Result<()> {
 
 /// boringtun-cli from PATH or cargo's bin dir (where `cargo install` puts it).
 fn boringtun_bin() -> Option<PathBuf> {
-    support::which("boringtun-cli").or_else(|| {
+    testkit::prereq::which("boringtun-cli").or_else(|| {
         let cargo_home = std::env::var_os("CARGO_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;

@@ -59,11 +59,10 @@ impl UapiSocket {
             // A stale socket from a process that died.
             fs::remove_file(&path).map_err(bind_err)?;
         }
-        // SAFETY: umask only swaps the process file-mode mask; no memory involved.
-        let old = unsafe { libc::umask(0o077) };
+        // The socket is born 0600 (no window in which others could connect).
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         let listener = UnixListener::bind(&path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
+        rustix::process::umask(old);
         let listener = listener.map_err(bind_err)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         Ok(Self { path, listener })

@@ -1,6 +1,6 @@
 //! The testbed's commands (everything but the hidden `api`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
@@ -348,26 +348,18 @@ fn binaries() -> Result<(PathBuf, PathBuf), Error> {
 }
 
 fn prerequisites() -> Result<(), Error> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::Other(
-            "the testbed needs root (network namespaces)".into(),
-        ));
+    use testkit::prereq::{missing, Need};
+    match missing(&[Need::Root, Need::Tun]) {
+        Some(why) => Err(Error::Other(format!(
+            "the testbed needs root and /dev/net/tun (network namespaces, TUN devices): {why}"
+        ))),
+        None => match missing(&[Need::Tool("ip"), Need::Tool("ping"), Need::Tool("tcpdump")]) {
+            Some(why) => Err(Error::Other(format!(
+                "{why} (Debian: apt-get install iproute2 iputils-ping tcpdump)"
+            ))),
+            None => Ok(()),
+        },
     }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err(Error::Other("/dev/net/tun is missing".into()));
-    }
-    for tool in ["ip", "ping", "tcpdump"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        if !found {
-            return Err(Error::Other(format!(
-                "`{tool}` is missing (Debian: apt-get install iproute2 iputils-ping tcpdump)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn open(id: Option<&str>) -> Result<Testbed, Error> {
@@ -546,7 +538,9 @@ fn cmd_status(tb: &Testbed) -> Result<ExitCode, Error> {
     );
     println!("\nprocesses:");
     for p in &s.processes {
-        let alive = p.pid.is_some_and(|pid| sys::alive(pid, p.start_time));
+        let alive = p
+            .pid
+            .is_some_and(|pid| testkit::process::alive(pid, p.start_time));
         println!(
             "  {:16} pid {:>7}  {}  (log {})",
             p.name,
@@ -744,7 +738,7 @@ fn cmd_demo(nodes: usize, pods: usize, dual_stack: bool) -> Result<ExitCode, Err
     for line in teardown(&id) {
         println!("  {line}");
     }
-    let left = sys::list_netns()
+    let left = testkit::netns::list()
         .iter()
         .filter(|n| n.starts_with(&tb.state.prefix()))
         .count();

@@ -8,7 +8,6 @@
 //! under CI=true where a missing prerequisite fails it.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -29,16 +28,12 @@ struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for (_, c) in &mut self.children {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
+        // SIGTERM to all first, so they wind down side by side.
+        for (_, c) in &self.children {
+            testkit::process::signal(c.id(), testkit::Signal::TERM);
         }
         for (_, c) in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            testkit::process::stop(c, Duration::from_secs(3));
         }
         if let Some(tx) = self.stop_api.take() {
             let _ = tx.send(());
@@ -47,7 +42,7 @@ impl Drop for World {
             let _ = t.join();
         }
         for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            testkit::netns::del(ns);
         }
         // Keep the daemons' logs when the test failed, or when asked to.
         if std::thread::panicking() || std::env::var_os("WGMESH_KEEP_LOGS").is_some() {
@@ -58,32 +53,7 @@ impl Drop for World {
 }
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn prerequisites() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("/dev/net/tun missing".into());
-    }
-    for tool in ["ip", "ping"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-        {
-            return Err(format!("`{tool}` missing"));
-        }
-    }
-    Ok(())
+    testkit::cmd::run(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The wgmesh binary, built if needed (it belongs to another package).
@@ -106,11 +76,9 @@ fn wgmesh_bin() -> PathBuf {
 
 impl World {
     fn new() -> Option<Self> {
-        if let Err(why) = prerequisites() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("agent netns test cannot run under CI: {why}");
-            }
-            eprintln!("SKIP agent_netns: {why}");
+        use testkit::prereq::{missing, Need};
+        if let Some(why) = missing(&[Need::Root, Need::Tun, Need::Tool("ip"), Need::Tool("ping")]) {
+            testkit::prereq::skip_or_fail("agent_netns", &why);
             return None;
         }
         Some(Self {
@@ -125,7 +93,7 @@ impl World {
 
     fn netns(&mut self, role: &str) -> String {
         let name = format!("wgag-{}-{role}", self.tag);
-        sh(&["ip", "netns", "add", &name]);
+        testkit::netns::add(&name).unwrap_or_else(|e| panic!("{e}"));
         self.namespaces.push(name.clone());
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         name
@@ -135,13 +103,10 @@ impl World {
     fn start_api(&mut self, ns: &str, listen: &str) -> ApiServerHandle {
         let (tx, rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let path = format!("/var/run/netns/{ns}");
+        let ns = ns.to_string();
         let listen: std::net::SocketAddr = listen.parse().unwrap();
         let thread = std::thread::spawn(move || {
-            let fd = File::open(&path).unwrap();
-            // SAFETY: a valid netns fd; only this thread changes namespace.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns into {path} failed");
+            testkit::netns::enter(&ns).unwrap_or_else(|e| panic!("{e}"));
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -585,7 +550,7 @@ fn two_nodes_build_a_tunnel_from_node_objects_and_a_bad_third_is_left_out() {
         .find(|(n, _)| n == "n1-agent")
         .map(|(_, c)| c.id())
         .unwrap();
-    sh(&["kill", "-TERM", &pid.to_string()]);
+    testkit::process::signal(pid, testkit::Signal::TERM);
     let idx = w
         .children
         .iter()

@@ -23,7 +23,7 @@ fn control_plane(test: &str) -> Option<&'static local::Local> {
     match local::shared(CLUSTER_CIDRS) {
         Ok(cp) => Some(cp),
         Err(missing) => {
-            local::skip_or_fail(test, &missing);
+            testkit::prereq::skip_or_fail(test, &missing);
             None
         }
     }

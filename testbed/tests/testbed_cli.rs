@@ -14,41 +14,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_wgmesh-testbed");
 /// One testbed at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// `Err` when the test cannot run here (it then prints SKIP, or fails under CI=true).
+/// False (after a SKIP line; a failure under CI=true) when `test` cannot run here.
 fn may_run(test: &str) -> bool {
-    match prerequisites() {
-        Ok(()) => true,
-        Err(why) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{test} cannot run under CI: {why}");
-            }
-            eprintln!("SKIP {test}: {why}");
+    use testkit::prereq::{missing, Need};
+    let needs = [
+        Need::Root,
+        Need::Tun,
+        Need::Tool("ip"),
+        Need::Tool("ping"),
+        Need::Tool("tcpdump"),
+    ];
+    match missing(&needs) {
+        None => true,
+        Some(why) => {
+            testkit::prereq::skip_or_fail(test, &why);
             false
         }
     }
-}
-
-fn prerequisites() -> Result<(), String> {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Err("not root".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("/dev/net/tun missing".into());
-    }
-    for tool in ["ip", "ping", "tcpdump"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            return Err(format!("`{tool}` missing"));
-        }
-    }
-    Ok(())
 }
 
 /// The wgmesh binary, built if needed (it belongs to another package).

@@ -183,7 +183,7 @@ impl Capture {
             if text.contains("listening on") {
                 break;
             }
-            if !sys::alive(pid, None) || Instant::now() > deadline {
+            if !testkit::process::alive(pid, None) || Instant::now() > deadline {
                 return Err(Error::Other(format!(
                     "tcpdump did not start: {}",
                     text.trim()
@@ -199,13 +199,13 @@ impl Capture {
         // Let the last packets reach the file before stopping.
         std::thread::sleep(Duration::from_millis(500));
         // SIGTERM, not SIGINT: a shell's background jobs ignore SIGINT, and so would tcpdump.
-        sys::signal(self.pid as i32, libc::SIGTERM);
+        testkit::process::signal(self.pid, testkit::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while sys::alive(self.pid, None) && Instant::now() < deadline {
+        while testkit::process::alive(self.pid, None) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if sys::alive(self.pid, None) {
-            sys::signal(self.pid as i32, libc::SIGKILL);
+        if testkit::process::alive(self.pid, None) {
+            testkit::process::signal(self.pid, testkit::Signal::KILL);
         }
         tb.state.processes.retain(|p| p.name != "capture");
         tb.state.save()?;

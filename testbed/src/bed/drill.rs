@@ -491,7 +491,7 @@ fn agent_kill(tb: &mut Testbed) -> Result<Body> {
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
-    if !tb.signal_process(&agent, libc::SIGKILL)? {
+    if !tb.signal_process(&agent, testkit::Signal::KILL)? {
         return Err(Error::Other(format!("{agent} was not running")));
     }
     println!("  {:.2} s: SIGKILL {agent}", at(t0, t_kill));
@@ -545,7 +545,7 @@ fn dataplane_restart(tb: &mut Testbed) -> Result<Body> {
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_kill = Instant::now();
-    if !tb.signal_process(&dp, libc::SIGKILL)? {
+    if !tb.signal_process(&dp, testkit::Signal::KILL)? {
         return Err(Error::Other(format!("{dp} was not running")));
     }
     println!("  {:.2} s: SIGKILL {dp}", at(t0, t_kill));
@@ -704,7 +704,7 @@ struct Resume(u32);
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        sys::signal(self.0 as i32, libc::SIGCONT);
+        testkit::process::signal(self.0, testkit::Signal::CONT);
     }
 }
 
@@ -714,7 +714,10 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
     // overloaded control plane).
     let api = tb
         .process("api")
-        .and_then(|p| p.pid.filter(|&pid| sys::alive(pid, p.start_time)))
+        .and_then(|p| {
+            p.pid
+                .filter(|&pid| testkit::process::alive(pid, p.start_time))
+        })
         .ok_or_else(|| Error::Other("the API server is not running".into()))?;
     let nodes: Vec<NodeRecord> = tb
         .state
@@ -747,7 +750,7 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
     let t0 = flows.started;
     sys::sleep(Duration::from_secs(2))?;
     let t_stop = Instant::now();
-    sys::signal(api as i32, libc::SIGSTOP);
+    testkit::process::signal(api, testkit::Signal::STOP);
     let resume = Resume(api);
     println!(
         "  {:.2} s: API server (pid {api}) stopped (SIGSTOP) for {API_OUTAGE_S} s; {} flows of {pps} pps around the ring",
@@ -774,7 +777,10 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
         .processes
         .iter()
         .filter(|p| p.name.ends_with("-agent") || p.name.ends_with("-dataplane"))
-        .filter(|p| !p.pid.is_some_and(|pid| sys::alive(pid, p.start_time)))
+        .filter(|p| {
+            !p.pid
+                .is_some_and(|pid| testkit::process::alive(pid, p.start_time))
+        })
         .map(|p| p.name.clone())
         .collect();
     if !dead.is_empty() {

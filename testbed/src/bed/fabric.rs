@@ -38,12 +38,11 @@ pub fn bgp_fabric(tb: &mut Testbed) -> Result<Body> {
             "bgp-fabric needs `up --control-plane real` (the grant is a MeshRoute)".into(),
         ));
     }
-    for tool in ["bird", "birdc"] {
-        if sys::run(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
-            return Err(Error::Other(format!(
-                "bgp-fabric needs {tool} (Debian package bird2)"
-            )));
-        }
+    use testkit::prereq::{missing, Need};
+    if let Some(why) = missing(&[Need::Tool("bird"), Need::Tool("birdc")]) {
+        return Err(Error::Other(format!(
+            "bgp-fabric: {why} (Debian package bird2)"
+        )));
     }
     let nodes = tb.state.nodes.clone();
     if nodes.len() < 3 || nodes[2].pods.is_empty() {
@@ -84,7 +83,7 @@ pub fn bgp_fabric(tb: &mut Testbed) -> Result<Body> {
         "application/json",
         &Value::Null,
     );
-    let _ = tb.signal_process("fabric-bird", libc::SIGKILL);
+    let _ = tb.signal_process("fabric-bird", testkit::Signal::KILL);
     super::topology::delete_netns(&fabric);
     result
 }

@@ -169,12 +169,15 @@ fn run(
     sys::sleep(Duration::from_secs(3))?;
     let t_kill = Instant::now();
     let kernel = primary.backend == NodeBackend::Kernel;
-    tb.signal_process(&format!("{}-agent", primary.name), libc::SIGKILL)?;
+    tb.signal_process(&format!("{}-agent", primary.name), testkit::Signal::KILL)?;
     if kernel {
         // A kernel node's WireGuard outlives its agent: delete the link too.
         sys::ip(&primary.ns, &["link", "del", &primary.iface])?;
     } else {
-        tb.signal_process(&format!("{}-dataplane", primary.name), libc::SIGKILL)?;
+        tb.signal_process(
+            &format!("{}-dataplane", primary.name),
+            testkit::Signal::KILL,
+        )?;
     }
     println!(
         "  {:.2} s: SIGKILL {g}-agent and {} (the active gateway)",

@@ -24,8 +24,8 @@ pub use topology::{teardown, NodeOptions, Options, Testbed};
 /// What can go wrong while building, checking or tearing down a testbed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`{cmd}` failed: {stderr}")]
-    Command { cmd: String, stderr: String },
+    #[error(transparent)]
+    Command(#[from] testkit::CmdError),
     #[error("{what}: {source}")]
     Io {
         what: String,

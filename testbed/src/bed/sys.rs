@@ -1,10 +1,10 @@
-//! Host plumbing: commands, namespaces, processes, the UAPI socket, a minimal HTTP
-//! client that runs inside a namespace, and the Ctrl-C flag.
+//! The testbed's own host plumbing: `ip` in a namespace, the UAPI socket, a
+//! minimal HTTP client that runs inside a namespace, and the Ctrl-C flag.
+//! Namespaces, processes and running a command in general are `testkit`'s,
+//! shared with the root tests.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,17 +14,7 @@ use super::{Error, Result};
 
 /// Runs a command to completion; its stdout on success.
 pub fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| Error::io(format!("cannot run {}", args[0]), e))?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            cmd: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(testkit::cmd::run(args)?)
 }
 
 /// `ip -n NS ARGS...`
@@ -39,83 +29,6 @@ pub fn netns_exec(ns: &str, args: &[&str]) -> Result<String> {
     let mut all = vec!["ip", "netns", "exec", ns];
     all.extend_from_slice(args);
     run(&all)
-}
-
-/// Names of all network namespaces (`ip netns list`).
-pub fn list_netns() -> Vec<String> {
-    run(&["ip", "netns", "list"])
-        .map(|out| {
-            out.lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Pids of the processes in a namespace (`ip netns pids`).
-pub fn netns_pids(ns: &str) -> Vec<i32> {
-    run(&["ip", "netns", "pids", ns])
-        .map(|out| {
-            out.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Field 22 of /proc/PID/stat (start time in clock ticks since boot), if alive.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; fields restart after its ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether `pid` is alive and still the process started at `start_time` (and not a
-/// zombie).
-pub fn alive(pid: u32, start_time: Option<u64>) -> bool {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = text
-        .rfind(')')
-        .and_then(|i| text[i + 2..].chars().next())
-        .unwrap_or('?');
-    state != 'Z' && (start_time.is_none() || proc_start_time(pid) == start_time)
-}
-
-pub fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Moves the calling thread into the network namespace `ns` (setns affects only the
-/// calling thread; use it on a thread of its own).
-pub fn enter_netns(ns: &str) -> std::io::Result<()> {
-    let fd = File::open(format!("/var/run/netns/{ns}"))?;
-    // SAFETY: a valid namespace fd; only this thread changes namespace.
-    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Runs `f` on a thread that entered the network namespace `ns`, so sockets it opens
-/// belong there.
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter_netns(&ns)?;
-        f()
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
 }
 
 /// One HTTP/1.0 request from inside `ns` (HTTP/1.0 so the answer is never chunked
@@ -134,7 +47,7 @@ pub fn http(
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let text = in_netns(ns, move || {
+    let text = testkit::netns::in_netns(ns, move || {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(req.as_bytes())?;

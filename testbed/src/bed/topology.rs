@@ -127,7 +127,7 @@ impl Testbed {
     pub fn create(opts: &Options) -> Result<Self> {
         let root = state_root();
         std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("{}", root.display()), e))?;
-        let existing = sys::list_netns();
+        let existing = testkit::netns::list();
         let mut seed = std::process::id() as u64
             ^ std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -391,25 +391,28 @@ impl Testbed {
     pub fn process_alive(&self, name: &str) -> bool {
         self.process(name)
             .and_then(|p| Some((p.pid?, p.start_time)))
-            .is_some_and(|(pid, st)| sys::alive(pid, st))
+            .is_some_and(|(pid, st)| testkit::process::alive(pid, st))
     }
 
     /// Sends `sig` to a recorded process if it runs; with SIGKILL, waits (up to 5 s)
     /// until it is gone. Returns whether it was running.
-    pub fn signal_process(&self, name: &str, sig: i32) -> Result<bool> {
+    pub fn signal_process(&self, name: &str, sig: testkit::Signal) -> Result<bool> {
         let p = self.process(name).ok_or_else(|| {
             Error::Other(format!("no process {name} in testbed {}", self.state.id))
         })?;
-        let Some(pid) = p.pid.filter(|&pid| sys::alive(pid, p.start_time)) else {
+        let Some(pid) = p
+            .pid
+            .filter(|&pid| testkit::process::alive(pid, p.start_time))
+        else {
             return Ok(false);
         };
-        sys::signal(pid as i32, sig);
-        if sig == libc::SIGKILL {
+        testkit::process::signal(pid, sig);
+        if sig == testkit::Signal::KILL {
             let start = p.start_time;
             self.wait_for(
                 &format!("{name} (pid {pid}) to die"),
                 Duration::from_secs(5),
-                || !sys::alive(pid, start),
+                || !testkit::process::alive(pid, start),
             )?;
         }
         Ok(true)
@@ -426,7 +429,7 @@ impl Testbed {
                  (the api-outage drill stops the API with SIGSTOP instead)"
             )));
         }
-        self.signal_process(name, libc::SIGKILL)?;
+        self.signal_process(name, testkit::Signal::KILL)?;
         self.start_recorded(name, None, true)
     }
 
@@ -488,7 +491,7 @@ impl Testbed {
         // Not waited for: it outlives this command; `down` stops it. Forget the Child
         // so no zombie bookkeeping keeps it.
         std::mem::forget(child);
-        let start = sys::proc_start_time(pid);
+        let start = testkit::process::start_time(pid);
         if let Some(p) = self
             .state
             .processes
@@ -1178,10 +1181,13 @@ pub fn nth_host(net: &IpNet, n: u32) -> IpAddr {
 /// Stops processes: SIGTERM to the ones still alive (and still the process that
 /// was started: the start time must match), up to 3 s, then SIGKILL.
 pub fn stop_processes(procs: &[ProcessRecord]) {
-    let live = |p: &ProcessRecord| p.pid.filter(|&pid| sys::alive(pid, p.start_time));
+    let live = |p: &ProcessRecord| {
+        p.pid
+            .filter(|&pid| testkit::process::alive(pid, p.start_time))
+    };
     for p in procs.iter().rev() {
         if let Some(pid) = live(p) {
-            sys::signal(pid as i32, libc::SIGTERM);
+            testkit::process::signal(pid, testkit::Signal::TERM);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -1190,18 +1196,18 @@ pub fn stop_processes(procs: &[ProcessRecord]) {
     }
     for p in procs {
         if let Some(pid) = live(p) {
-            sys::signal(pid as i32, libc::SIGKILL);
+            testkit::process::signal(pid, testkit::Signal::KILL);
         }
     }
 }
 
 /// Kills whatever still runs in a namespace, then deletes it. Quiet if it is gone.
 pub fn delete_netns(ns: &str) {
-    if !sys::list_netns().iter().any(|n| n == ns) {
+    if !testkit::netns::list().iter().any(|n| n == ns) {
         return;
     }
-    for pid in sys::netns_pids(ns) {
-        sys::signal(pid, libc::SIGKILL);
+    for pid in testkit::netns::pids(ns) {
+        testkit::process::signal(pid, testkit::Signal::KILL);
     }
     let _ = sys::run(&["ip", "netns", "del", ns]);
 }
@@ -1218,7 +1224,10 @@ pub fn teardown(id: &str) -> Vec<String> {
         let live = s
             .processes
             .iter()
-            .filter(|p| p.pid.is_some_and(|pid| sys::alive(pid, p.start_time)))
+            .filter(|p| {
+                p.pid
+                    .is_some_and(|pid| testkit::process::alive(pid, p.start_time))
+            })
             .count();
         stop_processes(&s.processes);
         if live > 0 {
@@ -1230,7 +1239,7 @@ pub fn teardown(id: &str) -> Vec<String> {
         .as_ref()
         .map(|s| s.namespaces.clone())
         .unwrap_or_default();
-    for n in sys::list_netns() {
+    for n in testkit::netns::list() {
         if n.starts_with(&prefix) && !nss.contains(&n) {
             nss.push(n);
         }
@@ -1238,7 +1247,7 @@ pub fn teardown(id: &str) -> Vec<String> {
     // Pods first, the underlay last.
     let mut removed = 0;
     for ns in nss.iter().rev() {
-        if sys::list_netns().iter().any(|n| n == ns) {
+        if testkit::netns::list().iter().any(|n| n == ns) {
             delete_netns(ns);
             removed += 1;
         }
@@ -1256,7 +1265,7 @@ pub fn teardown(id: &str) -> Vec<String> {
 /// Every testbed id that left a trace: a state directory or a namespace.
 pub fn all_ids() -> Vec<String> {
     let mut ids = list_ids();
-    for n in sys::list_netns() {
+    for n in testkit::netns::list() {
         if let Some(rest) = n.strip_prefix(NETNS_PREFIX) {
             if let Some((id, _)) = rest.split_once('-') {
                 if !ids.iter().any(|i| i == id) {

@@ -11,8 +11,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wgmesh::dataplane::runtime::force_buffer;
-
 use super::sys;
 use super::{Error, Result};
 
@@ -188,7 +186,7 @@ pub fn tcp_probe(ns: &str, target: SocketAddr) -> Option<f64> {
     let t0 = Instant::now();
     let token = format!("wgmesh-testbed probe {target} {:?}\n", t0);
     let wait = probe_wait(3.0);
-    sys::in_netns(ns, move || {
+    testkit::netns::in_netns(ns, move || {
         let mut s = TcpStream::connect_timeout(&target, wait)?;
         s.set_read_timeout(Some(wait))?;
         s.write_all(token.as_bytes())?;
@@ -226,7 +224,7 @@ impl EchoServer {
         let ns2 = ns.to_string();
         let stop2 = stop.clone();
         let handle = std::thread::spawn(move || {
-            let listener = sys::enter_netns(&ns2)
+            let listener = testkit::netns::enter(&ns2)
                 .and_then(|_| TcpListener::bind(bind))
                 .and_then(|l| l.set_nonblocking(true).map(|_| l));
             let listener = match listener {
@@ -463,13 +461,13 @@ impl Flows {
             let overflows = Arc::new(AtomicU64::new(0));
             let overflows2 = overflows.clone();
             let h = std::thread::spawn(move || {
-                let sock = sys::enter_netns(&ns)
+                let sock = testkit::netns::enter(&ns)
                     .and_then(|_| UdpSocket::bind(bind))
                     .and_then(|s| {
                         s.set_read_timeout(Some(Duration::from_millis(50)))?;
-                        let s2 = socket2::SockRef::from(&s);
-                        if force_buffer(&s2, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER).is_err() {
-                            s2.set_recv_buffer_size(RECEIVE_BUFFER)?;
+                        use rustix::net::sockopt;
+                        if sockopt::set_socket_recv_buffer_size_force(&s, RECEIVE_BUFFER).is_err() {
+                            sockopt::set_socket_recv_buffer_size(&s, RECEIVE_BUFFER)?;
                         }
                         Ok(s)
                     });
@@ -538,7 +536,7 @@ impl Flows {
             senders.push(std::thread::spawn(move || {
                 let mut sent = Vec::new();
                 let mut errors = 0u64;
-                let sock = sys::enter_netns(&spec.from_ns).and_then(|_| {
+                let sock = testkit::netns::enter(&spec.from_ns).and_then(|_| {
                     UdpSocket::bind(SocketAddr::new(
                         if spec.to.is_ipv4() {
                             std::net::Ipv4Addr::UNSPECIFIED.into()

@@ -109,7 +109,7 @@ impl Admin {
         };
         let what = || format!("{method} {path} on https://{}", self.addr);
         let buf = match &self.netns {
-            Some(ns) => crate::bed::sys::in_netns(ns, exchange),
+            Some(ns) => testkit::netns::in_netns(ns, exchange),
             None => exchange(),
         }
         .map_err(|e| Error::io(what(), e))?;

@@ -184,9 +184,9 @@ extern "C" fn stop_shared_at_exit() {
             .into_iter()
             .flatten()
         {
-            // SAFETY: kill(2) on the pid of a child this process started and has
-            // not reaped (so the pid cannot have been reused).
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
+            // A child this process started and has not reaped, so the pid
+            // cannot have been reused.
+            testkit::process::signal(c.id(), testkit::Signal::KILL);
         }
         let _ = std::fs::remove_dir_all(&cp.spec.dir);
     }
@@ -267,20 +267,4 @@ impl Local {
         serde_json::from_str(body)
             .map_err(|e| Error::Other(format!("{}: not JSON ({e}): {body}", what())))
     }
-}
-
-/// The tests' rule for a missing prerequisite (no `WGMESH_KUBE_BINS`, say):
-/// under `CI=true` the test fails; elsewhere it prints `SKIP <test>: <why>`,
-/// which scripts/test counts apart from the passes, and the caller returns.
-pub fn skip_or_fail(test: &str, missing: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {missing}");
-    }
-    // Straight to fd 2: libtest captures eprintln! of a passing test, and the
-    // line must reach scripts/test's summary.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIP {test}: {missing} (with CI=true this fails)"
-    );
 }

@@ -349,13 +349,13 @@ fn items(l: &Local, path: &str) -> Vec<Value> {
 }
 
 /// A real control plane of its own on 127.0.0.1 (started off the async
-/// runtime), or `None` after [`local::skip_or_fail`] when WGMESH_KUBE_BINS is
+/// runtime), or `None` after [`testkit::prereq::skip_or_fail`] when WGMESH_KUBE_BINS is
 /// missing. A control plane that does not start fails the test.
 pub async fn local(test: &str) -> Option<Local> {
     let bins = match Bins::from_env() {
         Ok(bins) => bins,
         Err(e) => {
-            wgmesh_testbed::control_plane::local::skip_or_fail(test, &e.to_string());
+            testkit::prereq::skip_or_fail(test, &e.to_string());
             return None;
         }
     };
