@@ -1,5 +1,7 @@
 //! The `wgmesh` binary: parses the command line and dispatches to the library
-//! (`wgmesh::commands` for `keys`), turning results into exit codes.
+//! (`wgmesh::commands` for `keys`, `status` and `graph`; `wgmesh::agent`,
+//! `wgmesh::dataplane`), turning results into exit codes. No logic of a
+//! command lives here.
 
 mod cli;
 
@@ -236,79 +238,15 @@ fn keys(args: KeysArgs) -> Result<ExitCode> {
     })
 }
 
-/// The device's live peers plus the Nodes (if the API answers). The device is
-/// found by the agent's rule for `--backend` (kernel WireGuard or a UAPI
-/// socket), except that `status` never creates a link.
+/// `status` and `graph`: the flags, handed to [`wgmesh::commands::status`].
 fn gather_status(args: &cli::StatusArgs) -> Result<wgmesh::status::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let (backend, reason) = rt
-        .block_on(wgmesh::wg::kernel::select_reader(
-            args.backend,
-            &args.interface,
-            &args.uapi_dir,
-        ))
-        .with_context(|| format!("--backend {}", args.backend))?;
-    let (device, stats, peers) = {
-        let mut backend = backend
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the backend lock is poisoned"))?;
-        let stats = backend
-            .peer_stats()
-            .with_context(|| format!("--backend {}: {reason}", args.backend))?;
-        let peers = backend
-            .state()
-            .with_context(|| format!("--backend {}: {reason}", args.backend))?
-            .peers;
-        (backend.describe(), stats, peers)
+    let src = wgmesh::commands::status::Source {
+        node_name: args.node_name.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+        interface: args.interface.clone(),
+        uapi_dir: args.uapi_dir.clone(),
+        backend: args.backend,
+        cluster_cidrs: args.cluster_cidrs.clone(),
     };
-    let fetched = rt.block_on(async {
-        let client = wgmesh::k8s::client(args.kubeconfig.as_deref()).await?;
-        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
-        let within = std::time::Duration::from_secs(10);
-        let list = tokio::time::timeout(within, api.list(&Default::default()))
-            .await
-            .context("the Kubernetes API did not answer within 10 s")??;
-        let routes: kube::Api<kube::core::DynamicObject> =
-            kube::Api::all_with(client, &wgmesh::agent::meshroute_resource());
-        let grants = match tokio::time::timeout(within, routes.list(&Default::default())).await {
-            Ok(Ok(l)) => l
-                .items
-                .iter()
-                .filter_map(|o| serde_json::to_value(o).ok())
-                .collect(),
-            Ok(Err(kube::Error::Api(s))) if s.code == 404 => Vec::new(),
-            Ok(Err(e)) => {
-                eprintln!("warning: cannot read MeshRoutes ({e}); extra prefixes are not shown");
-                Vec::new()
-            }
-            Err(_) => {
-                eprintln!(
-                    "warning: MeshRoutes not listed within 10 s; extra prefixes are not shown"
-                );
-                Vec::new()
-            }
-        };
-        anyhow::Ok((list.items, grants))
-    });
-    let (nodes, grants) = match fetched {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("warning: cannot read Nodes ({e:#}); peers are shown by key only");
-            (Vec::new(), Vec::new())
-        }
-    };
-    let cidrs: Vec<ipnet::IpNet> = args.cluster_cidrs.iter().map(|c| c.trunc()).collect();
-    let mut status = wgmesh::status::build(
-        &args.node_name,
-        &device,
-        &cidrs,
-        &nodes,
-        &stats,
-        std::time::SystemTime::now(),
-    );
-    status.add_routes(&cidrs, &nodes, &grants, &peers);
-    Ok(status)
+    wgmesh::commands::status::gather(&src, &mut std::io::stderr().lock())
 }

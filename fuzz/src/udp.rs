@@ -41,6 +41,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
 
 use blake2::digest::consts::U16;
 use blake2::digest::{Digest, Mac};
@@ -255,7 +256,7 @@ fn run_input(data: &[u8]) -> usize {
             4 => h.tun(&mut input),
             5 => {
                 let mut sink = Outbox::default();
-                h.dev.tick(&mut sink);
+                h.dev.tick(Instant::now(), &mut sink);
                 h.sent(sink);
             }
             6 => h.allow(&mut input),
@@ -399,7 +400,7 @@ impl Harness {
         let endpoint_a = (header & 128 == 0).then_some(ADDR_A);
         let b_pub = *public(KEY_B).as_bytes();
         let b2_pub = *public(KEY_B2).as_bytes();
-        let mut dev = Device::new();
+        let mut dev = Device::new(Instant::now());
         let mut identities = vec![private(KEY_B)];
         if rotation {
             identities.push(private(KEY_B2));
@@ -863,7 +864,7 @@ impl Harness {
         let before = self.before();
         let mut out = vec![0u8; d.len() + self.slack];
         let mut sink = Outbox::default();
-        let outcome = self.dev.on_datagram(src, d, &mut out, &mut sink);
+        let outcome = self.dev.on_datagram(SystemTime::UNIX_EPOCH, src, d, &mut out, &mut sink);
         if trace() {
             eprintln!(
                 "{src} -> B: type {:?}, {} bytes: {outcome:?}; B answers {:?}",

@@ -5,3 +5,4 @@
 //! testable without running a process.
 
 pub mod keys;
+pub mod status;

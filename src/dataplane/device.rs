@@ -267,14 +267,11 @@ impl Peer {
     }
 }
 
-impl Default for Device {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Device {
-    pub fn new() -> Self {
+    /// An empty device; `now` starts its handshake rate-limit window. The
+    /// device never reads a clock: every call that needs the time is given
+    /// it, so tests drive its timers with any clock they like.
+    pub fn new(now: Instant) -> Self {
         Self {
             identities: Vec::new(),
             peers: Vec::new(),
@@ -289,7 +286,7 @@ impl Device {
                     .unwrap_or([1, 0, 0, 0]),
             ) & 0x00ff_ffff,
             handshake_seq: 0,
-            last_rate_reset: Instant::now(),
+            last_rate_reset: now,
             counters: Counters::default(),
         }
     }
@@ -725,10 +722,13 @@ impl Device {
         }
     }
 
-    /// Handles one datagram from the UDP socket. A decrypted packet lands in
-    /// `out` (which must be at least as long as `datagram`); replies go to the sink.
+    /// Handles one datagram from the UDP socket, received at wall-clock time
+    /// `now` (what a completed handshake records, as the UAPI reports it). A
+    /// decrypted packet lands in `out` (which must be at least as long as
+    /// `datagram`); replies go to the sink.
     pub fn on_datagram(
         &mut self,
+        now: SystemTime,
         src: SocketAddr,
         datagram: &[u8],
         out: &mut [u8],
@@ -820,7 +820,6 @@ impl Device {
             _ => false,
         };
         if established {
-            let now = SystemTime::now();
             peer.last_handshake = Some(now);
             self.handshake_seq += 1;
             if let Some(sess) = peer.sessions.get_mut(session) {
@@ -852,12 +851,15 @@ impl Device {
     /// not restart a handshake that is in progress and retries one every
     /// REKEY_TIMEOUT (5 s), so a probe costs at most one initiation per peer
     /// per 5 s; a peer that does not know the key drops it.
-    pub fn tick(&mut self, sink: &mut impl Sink) {
-        if self.last_rate_reset.elapsed() >= Duration::from_secs(1) {
+    /// `now` is the monotonic time of this tick (the handshake rate limit's
+    /// one-second window); boringtun's own timers read their clock inside
+    /// `Tunn` (mocked in tests with the `mock-time` feature).
+    pub fn tick(&mut self, now: Instant, sink: &mut impl Sink) {
+        if now.saturating_duration_since(self.last_rate_reset) >= Duration::from_secs(1) {
             for id in &self.identities {
                 id.limiter.reset_count();
             }
-            self.last_rate_reset = Instant::now();
+            self.last_rate_reset = now;
         }
         let roles: Vec<(PublicKey, Role)> =
             self.identities.iter().map(|i| (i.public, i.role)).collect();

@@ -13,14 +13,15 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::sockopt;
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -178,7 +179,7 @@ impl Runtime {
             opts,
             tun,
             udp,
-            device: Device::new(),
+            device: Device::new(Instant::now()),
             wake,
             control,
             stop,
@@ -193,44 +194,48 @@ impl Runtime {
         self.wake.set_nonblocking(true)?;
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Relaxed) {
-            let timeout = next_tick
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .min(1000) as i32;
-            let mut fds = [
-                pollfd(self.tun.as_raw_fd()),
-                pollfd(self.udp.socket.as_raw_fd()),
-                pollfd(self.wake.as_raw_fd()),
-            ];
-            // SAFETY: `fds` is a valid array of initialised pollfd for its length.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            let timeout = Timespec::try_from(
+                next_tick
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(1)),
+            )
+            .unwrap_or(Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            });
+            let (tun, udp, wake) = {
+                let mut fds = [
+                    PollFd::new(&self.tun, PollFlags::IN),
+                    PollFd::new(&self.udp.socket, PollFlags::IN),
+                    PollFd::new(&self.wake, PollFlags::IN),
+                ];
+                match rustix::event::poll(&mut fds, Some(&timeout)) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(io::Error::from(e).into()),
                 }
-                return Err(err.into());
-            }
+                (fds[0].revents(), fds[1].revents(), fds[2].revents())
+            };
             // A deleted TUN device (`ip link del`) leaves our fd detached: poll
             // reports POLLERR at once and every read fails with EBADFD, so
             // without this check the loop would spin. The device cannot come
             // back on this fd; exiting lets the supervisor start a fresh one.
             // (Only the TUN's error bits are fatal: POLLERR on the UDP socket is
             // a queued ICMP error that the next receive consumes.)
-            if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                return Err(self.tun_gone(poll_flags(fds[0].revents)));
+            if tun.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
+                return Err(self.tun_gone(poll_flags(tun)));
             }
-            if fds[2].revents != 0 {
+            if !wake.is_empty() {
                 self.drain_control();
             }
-            if fds[1].revents != 0 {
+            if !udp.is_empty() {
                 self.udp_batches()?;
             }
-            if fds[0].revents != 0 {
+            if !tun.is_empty() {
                 self.tun_batches()?;
             }
             if Instant::now() >= next_tick {
-                self.device.tick(&mut self.control_out);
+                self.device.tick(Instant::now(), &mut self.control_out);
                 self.flush_control();
                 next_tick = Instant::now() + TICK;
             }
@@ -321,6 +326,8 @@ impl Runtime {
                 }
             };
             drop(slices);
+            // One clock read per batch: the time a handshake in it completed.
+            let now = SystemTime::now();
             let mut k = 0;
             for m in 0..msgs {
                 let meta = self.rx_meta[m];
@@ -339,6 +346,7 @@ impl Runtime {
                     out.clear();
                     out.resize(TUN_OFFSET + datagram.len(), 0);
                     if let UdpOutcome::Tunnel { len } = self.device.on_datagram(
+                        now,
                         meta.addr,
                         datagram,
                         &mut out[TUN_OFFSET..],
@@ -635,11 +643,12 @@ impl Udp {
             }
         };
         // A receive buffer too small for a burst is where userspace tunnels
-        // lose packets; as root, force it past net.core.rmem_max.
-        if force_buffer(&socket, libc::SO_RCVBUFFORCE, buffer).is_err() {
+        // lose packets; as root (CAP_NET_ADMIN), SO_RCVBUFFORCE/SO_SNDBUFFORCE
+        // take it past net.core.rmem_max/wmem_max.
+        if sockopt::set_socket_recv_buffer_size_force(&socket, buffer).is_err() {
             let _ = socket.set_recv_buffer_size(buffer);
         }
-        if force_buffer(&socket, libc::SO_SNDBUFFORCE, buffer).is_err() {
+        if sockopt::set_socket_send_buffer_size_force(&socket, buffer).is_err() {
             let _ = socket.set_send_buffer_size(buffer);
         }
         socket.set_nonblocking(true).map_err(err)?;
@@ -715,27 +724,6 @@ fn open_tun(opts: &Options) -> Result<SyncDevice, RuntimeError> {
     build(false).map_err(err)
 }
 
-/// SO_RCVBUFFORCE / SO_SNDBUFFORCE (needs CAP_NET_ADMIN): a socket buffer
-/// above `net.core.rmem_max`/`wmem_max`. Also the testbed's flow receivers'.
-pub fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket fd and a pointer to a c_int of the given length.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn set_mark(socket: &UdpSocket, mark: u32) -> io::Result<()> {
     socket2::SockRef::from(socket).set_mark(mark)
 }
@@ -751,26 +739,18 @@ fn tun_is_dead(e: &io::Error) -> bool {
 }
 
 /// The error bits of a poll result, for the exit message.
-fn poll_flags(revents: libc::c_short) -> String {
+fn poll_flags(revents: PollFlags) -> String {
     let names = [
-        (libc::POLLERR, "POLLERR"),
-        (libc::POLLHUP, "POLLHUP"),
-        (libc::POLLNVAL, "POLLNVAL"),
+        (PollFlags::ERR, "POLLERR"),
+        (PollFlags::HUP, "POLLHUP"),
+        (PollFlags::NVAL, "POLLNVAL"),
     ];
     let set: Vec<&str> = names
         .iter()
-        .filter(|(bit, _)| revents & bit != 0)
+        .filter(|(bit, _)| revents.contains(*bit))
         .map(|(_, name)| *name)
         .collect();
     format!("poll reported {} on it", set.join("|"))
-}
-
-fn pollfd(fd: i32) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
 }
 
 #[cfg(test)]
@@ -795,7 +775,7 @@ mod tests {
     fn the_exit_message_names_the_interface_and_the_cause() {
         let e = RuntimeError::TunGone {
             interface: "wgmesh0".into(),
-            detail: poll_flags(libc::POLLERR | libc::POLLHUP),
+            detail: poll_flags(PollFlags::ERR | PollFlags::HUP),
         };
         assert_eq!(
             e.to_string(),

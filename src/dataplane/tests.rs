@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Instant, SystemTime};
 
 use ipnet::IpNet;
 
@@ -77,7 +78,7 @@ pub(crate) fn pair() -> (Node, Node) {
         "192.0.2.1:51820".parse().unwrap(),
         "[2001:db8::2]:51820".parse().unwrap(),
     );
-    let mut a = Device::new();
+    let mut a = Device::new(Instant::now());
     a.set_identities(vec![ka]);
     a.upsert_peer(
         PeerSettings {
@@ -89,7 +90,7 @@ pub(crate) fn pair() -> (Node, Node) {
         },
         true,
     );
-    let mut b = Device::new();
+    let mut b = Device::new(Instant::now());
     b.set_identities(vec![kb]);
     // B does not know A's endpoint: it learns it from the handshake.
     b.upsert_peer(
@@ -148,10 +149,13 @@ fn deliver(from: &mut Node, to: &mut Node) -> usize {
     while let Some((dst, datagram)) = from.wire.udp.pop_front() {
         assert_eq!(dst, to.addr, "sent to the wrong endpoint");
         let mut out = vec![0u8; datagram.len() + 64];
-        if let UdpOutcome::Tunnel { len } =
-            to.dev
-                .on_datagram(from.addr, &datagram, &mut out, &mut to.wire)
-        {
+        if let UdpOutcome::Tunnel { len } = to.dev.on_datagram(
+            SystemTime::now(),
+            from.addr,
+            &datagram,
+            &mut out,
+            &mut to.wire,
+        ) {
             to.wire.tun.push_back(out[..len].to_vec());
         }
         n += 1;
@@ -294,7 +298,9 @@ fn bad_datagrams_are_dropped_and_counted_and_the_session_survives() {
         (flipped, Drop::Unauthenticated),
     ];
     for (datagram, expect) in cases {
-        let got = b.dev.on_datagram(a.addr, &datagram, &mut out, &mut b.wire);
+        let got = b
+            .dev
+            .on_datagram(SystemTime::now(), a.addr, &datagram, &mut out, &mut b.wire);
         assert_eq!(
             got,
             UdpOutcome::Dropped(expect),
@@ -322,7 +328,8 @@ fn unknown_peers_handshake_is_refused() {
     let (_, init) = a.wire.udp.pop_front().unwrap();
     let mut out = vec![0u8; 256];
     assert_eq!(
-        b.dev.on_datagram(a.addr, &init, &mut out, &mut b.wire),
+        b.dev
+            .on_datagram(SystemTime::now(), a.addr, &init, &mut out, &mut b.wire),
         UdpOutcome::Dropped(Drop::BadHandshake)
     );
     assert!(b.wire.udp.is_empty());
@@ -360,7 +367,9 @@ fn a_handshake_flood_triggers_cookies_and_established_sessions_keep_working() {
         c.wire.udp.clear();
         let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 40000);
         b.wire.udp.clear();
-        let got = b.dev.on_datagram(src, &init, &mut out, &mut b.wire);
+        let got = b
+            .dev
+            .on_datagram(SystemTime::now(), src, &init, &mut out, &mut b.wire);
         if got == UdpOutcome::Consumed && b.wire.udp.front().is_some_and(|(_, d)| d.len() == 64) {
             cookies += 1;
         }
@@ -476,7 +485,7 @@ fn a_restarted_device_replaces_the_session_its_peer_still_holds() {
 
     // B restarts: same key, no sessions; the agent programs its peer again.
     let kb = b.dev.private_key().unwrap().clone();
-    let mut fresh = Device::new();
+    let mut fresh = Device::new(Instant::now());
     fresh.set_identities(vec![kb]);
     fresh.upsert_peer(
         PeerSettings {
@@ -491,7 +500,7 @@ fn a_restarted_device_replaces_the_session_its_peer_still_holds() {
     b.dev = fresh;
     // Without traffic, B's first tick initiates; A answers and replaces the
     // session it held with the old B.
-    b.dev.tick(&mut b.wire);
+    b.dev.tick(Instant::now(), &mut b.wire);
     let (_, first) = b
         .wire
         .udp
@@ -505,7 +514,7 @@ fn a_restarted_device_replaces_the_session_its_peer_still_holds() {
     pump(&mut a, &mut b);
     assert_eq!(b.wire.tun.pop_front().as_deref(), Some(&p[..]));
     // Once a session exists, later ticks send no further initiations.
-    b.dev.tick(&mut b.wire);
+    b.dev.tick(Instant::now(), &mut b.wire);
     assert!(b.wire.udp.iter().all(|(_, d)| d[0] != 1));
 }
 
@@ -544,8 +553,8 @@ fn round(a: &mut Node, b: &mut Node, n: usize) -> Lost {
         assert_no_plaintext(a, b, marker.as_bytes());
     }
     pump(a, b);
-    a.dev.tick(&mut a.wire);
-    b.dev.tick(&mut b.wire);
+    a.dev.tick(Instant::now(), &mut a.wire);
+    b.dev.tick(Instant::now(), &mut b.wire);
     for marker in [&to_b, &to_a] {
         assert_no_plaintext(a, b, marker.as_bytes());
     }
@@ -696,13 +705,13 @@ fn a_previous_identity_never_initiates_and_a_successor_is_only_answered() {
     // A only ever accepts K2 (previous role): no probe leaves A.
     a.dev
         .set_local_keys(Some(k1.clone()), Some((k2.clone(), ExtraRole::Previous)));
-    a.dev.tick(&mut a.wire);
+    a.dev.tick(Instant::now(), &mut a.wire);
     let inits = a.wire.udp.iter().filter(|(_, d)| d[0] == 1).count();
     // Exactly one: the active identity's first-tick initiation to a new peer.
     assert_eq!(inits, 1);
     pump(&mut a, &mut x);
     for _ in 0..3 {
-        a.dev.tick(&mut a.wire);
+        a.dev.tick(Instant::now(), &mut a.wire);
     }
     assert!(a.wire.udp.iter().all(|(_, d)| d[0] != 1));
 
@@ -712,7 +721,7 @@ fn a_previous_identity_never_initiates_and_a_successor_is_only_answered() {
         .dev
         .set_successor(&p1, Some(PrivateKey::generate().public_key())));
     for _ in 0..3 {
-        x.dev.tick(&mut x.wire);
+        x.dev.tick(Instant::now(), &mut x.wire);
     }
     assert!(x.wire.udp.iter().all(|(_, d)| d[0] != 1));
     // A successor may not be a local key, another peer or taken twice.

@@ -3,7 +3,7 @@
 //! these tests advance it. Run with
 //! `cargo test --features mock-time --lib dataplane::timer_tests`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mock_instant::MockClock;
 
@@ -22,8 +22,8 @@ fn data(from: &mut Node, to: &mut Node, payload: &[u8]) -> bool {
 fn advance(secs: u64, a: &mut Node, b: &mut Node) {
     for _ in 0..secs {
         MockClock::advance(Duration::from_secs(1));
-        a.dev.tick(&mut a.wire);
-        b.dev.tick(&mut b.wire);
+        a.dev.tick(Instant::now(), &mut a.wire);
+        b.dev.tick(Instant::now(), &mut b.wire);
         pump(a, b);
     }
 }
@@ -67,7 +67,7 @@ fn a_lost_initiation_is_retried_after_rekey_timeout() {
     // packet is delivered once it completes.
     for _ in 0..7 {
         MockClock::advance(Duration::from_secs(1));
-        a.dev.tick(&mut a.wire);
+        a.dev.tick(Instant::now(), &mut a.wire);
     }
     assert!(!a.wire.udp.is_empty(), "no retry after 7 s");
     pump(&mut a, &mut b);
@@ -115,8 +115,8 @@ fn sessions_expire_and_come_back_on_demand() {
     // is sent meanwhile apart from the timers' own attempts, which we drop.
     for _ in 0..600 {
         MockClock::advance(Duration::from_secs(1));
-        a.dev.tick(&mut a.wire);
-        b.dev.tick(&mut b.wire);
+        a.dev.tick(Instant::now(), &mut a.wire);
+        b.dev.tick(Instant::now(), &mut b.wire);
         a.wire.udp.clear();
         b.wire.udp.clear();
     }
