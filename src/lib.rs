@@ -5,6 +5,10 @@
 //! store's own files, everything tested in memory. See `../shared/DESIGN.md` and
 //! `docs/architecture.md` for the process model.
 
+// Every system call goes through a safe wrapper (rustix, socket2, tun-rs,
+// quinn-udp); the crate itself has no unsafe code.
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod cni;
 pub mod commands;

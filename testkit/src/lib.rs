@@ -9,6 +9,8 @@
 //!
 //! No `unsafe`: setns, geteuid and kill go through rustix.
 
+#![forbid(unsafe_code)]
+
 pub mod cmd;
 pub mod netns;
 pub mod prereq;
