@@ -51,7 +51,7 @@ use crate::keys::schedule::{self, Handshake, Step};
 use crate::keys::store::{Attribution, RotationProgress, Store, StoreError};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::mesh::{self, MeshConfig, PeerChange, Plan};
-use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec};
+use crate::net::{ensure_masquerade, MasqSpec, Net, PolicySpec, Protected};
 use crate::node::{self, annotations, LocalAnnotations, ValidationConfig};
 use crate::routes::bgp::speaker::Speaker;
 use crate::routes::{self, Grant, Router};
@@ -824,17 +824,27 @@ impl Agent {
             }
         }
 
-        // Someone else's routes or rules that take cluster traffic around
-        // the tunnel: not ready, counted, logged and raised as an Event.
-        match net
-            .bypasses(&iface, &self.cfg.cluster_cidrs, own_cidrs)
-            .await
-        {
+        // Someone else's routes or rules that take cluster traffic (or an
+        // extra prefix carried by a remote gateway) around the tunnel: not
+        // ready, counted, logged and raised as an Event.
+        let protected: Vec<Protected> = self
+            .cfg
+            .cluster_cidrs
+            .iter()
+            .map(|c| Protected::ClusterCidr(*c))
+            .chain(
+                self.route_outcome
+                    .tunnel_prefixes()
+                    .into_iter()
+                    .map(Protected::ExtraPrefix),
+            )
+            .collect();
+        match net.bypasses(&iface, &protected, own_cidrs).await {
             Ok(found) => {
                 let found: Vec<String> = found.iter().map(ToString::to_string).collect();
                 if found != self.reported_bypasses {
                     for b in &found {
-                        tracing::warn!(bypass = %b, "a route or rule not created by wgmesh lets cluster traffic bypass the tunnel");
+                        tracing::warn!(bypass = %b, "a route or rule not created by wgmesh lets traffic meant for the tunnel bypass it");
                     }
                 }
                 self.telemetry.set_bypasses(found.clone());

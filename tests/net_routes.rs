@@ -30,7 +30,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 use wgmesh::net::{
     ensure_masquerade, Bypass, ClusterRoute, MasqChange, MasqSpec, Net, NetError, PolicySpec,
-    RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL,
+    Protected, RouteConflict, BACKSTOP_METRIC, ROUTE_PROTOCOL,
 };
 
 const WG: &str = "wgm0";
@@ -569,7 +569,10 @@ fn routes_and_rules_that_bypass_the_tunnel_are_reported() {
 
     ns.run(|ns| async move {
         let net = Net::connect().expect("connect");
-        let cluster = [net4("10.99.0.0/16"), net4("fd00:99::/48")];
+        let cluster = [
+            Protected::ClusterCidr(net4("10.99.0.0/16")),
+            Protected::ClusterCidr(net4("fd00:99::/48")),
+        ];
         let local = [net4("10.99.1.0/24"), net4("fd00:99:0:1::/64")];
         // Our own policy table and rules are no bypass either.
         // With BGP mode's `iif <wg> lookup <learned table>` rules too, which
@@ -618,13 +621,43 @@ fn routes_and_rules_that_bypass_the_tunnel_are_reported() {
             "{shown:#?}"
         );
         assert!(
-            matches!(&found[3], Bypass::MainTable { route, cluster_cidr, .. }
+            matches!(&found[3], Bypass::MainTable { route, protected, .. }
                 if route.destination == net4("fd00:99:0:7::/64")
-                    && *cluster_cidr == net4("fd00:99::/48")),
+                    && *protected == Protected::ClusterCidr(net4("fd00:99::/48"))),
             "{shown:#?}"
         );
         // Reading is all it does.
         assert_eq!(net.bypasses(WG, &cluster, &local).await.unwrap(), found);
+
+        // An extra prefix carried through the mesh (a remote gateway's) is
+        // protected the same way: a foreign route inside it, and table 200's
+        // default route before main, both take its traffic around the tunnel.
+        ns.ip(&format!(
+            "route add 192.168.77.0/25 dev {OTHER} proto static"
+        ));
+        let extra = Protected::ExtraPrefix(net4("192.168.77.0/24"));
+        let mut with_extra = cluster.to_vec();
+        with_extra.push(extra);
+        let found = net.bypasses(WG, &with_extra, &local).await.unwrap();
+        let shown: Vec<String> = found
+            .iter()
+            .filter(|b| b.protected() == extra)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "route `192.168.77.0/25 dev other0 proto static table main` in the main table \
+                 is inside extra prefix 192.168.77.0/24 and does not go through the WireGuard \
+                 interface",
+                "route `default dev other0 proto static table 200` overlaps extra prefix \
+                 192.168.77.0/24 outside the WireGuard interface, and rule 1100 consults its \
+                 table before main",
+            ]
+        );
+        assert_eq!(found.len(), 6, "{found:#?}");
+        // Without it (this node is the prefix's gateway) the LAN route is fine.
+        assert_eq!(net.bypasses(WG, &cluster, &local).await.unwrap().len(), 4);
     });
 }
 

@@ -47,7 +47,7 @@ pub use link::{
 };
 pub use masq::{ensure_masquerade, MasqChange, MasqSpec, MASQ_TABLE};
 pub use policy::{
-    Bypass, PolicyChanges, PolicyRule, PolicySpec, RouteView, RuleSelector, RuleView,
+    Bypass, PolicyChanges, PolicyRule, PolicySpec, Protected, RouteView, RuleSelector, RuleView,
     DEFAULT_POLICY_PRIORITY, DEFAULT_POLICY_TABLE,
 };
 

@@ -1,6 +1,7 @@
 //! Policy routing for the traffic the main table cannot send into WireGuard,
-//! and detection of routes and rules that would let cluster traffic bypass
-//! it (shared/DESIGN.md, "Data path").
+//! and detection of routes and rules that would let cluster traffic (or an
+//! extra prefix carried through the mesh) bypass it (shared/DESIGN.md, "Data
+//! path").
 //!
 //! The main table routes destinations. That is enough for pod → remote pod
 //! (the cluster CIDR routes of [`super::Net::ensure_routes`]), but not for
@@ -439,37 +440,69 @@ impl fmt::Display for PolicyChanges {
     }
 }
 
-/// A route or rule wgmesh did not create that makes cluster traffic bypass
-/// the WireGuard interface.
+/// A destination whose traffic must go through the WireGuard interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protected {
+    /// A cluster pod CIDR (`--cluster-cidrs`).
+    ClusterCidr(IpNet),
+    /// An extra prefix (a `MeshRoute` grant) that this node reaches through
+    /// a remote gateway's peer, or holds in the tunnel while no gateway is
+    /// healthy. A prefix this node is a gateway for is not protected here:
+    /// it leaves through the node's own LAN.
+    ExtraPrefix(IpNet),
+}
+
+impl Protected {
+    pub fn prefix(&self) -> IpNet {
+        match *self {
+            Protected::ClusterCidr(n) | Protected::ExtraPrefix(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for Protected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protected::ClusterCidr(n) => write!(f, "cluster CIDR {n}"),
+            Protected::ExtraPrefix(n) => write!(f, "extra prefix {n}"),
+        }
+    }
+}
+
+/// A route or rule wgmesh did not create that makes traffic to a
+/// [`Protected`] destination bypass the WireGuard interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bypass {
-    /// A main-table route inside a cluster CIDR (more specific than, or
+    /// A main-table route inside a protected prefix (more specific than, or
     /// equal to, our route), not into the interface and not inside a local
     /// pod CIDR: it wins over our route by longest prefix (or metric).
     MainTable {
         route: RouteView,
-        cluster_cidr: IpNet,
+        protected: Protected,
     },
     /// A route in another table that a rule consults before `main`,
-    /// overlapping a cluster CIDR (inside it or covering it, like a default
-    /// route): that table answers first.
+    /// overlapping a protected prefix (inside it or covering it, like a
+    /// default route): that table answers first.
     OtherTable {
         route: RouteView,
-        cluster_cidr: IpNet,
+        protected: Protected,
         /// The priority of the first rule that sends traffic there.
         rule_priority: u32,
     },
-    /// A rule before `main` whose destination selector overlaps a cluster
-    /// CIDR and sends it to another table (whatever that table holds now).
-    Rule { rule: RuleView, cluster_cidr: IpNet },
+    /// A rule before `main` whose destination selector overlaps a protected
+    /// prefix and sends it to another table (whatever that table holds now).
+    Rule {
+        rule: RuleView,
+        protected: Protected,
+    },
 }
 
 impl Bypass {
-    pub fn cluster_cidr(&self) -> IpNet {
+    pub fn protected(&self) -> Protected {
         match self {
-            Bypass::MainTable { cluster_cidr, .. }
-            | Bypass::OtherTable { cluster_cidr, .. }
-            | Bypass::Rule { cluster_cidr, .. } => *cluster_cidr,
+            Bypass::MainTable { protected, .. }
+            | Bypass::OtherTable { protected, .. }
+            | Bypass::Rule { protected, .. } => *protected,
         }
     }
 }
@@ -479,26 +512,23 @@ impl fmt::Display for Bypass {
     /// matters, for a log line or an Event.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Bypass::MainTable {
-                route,
-                cluster_cidr,
-            } => write!(
+            Bypass::MainTable { route, protected } => write!(
                 f,
-                "route `{route}` in the main table is inside cluster CIDR {cluster_cidr} \
+                "route `{route}` in the main table is inside {protected} \
                  and does not go through the WireGuard interface"
             ),
             Bypass::OtherTable {
                 route,
-                cluster_cidr,
+                protected,
                 rule_priority,
             } => write!(
                 f,
-                "route `{route}` overlaps cluster CIDR {cluster_cidr} outside the WireGuard \
+                "route `{route}` overlaps {protected} outside the WireGuard \
                  interface, and rule {rule_priority} consults its table before main"
             ),
-            Bypass::Rule { rule, cluster_cidr } => write!(
+            Bypass::Rule { rule, protected } => write!(
                 f,
-                "rule `{rule}` sends destinations in cluster CIDR {cluster_cidr} to another \
+                "rule `{rule}` sends destinations in {protected} to another \
                  table before main"
             ),
         }
@@ -852,28 +882,42 @@ fn host(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
 }
 
-/// The routes and rules wgmesh did not create that let traffic to a cluster
-/// CIDR bypass interface `oif` (`None`: the interface does not exist, so
+/// The routes and rules wgmesh did not create that let traffic to a
+/// [`Protected`] prefix (a cluster CIDR, an extra prefix carried through the
+/// mesh) bypass interface `oif` (`None`: the interface does not exist, so
 /// nothing goes through it). Routes of ours (protocol 87) and rules of ours
 /// are never reported; nor are routes inside `local_pod_cidrs` (this node's
 /// own pods are reached locally, not through the tunnel), nor blackhole,
 /// unreachable or prohibit routes (they drop, which is failing closed).
 ///
-/// "Before main", per cluster CIDR: before the first rule that looks up
+/// "Before main", per protected prefix: before the first rule that looks up
 /// `main` for all traffic, where `suppress_prefixlength N` counts only when
-/// the cluster CIDR is longer than N (our route is then not suppressed; this
+/// the prefix is longer than N (our route is then not suppressed; this
 /// is what makes wg-quick's `lookup main suppress_prefixlength 0` harmless).
 pub(crate) fn find_bypasses(
     routes: &[AnyRoute],
     rules: &[RuleEntry],
     oif: Option<u32>,
-    cluster_cidrs: &[IpNet],
+    protected: &[Protected],
     local_pod_cidrs: &[IpNet],
     names: &BTreeMap<u32, String>,
 ) -> Vec<Bypass> {
     let main = u32::from(RouteHeader::RT_TABLE_MAIN);
     let local_table = 255;
-    let cluster: BTreeSet<IpNet> = cluster_cidrs.iter().map(IpNet::trunc).collect();
+    // One entry per prefix; a prefix that is both (an extra prefix inside a
+    // cluster CIDR) is reported as the cluster CIDR it is.
+    let mut by_prefix: BTreeMap<IpNet, Protected> = BTreeMap::new();
+    for p in protected {
+        let net = p.prefix().trunc();
+        let p = match p {
+            Protected::ClusterCidr(_) => Protected::ClusterCidr(net),
+            Protected::ExtraPrefix(_) => Protected::ExtraPrefix(net),
+        };
+        by_prefix
+            .entry(net)
+            .and_modify(|e| *e = (*e).min(p))
+            .or_insert(p);
+    }
     let is_local = |n: &IpNet| local_pod_cidrs.iter().any(|l| l.contains(n));
     let bypassing = |r: &&AnyRoute| {
         r.protocol != ROUTE_PROTOCOL
@@ -882,7 +926,7 @@ pub(crate) fn find_bypasses(
             && !is_local(&r.destination)
     };
     let mut found = Vec::new();
-    for &c in &cluster {
+    for (&c, &protected) in &by_prefix {
         let v6 = c.addr().is_ipv6();
         for r in routes
             .iter()
@@ -891,7 +935,7 @@ pub(crate) fn find_bypasses(
         {
             found.push(Bypass::MainTable {
                 route: r.view(names),
-                cluster_cidr: c,
+                protected,
             });
         }
 
@@ -922,7 +966,7 @@ pub(crate) fn find_bypasses(
             if dst.is_some_and(|d| overlap(&d, &c) && !is_local(&d)) {
                 found.push(Bypass::Rule {
                     rule: rule.view.clone(),
-                    cluster_cidr: c,
+                    protected,
                 });
             }
             for (i, r) in routes
@@ -935,7 +979,7 @@ pub(crate) fn find_bypasses(
                 if reported.insert(i) {
                     found.push(Bypass::OtherTable {
                         route: r.view(names),
-                        cluster_cidr: c,
+                        protected,
                         rule_priority: rule.view.priority,
                     });
                 }
@@ -1123,15 +1167,15 @@ impl Net {
         Ok(changes)
     }
 
-    /// The routes and rules not created by wgmesh that make traffic to
-    /// `cluster_cidrs` bypass `interface` (see [`Bypass`]); routes inside
+    /// The routes and rules not created by wgmesh that make traffic to a
+    /// `protected` prefix bypass `interface` (see [`Bypass`]); routes inside
     /// `local_pod_cidrs` (this node's pods) are legitimate and not reported.
     /// Reads only. An interface that does not exist is no error: then every
-    /// foreign route inside a cluster CIDR bypasses it.
+    /// foreign route inside a protected prefix bypasses it.
     pub async fn bypasses(
         &self,
         interface: &str,
-        cluster_cidrs: &[IpNet],
+        protected: &[Protected],
         local_pod_cidrs: &[IpNet],
     ) -> Result<Vec<Bypass>> {
         let oif = self.link_index(interface).await?;
@@ -1142,7 +1186,7 @@ impl Net {
             &routes,
             &rules,
             oif,
-            cluster_cidrs,
+            protected,
             local_pod_cidrs,
             &names,
         ))
@@ -1592,7 +1636,10 @@ mod tests {
             routes,
             rules,
             Some(WG),
-            &[net("10.244.0.0/16"), net("fd00:244::/48")],
+            &[
+                Protected::ClusterCidr(net("10.244.0.0/16")),
+                Protected::ClusterCidr(net("fd00:244::/48")),
+            ],
             &[net("10.244.1.0/24")],
             &names(),
         )
@@ -1650,17 +1697,111 @@ mod tests {
                  inside cluster CIDR fd00:244::/48 and does not go through the WireGuard interface",
             ]
         );
-        assert_eq!(found[0].cluster_cidr(), net("10.244.0.0/16"));
+        assert_eq!(
+            found[0].protected(),
+            Protected::ClusterCidr(net("10.244.0.0/16"))
+        );
         // Without the interface, even a route "into" it is a bypass.
         let found = find_bypasses(
             &routes,
             &rules,
             None,
-            &[net("10.244.0.0/16")],
+            &[Protected::ClusterCidr(net("10.244.0.0/16"))],
             &[net("10.244.1.0/24")],
             &names(),
         );
         assert_eq!(found.len(), 2, "{found:?}");
+    }
+
+    /// An extra prefix carried through a remote gateway is protected like a
+    /// cluster CIDR (issue #12 F5): a foreign route inside it, or a table
+    /// consulted before main that covers it, sends its traffic around the
+    /// tunnel in plaintext. The caller leaves out prefixes this node is a
+    /// gateway for (they leave through its LAN).
+    #[test]
+    fn an_extra_prefix_through_the_mesh_is_protected_like_a_cluster_cidr() {
+        let mut rules = defaults(false);
+        rules.push(lookup(100, 100, None, false));
+        let routes = [
+            // Foreign: more specific than our route, out of eth1.
+            route("192.168.50.0/25", 254, 4, Some(OTHER)),
+            // Ours (protocol 87, into the interface), the default route (less
+            // specific, in main), and an unrelated LAN route: fine.
+            route("192.168.50.0/24", 254, 87, Some(WG)),
+            route("0.0.0.0/0", 254, 16, Some(OTHER)),
+            route("192.168.60.0/24", 254, 2, Some(OTHER)),
+            // Table 100, consulted before main, covers it.
+            route("0.0.0.0/0", 100, 4, Some(OTHER)),
+        ];
+        let protected = [
+            Protected::ClusterCidr(net("10.244.0.0/16")),
+            Protected::ExtraPrefix(net("192.168.50.0/24")),
+        ];
+        let found = find_bypasses(
+            &routes,
+            &rules,
+            Some(WG),
+            &protected,
+            &[net("10.244.1.0/24")],
+            &names(),
+        );
+        let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                // The default route in table 100 also covers the cluster CIDR.
+                "route `default dev eth1 proto static table 100` overlaps cluster CIDR \
+                 10.244.0.0/16 outside the WireGuard interface, and rule 100 consults its \
+                 table before main",
+                "route `192.168.50.0/25 dev eth1 proto static table main` in the main table \
+                 is inside extra prefix 192.168.50.0/24 and does not go through the WireGuard \
+                 interface",
+                "route `default dev eth1 proto static table 100` overlaps extra prefix \
+                 192.168.50.0/24 outside the WireGuard interface, and rule 100 consults its \
+                 table before main",
+            ],
+        );
+        assert_eq!(
+            found[1].protected(),
+            Protected::ExtraPrefix(net("192.168.50.0/24"))
+        );
+        // Without the extra prefix (this node is its gateway) only the
+        // cluster CIDR's bypass remains.
+        let found = find_bypasses(
+            &routes,
+            &rules,
+            Some(WG),
+            &protected[..1],
+            &[net("10.244.1.0/24")],
+            &names(),
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+    }
+
+    /// A prefix listed both ways (an extra prefix equal to a cluster CIDR,
+    /// or one given twice, unmasked) is checked and reported once, as the
+    /// cluster CIDR.
+    #[test]
+    fn a_prefix_listed_twice_is_checked_once_as_the_cluster_cidr() {
+        let rules = defaults(false);
+        let routes = [route("10.244.7.0/24", 254, 4, Some(OTHER))];
+        let found = find_bypasses(
+            &routes,
+            &rules,
+            Some(WG),
+            &[
+                Protected::ExtraPrefix(net("10.244.0.0/16")),
+                Protected::ClusterCidr(net("10.244.3.4/16")),
+                Protected::ExtraPrefix(net("10.244.0.0/16")),
+            ],
+            &[],
+            &names(),
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            found[0].protected(),
+            Protected::ClusterCidr(net("10.244.0.0/16"))
+        );
     }
 
     #[test]

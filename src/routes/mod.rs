@@ -98,6 +98,22 @@ impl Outcome {
             .collect()
     }
 
+    /// Prefixes this node sends into the tunnel: those a remote gateway
+    /// carries (or would, once one is healthy) and the held ones. Their
+    /// traffic must never leave any other way (the bypass check).
+    pub fn tunnel_prefixes(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self
+            .prefixes
+            .iter()
+            .filter(|p| !p.local_gateway)
+            .map(|p| p.prefix)
+            .chain(self.held.iter().copied())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Prefixes this node is a gateway for (to advertise and masquerade).
     pub fn local_prefixes(&self) -> Vec<IpNet> {
         self.prefixes

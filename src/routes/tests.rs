@@ -146,6 +146,8 @@ fn a_gateway_routes_its_prefix_itself() {
     );
     assert!(out.prefixes[0].local_gateway);
     assert_eq!(out.local_prefixes(), [net("192.0.2.0/24")]);
+    // It leaves through this node's LAN: not a prefix the bypass check guards.
+    assert!(out.tunnel_prefixes().is_empty());
     assert!(!out.needs_probing());
     let mut p = plan();
     p.peers.retain(|p| p.node != "n1");
@@ -271,4 +273,24 @@ fn a_held_prefix_is_routed_into_the_tunnel_on_no_peer() {
         .routes
         .iter()
         .any(|r| r.destination == net("198.18.0.0/24") && r.interface == "wgmesh0"));
+    // Held in the tunnel, so guarded against bypasses like a carried one.
+    assert_eq!(out.tunnel_prefixes(), [net("198.18.0.0/24")]);
+}
+
+/// What the bypass check guards: every prefix a remote gateway carries (or
+/// would carry, healthy or not), never one this node is a gateway for.
+#[test]
+fn tunnel_prefixes_are_those_of_remote_gateways_and_the_held() {
+    let mut router = Router::default();
+    let out = router.decide(
+        Instant::now(),
+        "n3",
+        &validator(),
+        &[site_grant()],
+        &BTreeMap::new(),
+        |_| false,
+    );
+    assert!(!out.prefixes[0].local_gateway);
+    assert_eq!(out.tunnel_prefixes(), [net("192.0.2.0/24")]);
+    assert!(out.local_prefixes().is_empty());
 }

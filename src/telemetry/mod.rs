@@ -184,7 +184,7 @@ pub struct Telemetry {
     synced: Arc<AtomicBool>,
     device_ok: Arc<AtomicBool>,
     routes_ok: Arc<AtomicBool>,
-    /// Routes and rules that let cluster traffic bypass the tunnel, in
+    /// Routes and rules that let cluster (or mesh-carried extra-prefix) traffic bypass the tunnel, in
     /// `ip route`/`ip rule` syntax.
     bypasses: Arc<Mutex<Vec<String>>>,
     pub route_bypasses: Gauge,
@@ -484,7 +484,7 @@ impl Telemetry {
         let route_bypasses = Gauge::default();
         registry.register(
             "wgmesh_route_bypasses",
-            "Routes or rules not created by wgmesh that let cluster traffic bypass the tunnel",
+            "Routes or rules not created by wgmesh that let cluster or extra-prefix traffic bypass the tunnel",
             route_bypasses.clone(),
         );
         let pass = Arc::new(Mutex::new(PassState::default()));
