@@ -1233,7 +1233,7 @@ fn reap_stale_once() {
             };
             let pid = rest.split('-').next().unwrap_or("");
             if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                testkit::netns::del(&name);
             }
         }
     });

@@ -589,12 +589,10 @@ impl Pair {
         }
         for ns in self.namespaces.drain(..) {
             // Anything still inside (a helper that outlived its timeout) goes too.
-            if let Ok(pids) = run(&["ip", "netns", "pids", &ns]) {
-                for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    testkit::process::signal(pid, testkit::Signal::KILL);
-                }
+            for pid in testkit::netns::pids(&ns) {
+                testkit::process::signal(pid, testkit::Signal::KILL);
             }
-            let _ = run(&["ip", "netns", "del", &ns]);
+            testkit::netns::del(&ns);
         }
         for n in &self.nodes {
             let _ = fs::remove_file(n.socket());

@@ -56,22 +56,9 @@ fn sh(args: &[&str]) {
     testkit::cmd::run(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// The wgmesh binary, built if needed (it belongs to another package).
+/// The wgmesh binary (`WGMESH_BIN`, or built now: it belongs to another package).
 fn wgmesh_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("WGMESH_BIN") {
-        return p.into();
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "wgmesh", "--bin", "wgmesh"])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "cannot build the wgmesh binary");
-    // target/debug/deps/<test> -> target/debug/wgmesh
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("wgmesh")
+    testkit::cmd::workspace_bin("wgmesh", "wgmesh", "WGMESH_BIN").unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl World {

@@ -6,7 +6,7 @@
 //! /dev/net/tun, iproute2, ping and tcpdump; without them it prints SKIP, except
 //! under CI=true where it fails.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wgmesh-testbed");
@@ -33,20 +33,9 @@ fn may_run(test: &str) -> bool {
     }
 }
 
-/// The wgmesh binary, built if needed (it belongs to another package).
+/// The wgmesh binary (`WGMESH_BIN`, or built now: it belongs to another package).
 fn wgmesh_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("WGMESH_BIN") {
-        return p.into();
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "wgmesh", "--bin", "wgmesh"])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .status()
-        .expect("cargo runs")
-        .success();
-    assert!(ok, "cannot build the wgmesh binary");
-    Path::new(BIN).with_file_name("wgmesh")
+    testkit::cmd::workspace_bin("wgmesh", "wgmesh", "WGMESH_BIN").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `down --all` in the test's own state root whatever happens.

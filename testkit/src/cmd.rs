@@ -1,6 +1,7 @@
 //! Running a command to completion.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A command that could not be started or exited unsuccessfully.
@@ -36,6 +37,38 @@ pub fn run(args: &[&str]) -> Result<String, CmdError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
     }
+}
+
+/// Binary `bin` of package `package` of this workspace, for the tests of
+/// another package (Cargo names only a package's own binaries in
+/// `CARGO_BIN_EXE_*`): the path in environment variable `env_override` if it
+/// is set, else built now (`cargo build -p PACKAGE --bin BIN`, quick when it is
+/// up to date) into the profile directory of the running test executable.
+pub fn workspace_bin(package: &str, bin: &str, env_override: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env_override) {
+        return Ok(p.into());
+    }
+    // testkit/ sits at the workspace root.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("testkit has no parent directory")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "`cargo build -p {package} --bin {bin}` failed ({status}); or set {env_override}"
+        ));
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/<bin>
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(bin))
+        .ok_or_else(|| format!("{} is not under target/<profile>/deps", exe.display()))
 }
 
 #[cfg(test)]

@@ -288,7 +288,7 @@ impl Testbed {
         self.check_interrupt()?;
         self.state.namespaces.push(name.to_string());
         self.state.save()?;
-        sys::run(&["ip", "netns", "add", name])?;
+        testkit::netns::add(name)?;
         ip(name, &["link", "set", "lo", "up"])?;
         Ok(())
     }
@@ -1209,7 +1209,7 @@ pub fn delete_netns(ns: &str) {
     for pid in testkit::netns::pids(ns) {
         testkit::process::signal(pid, testkit::Signal::KILL);
     }
-    let _ = sys::run(&["ip", "netns", "del", ns]);
+    testkit::netns::del(ns);
 }
 
 /// Removes everything of testbed `id` that may exist: its recorded processes, every
