@@ -5,6 +5,13 @@
 //! - any IP packet whose source or destination is in a cluster CIDR (a pod address or
 //!   a node's pod gateway address) and that is not WireGuard UDP: pod addresses
 //!   never belong on the underlay, whatever the traffic class;
+//! - the same for the `gateway-failover` drill's site prefix
+//!   ([`super::gateway::SITE_PREFIX`]): the site hangs off its gateways' own
+//!   LAN veths, so its addresses reach the underlay only inside WireGuard (pod
+//!   to site traffic is carried through the mesh to the active gateway). The
+//!   `bgp-fabric` drill's site is not in this set: it sits behind the fabric
+//!   router on the underlay, where the gateway node routes it in the clear
+//!   by design;
 //! - with host encryption on (`up --encrypt-host-traffic`), also any IP packet
 //!   between two node addresses that is not WireGuard UDP (to or from the WireGuard
 //!   port), not an ICMP error about WireGuard UDP (a dead device's "port
@@ -37,7 +44,7 @@ pub struct Capture {
 pub enum Kind {
     /// UDP to or from the WireGuard port (and ICMP errors about it).
     WireGuard,
-    /// A pod (or pod gateway) address on the wire.
+    /// A pod (or pod gateway) address, or one of the site prefix, on the wire.
     PodPlaintext,
     /// Host traffic between two node addresses while host encryption is on.
     HostPlaintext,
@@ -224,6 +231,7 @@ impl Capture {
 /// The rules of the module docs, for one testbed.
 #[derive(Debug, Clone)]
 pub struct Classifier {
+    /// The cluster CIDRs and the gateway-failover site prefix.
     pub pod_nets: Vec<IpNet>,
     pub host_encryption: bool,
 }
@@ -235,6 +243,8 @@ impl Classifier {
                 .state
                 .cluster_cidrs
                 .iter()
+                .map(String::as_str)
+                .chain([super::gateway::SITE_PREFIX])
                 .filter_map(|c| c.parse().ok())
                 .collect(),
             host_encryption: tb.state.encrypt_host_traffic,
@@ -353,6 +363,7 @@ mod tests {
             pod_nets: vec![
                 "10.244.0.0/16".parse().unwrap(),
                 "fd00:10:244::/56".parse().unwrap(),
+                super::super::gateway::SITE_PREFIX.parse().unwrap(),
             ],
             host_encryption,
         }
@@ -387,6 +398,28 @@ mod tests {
         assert_eq!(c.pod_plaintext, 3, "pod, pod v6, and the gateway source");
         assert_eq!(c.host_plaintext, 0, "host encryption is off");
         assert_eq!(c.wireguard_sample.len(), 3);
+    }
+
+    /// The gateway-failover site's addresses never belong on the underlay
+    /// outside WireGuard (a leak of pod-to-site traffic around the tunnel);
+    /// the bgp-fabric site behind the fabric router on the underlay does.
+    #[test]
+    fn the_site_prefix_is_plaintext_and_the_fabric_site_is_not() {
+        let text = "\
+1717000001.000000 v-n1 In  IP 10.244.2.2 > 198.18.0.10: ICMP echo request, id 1, seq 1, length 64
+1717000001.000001 v-n1 In  IP 192.0.2.1 > 198.18.0.10: ICMP echo request, id 1, seq 2, length 64
+1717000001.000002 v-n1 In  IP 192.0.2.1 > 203.0.113.1: ICMP echo request, id 1, seq 3, length 64
+";
+        let kinds: Vec<Kind> = classifier(false)
+            .parse(text)
+            .iter()
+            .map(|p| p.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [Kind::PodPlaintext, Kind::PodPlaintext, Kind::Other],
+            "pod -> site, masqueraded node -> site, node -> fabric site"
+        );
     }
 
     #[test]
