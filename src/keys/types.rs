@@ -252,9 +252,11 @@ impl PrivateKey {
     }
 }
 
-/// Constant time: comparing secrets must not leak where they differ.
+/// Constant time (subtle, whose comparison the optimizer cannot turn into an
+/// early exit): comparing secrets must not leak where they differ.
 fn ct_eq(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    a.ct_eq(b).into()
 }
 
 impl PartialEq for PrivateKey {
