@@ -145,7 +145,8 @@ enum Cmd {
     /// Remove a testbed (or all with --all): processes, namespaces, state. Idempotent;
     /// works on a half-built testbed.
     Down {
-        /// Every testbed found (state directories and `wgtb-*` namespaces).
+        /// Every testbed of this state root and every orphaned `wgtb-*`
+        /// namespace; a live testbed of another state root is left alone.
         #[arg(long)]
         all: bool,
     },
@@ -468,12 +469,21 @@ fn keep_logs(state: &State) {
 }
 
 fn cmd_down(id: Option<&str>, all: bool) -> Result<ExitCode, Error> {
+    let (found, elsewhere) = topology::all_ids();
+    for other in &elsewhere {
+        let owner = state::owner(other).unwrap_or_default();
+        println!(
+            "testbed {other}: left alone, it belongs to state directory {} (another \
+             WGMESH_TESTBED_STATE_DIR; take it down there, or with --id {other} here)",
+            owner.display()
+        );
+    }
     let ids: Vec<String> = if all {
-        topology::all_ids()
+        found
     } else if let Some(id) = id {
         vec![id.to_string()]
     } else {
-        let ids = topology::all_ids();
+        let ids = found;
         if ids.len() > 1 {
             return Err(state::StateError::Ambiguous {
                 n: ids.len(),

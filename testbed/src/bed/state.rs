@@ -37,6 +37,41 @@ pub enum StateError {
     NotFound { id: String, path: PathBuf },
 }
 
+/// Where each testbed, whatever its state root, records which state
+/// directory owns it (`<id>`: the directory's path), so that `down --all`
+/// under one state root leaves alone the testbeds of another (a test's
+/// temporary root, a second user's) while still reaping orphans: namespaces
+/// whose owner directory is gone.
+pub const OWNERS_DIR: &str = "/run/wgmesh-testbed-owners";
+
+/// Records that `dir` (a state directory) owns testbed `id`.
+pub fn write_owner(id: &str, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(OWNERS_DIR)?;
+    let dir = std::path::absolute(dir)?;
+    std::fs::write(
+        Path::new(OWNERS_DIR).join(id),
+        dir.as_os_str().as_encoded_bytes(),
+    )
+}
+
+/// The state directory that owns testbed `id`, if one was recorded.
+pub fn owner(id: &str) -> Option<PathBuf> {
+    let bytes = std::fs::read(Path::new(OWNERS_DIR).join(id)).ok()?;
+    String::from_utf8(bytes).ok().map(PathBuf::from)
+}
+
+/// Forgets the owner of testbed `id` (its teardown).
+pub fn remove_owner(id: &str) {
+    let _ = std::fs::remove_file(Path::new(OWNERS_DIR).join(id));
+}
+
+/// Whether testbed `id`, seen only by its namespaces from state root `root`,
+/// belongs to another state root whose directory for it still exists.
+pub fn owned_elsewhere(id: &str, root: &Path, owner: Option<&Path>) -> bool {
+    let here = std::path::absolute(root.join(id)).unwrap_or_else(|_| root.join(id));
+    owner.is_some_and(|o| o != here && o.exists())
+}
+
 /// The state root: `WGMESH_TESTBED_STATE_DIR` or [`DEFAULT_STATE_ROOT`].
 pub fn state_root() -> PathBuf {
     std::env::var_os("WGMESH_TESTBED_STATE_DIR")
@@ -295,4 +330,28 @@ pub fn resolve(id: Option<&str>) -> Result<State, StateError> {
         });
     }
     State::load(&dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `down --all` under one state root reaps an orphan (no owner, or an
+    /// owner directory that is gone) and its own testbeds, never a live
+    /// testbed of another root.
+    #[test]
+    fn a_testbed_is_owned_elsewhere_only_by_an_existing_other_directory() {
+        let here = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let theirs = other.path().join("ab12");
+        std::fs::create_dir(&theirs).unwrap();
+        assert!(owned_elsewhere("ab12", here.path(), Some(&theirs)));
+        // Ours, by the same path.
+        let ours = here.path().join("ab12");
+        assert!(!owned_elsewhere("ab12", here.path(), Some(&ours)));
+        // Orphans: no owner recorded, or its directory is gone.
+        assert!(!owned_elsewhere("ab12", here.path(), None));
+        let gone = other.path().join("cd34");
+        assert!(!owned_elsewhere("cd34", here.path(), Some(&gone)));
+    }
 }

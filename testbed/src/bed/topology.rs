@@ -148,6 +148,7 @@ impl Testbed {
         std::fs::create_dir_all(dir.join("logs"))
             .and_then(|_| std::fs::create_dir_all(dir.join("uapi")))
             .and_then(|_| std::fs::create_dir_all(dir.join("keys")))
+            .and_then(|_| super::state::write_owner(&id, &dir))
             .map_err(|e| Error::io(format!("{}", dir.display()), e))?;
         let mut cluster_cidrs = vec![CLUSTER_CIDR_V4.to_string()];
         if opts.dual_stack {
@@ -1259,20 +1260,31 @@ pub fn teardown(id: &str) -> Vec<String> {
         let _ = std::fs::remove_dir_all(&dir);
         done.push(format!("removed {}", dir.display()));
     }
+    super::state::remove_owner(id);
     done
 }
 
-/// Every testbed id that left a trace: a state directory or a namespace.
-pub fn all_ids() -> Vec<String> {
+/// Every testbed id of this state root that left a trace (a state
+/// directory or a namespace), and, apart, the ids whose namespaces belong to
+/// a testbed of another state root (left alone: `down` there removes them).
+pub fn all_ids() -> (Vec<String>, Vec<String>) {
     let mut ids = list_ids();
+    let mut elsewhere: Vec<String> = Vec::new();
+    let root = state_root();
     for n in testkit::netns::list() {
         if let Some(rest) = n.strip_prefix(NETNS_PREFIX) {
             if let Some((id, _)) = rest.split_once('-') {
-                if !ids.iter().any(|i| i == id) {
+                if ids.iter().chain(&elsewhere).any(|i| i == id) {
+                    continue;
+                }
+                let owner = super::state::owner(id);
+                if super::state::owned_elsewhere(id, &root, owner.as_deref()) {
+                    elsewhere.push(id.to_string());
+                } else {
                     ids.push(id.to_string());
                 }
             }
         }
     }
-    ids
+    (ids, elsewhere)
 }
