@@ -17,8 +17,9 @@
 //!    keeps our prefixes while our session is down, table N keeps the
 //!    learned routes throughout;
 //! 5. withdraw: gone from table N;
-//! 6. max prefixes: 101 granted /32s against a cap of 100 disable our IPv4
-//!    session; none of them stays in table N; IPv6 is untouched.
+//! 6. max prefixes: 10,001 granted /32s (101 from GoBGP, see
+//!    `Engine::flood`) against a cap of 100 disable our IPv4 session; none
+//!    of them stays in table N; IPv6 is untouched.
 //!
 //! Each engine prints one line of timings (never asserted).
 //!
@@ -63,10 +64,10 @@ const POD6: &str = "fd00:244:1::/64";
 const GRANTED4: &str = "198.51.100.0/24";
 const GRANTED6: &str = "2001:db8:100::/48";
 const UNGRANTED: [&str; 4] = ["203.0.113.0/24", "0.0.0.0/0", "2001:db8:200::/48", "::/0"];
-/// Granted down to /32: where the flood for the prefix cap comes from.
-const FLOOD_RANGE: &str = "192.0.2.0/24";
+/// Granted down to /32: where the flood for the prefix cap comes from
+/// (room for 16,384 /32s).
+const FLOOD_RANGE: &str = "10.202.0.0/18";
 const CAP: u32 = 100;
-const FLOOD: u32 = CAP + 1;
 const MD5_KEY: &str = "wgmesh-lab-md5";
 /// Our IPv4 session's BIRD protocol name (neighbor "fabric4").
 const OUR_V4_PROTOCOL: &str = "bgp_fabric4";
@@ -160,6 +161,18 @@ impl Engine {
             Engine::Bird => "bird",
             Engine::Frr => "frr",
             Engine::Gobgp => "gobgp",
+        }
+    }
+
+    /// How many granted /32s the fabric floods us with: 10,001 where the
+    /// engine takes them in one configuration change (BIRD: static routes
+    /// and one reload; FRR: one vtysh call), one more than the cap for GoBGP,
+    /// whose CLI adds one route per process (10,001 would be minutes of
+    /// `gobgp global rib add`).
+    fn flood(self) -> u32 {
+        match self {
+            Engine::Bird | Engine::Frr => 10_001,
+            Engine::Gobgp => CAP + 1,
         }
     }
 
@@ -351,9 +364,9 @@ fn run_engine(engine: Engine) {
     }
     t.gr.push(restart_ours(&test, &mut lab, fabric, &want, false));
 
-    // 6. Max prefixes: one more than the cap, every one granted.
-    let flood: Vec<IpNet> = (1..=FLOOD)
-        .map(|i| net(&format!("192.0.2.{i}/32")))
+    // 6. Max prefixes: far more than the cap, every one granted.
+    let flood: Vec<IpNet> = (1..=engine.flood())
+        .map(|i| net(&format!("10.202.{}.{}/32", i / 256, i % 256)))
         .collect();
     let flooded = Instant::now();
     fabric.announce(&flood).expect("announce the flood");
@@ -456,7 +469,7 @@ fn run_engine(engine: Engine) {
         .collect();
     println!(
         "bgp_interop {:<5}: established v4 {:.2}s v6 {:.2}s, learned {:.2}s (from BIRD start); withdrawn {:.2}s, \
-         re-learned {:.2}s; GR: {}; cap {CAP}: {FLOOD} routes -> v4 session disabled in {:.2}s, \
+         re-learned {:.2}s; GR: {}; cap {CAP}: {} routes -> v4 session disabled in {:.2}s, \
          at most {} of them seen in table {TABLE}, then 0 (their v4 session: {}); \
          re-enabled {:.2}s",
         engine.name(),
@@ -466,6 +479,7 @@ fn run_engine(engine: Engine) {
         t.withdrawn.as_secs_f64(),
         t.relearned.as_secs_f64(),
         gr.join("; "),
+        engine.flood(),
         t.cap_teardown.as_secs_f64(),
         t.cap_transient_max,
         cap_state,
