@@ -18,14 +18,22 @@
 //!   unreachable", which carries nothing but WireGuard's own header) and not IPv6
 //!   neighbour discovery (the IPv6 form of ARP).
 //!
-//! Packets carry tcpdump's `-tt` time stamp (Unix seconds), so one capture can be
-//! split into windows: per traffic class in `check`, per phase in a drill.
+//! tcpdump writes a pcap file (`-w`, `-U`: each packet flushed as it is
+//! captured) and nothing else: the checks read the packets' own headers, not
+//! tcpdump's text. On `-i any` the link type is LINUX_SLL2, whose header names the
+//! interface each frame was seen on; each packet keeps the capture's time stamp
+//! (Unix seconds), so one capture can be split into windows: per traffic class
+//! in `check`, per phase in a drill. The file opens in `tcpdump -r` or Wireshark.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use etherparse::{EtherType, IpNumber, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use ipnet::IpNet;
+use pcap_file::pcap::PcapReader;
+use pcap_file::{DataLink, TsResolution};
 
 use super::sys;
 use super::topology::{Testbed, WG_PORT};
@@ -56,9 +64,10 @@ pub enum Kind {
 /// One IP packet the capture saw.
 #[derive(Debug, Clone)]
 pub struct Packet {
-    /// Unix seconds (tcpdump `-tt`); 0 when the line had none.
+    /// Unix seconds, from the pcap record.
     pub t: f64,
     pub kind: Kind,
+    /// A one-line summary in tcpdump's style (time, interface, addresses, protocol).
     pub line: String,
 }
 
@@ -79,7 +88,7 @@ pub struct Counts {
     pub wireguard: u64,
     pub pod_plaintext: u64,
     pub host_plaintext: u64,
-    /// The first few plaintext packets, as tcpdump printed them.
+    /// The first few plaintext packets, summarised.
     pub plaintext_sample: Vec<String>,
     /// A few WireGuard datagrams.
     pub wireguard_sample: Vec<String>,
@@ -154,35 +163,36 @@ impl Captured {
 }
 
 impl Capture {
-    /// Starts tcpdump printing one line per packet (`-l`, line-buffered, `-n`, `-tt`
-    /// Unix time stamps) to a file. Text rather than a pcap file: reading the pcap
-    /// back proved unreliable here (tcpdump reported packets "received by filter"
-    /// but wrote none), and the lines are all the checks need.
+    /// Starts tcpdump writing every inbound frame on every interface of the
+    /// underlay namespace to a pcap file, flushed per packet (`-U`), with no
+    /// kernel-side batching (`--immediate-mode`) and a 256-byte snapshot: enough
+    /// for the headers and for the packet an ICMP error quotes.
     pub fn start(tb: &mut Testbed, label: &str) -> Result<Self> {
-        let file = tb.state.dir.join(format!("underlay-{label}.txt"));
+        let file = tb.state.dir.join(format!("underlay-{label}.pcap"));
         let _ = std::fs::remove_file(&file);
         let u = tb.state.underlay_ns.clone();
         // Drop a previous capture's record, if it was left (one capture at a time).
         tb.state.processes.retain(|p| p.name != "capture");
-        let argv: Vec<String> = [
+        let mut argv: Vec<String> = [
             "tcpdump",
             "-i",
             "any",
             "-Q",
             "in",
             "-n",
-            "-tt",
-            "-l",
+            "-U",
             "-s",
             "256",
             "-B",
             "8192",
             "--immediate-mode",
+            "-w",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let pid = tb.spawn("capture", &u, &argv, Some(&file))?;
+        argv.push(file.display().to_string());
+        let pid = tb.spawn("capture", &u, &argv, None)?;
         let log = tb.state.dir.join("logs").join("capture.log");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -216,13 +226,17 @@ impl Capture {
         }
         tb.state.processes.retain(|p| p.name != "capture");
         tb.state.save()?;
-        let text = std::fs::read_to_string(&self.file)
+        let pcap = std::fs::read(&self.file)
             .map_err(|e| Error::io(format!("{}", self.file.display()), e))?;
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let links = sys::ip(&tb.state.underlay_ns, &["-o", "link", "show"])?;
         let classifier = Classifier::of(tb);
+        let packets = classifier
+            .parse(&pcap, &interface_names(&links))
+            .map_err(|e| Error::Other(format!("{}: {e}", self.file.display())))?;
         Ok(Captured {
             file: self.file,
-            packets: classifier.parse(&text),
+            packets,
             dropped: dropped_by_kernel(&log),
         })
     }
@@ -234,6 +248,32 @@ pub struct Classifier {
     /// The cluster CIDRs and the gateway-failover site prefix.
     pub pod_nets: Vec<IpNet>,
     pub host_encryption: bool,
+}
+
+/// LINKTYPE_LINUX_SLL2's header (tcpdump.org/linktypes/LINKTYPE_LINUX_SLL2.html):
+/// protocol (2 bytes), reserved (2), interface index (4), ARPHRD type (2), packet
+/// type (1), address length (1), address (8).
+const SLL2_LEN: usize = 20;
+
+/// What the classification needs from one IP packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Headers {
+    src: IpAddr,
+    dst: IpAddr,
+    l4: L4,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum L4 {
+    Udp(u16, u16),
+    Tcp(u16, u16),
+    Icmp {
+        v6: bool,
+        kind: u8,
+        /// The packet an ICMP error quotes (type 3/11/12 for v4, 1–4 for v6).
+        quoted: Option<Box<Headers>>,
+    },
+    Other(u8),
 }
 
 impl Classifier {
@@ -251,74 +291,197 @@ impl Classifier {
         }
     }
 
-    /// Parses tcpdump `-n` (optionally `-tt`) lines; non-IP lines (ARP) are skipped.
-    pub fn parse(&self, text: &str) -> Vec<Packet> {
-        text.lines().filter_map(|l| self.classify(l)).collect()
+    /// Reads a LINUX_SLL2 pcap (tcpdump `-i any -w`) and classifies every IP
+    /// packet; non-IP frames (ARP) are skipped, and so are frames seen on the
+    /// bridge itself: a frame for the underlay host shows on its bridge port and
+    /// again on the bridge, and counts once. `names` maps interface indices to
+    /// names (for the summaries and to know the bridge).
+    pub fn parse(
+        &self,
+        pcap: &[u8],
+        names: &HashMap<u32, String>,
+    ) -> std::result::Result<Vec<Packet>, String> {
+        let mut reader = PcapReader::new(pcap).map_err(|e| format!("not a pcap file ({e})"))?;
+        let link = reader.header().datalink;
+        if link != DataLink::LINUX_SLL2 {
+            return Err(format!(
+                "link type {link:?}, expected LINUX_SLL2 (tcpdump -i any on libpcap >= 1.10)"
+            ));
+        }
+        // Records are read raw: pcap-file 2's checked reader refuses a record
+        // whose original length exceeds the snapshot length, which is every
+        // packet the 256-byte snapshot cut.
+        let frac = match reader.header().ts_resolution {
+            TsResolution::MicroSecond => 1e-6,
+            TsResolution::NanoSecond => 1e-9,
+        };
+        let mut out = Vec::new();
+        let mut n = 0usize;
+        while let Some(record) = reader.next_raw_packet() {
+            n += 1;
+            let record = record.map_err(|e| format!("record {n}: {e}"))?;
+            let data = &record.data[..];
+            if data.len() < SLL2_LEN {
+                return Err(format!(
+                    "record {n}: {} bytes, shorter than a LINUX_SLL2 header",
+                    data.len()
+                ));
+            }
+            let protocol = u16::from_be_bytes([data[0], data[1]]);
+            let ifindex = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+            let ifname = names
+                .get(&ifindex)
+                .cloned()
+                .unwrap_or_else(|| format!("if{ifindex}"));
+            if ifname == super::topology::BRIDGE {
+                continue;
+            }
+            let Some(headers) = headers(EtherType(protocol), &data[SLL2_LEN..]) else {
+                continue;
+            };
+            let t = f64::from(record.ts_sec) + f64::from(record.ts_frac) * frac;
+            out.push(Packet {
+                t,
+                kind: self.kind(&headers),
+                line: format!("{t:.6} {ifname} {}", headers.summary()),
+            });
+        }
+        Ok(out)
     }
 
-    fn classify(&self, line: &str) -> Option<Packet> {
-        // "1717000000.123456 v-n1 In  IP 192.0.2.1.51820 > 192.0.2.2.51820: UDP, length 128"
-        // "... IP6 2001:db8:77::1.51820 > 2001:db8:77::2.51820: UDP, length 128"
-        // With `-i any` the second field is the interface: a frame for the underlay
-        // host shows on its bridge port and again on the bridge; count it once.
-        if line.split_whitespace().nth(1) == Some(super::topology::BRIDGE) {
-            return None;
-        }
-        let rest = line
-            .split_once(" IP ")
-            .or_else(|| line.split_once(" IP6 "))
-            .map(|(_, r)| r)?;
-        let mut parts = rest.split_whitespace();
-        let (Some(src), Some(">"), Some(dst)) = (parts.next(), parts.next(), parts.next()) else {
-            return None;
+    fn is_pod(&self, ip: IpAddr) -> bool {
+        self.pod_nets.iter().any(|c| c.contains(&ip))
+    }
+
+    fn kind(&self, h: &Headers) -> Kind {
+        let wg = |l4: &L4| matches!(*l4, L4::Udp(s, d) if s == WG_PORT || d == WG_PORT);
+        let (wireguard, quoted_pod) = match &h.l4 {
+            L4::Icmp {
+                quoted: Some(q), ..
+            } => (wg(&q.l4), self.is_pod(q.src) || self.is_pod(q.dst)),
+            l4 => (wg(l4), false),
         };
-        let t = line
-            .split_whitespace()
-            .next()
-            .and_then(|w| w.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        let dst = dst.trim_end_matches(':');
-        let (src_ip, src_port) = split_port(src);
-        let (dst_ip, dst_port) = split_port(dst);
-        let payload = rest.split_once(": ").map(|(_, p)| p).unwrap_or("");
-        let udp = payload.starts_with("UDP") || payload.contains(" UDP,");
-        let wg_port = Some(WG_PORT);
-        let wireguard = udp && (src_port == wg_port || dst_port == wg_port);
-        // An ICMP error quoting a WireGuard datagram: "ICMP 192.0.2.2 udp port 51820
-        // unreachable", "ICMP6, destination unreachable, unreachable port,
-        // 2001:db8:77::2 udp port 51820".
-        let about_wireguard = payload.starts_with("ICMP")
-            && payload.contains(&format!("udp port {WG_PORT}"))
-            && !payload.contains("echo");
-        let ndp = payload.starts_with("ICMP6, neighbor")
-            || payload.starts_with("ICMP6, router")
-            || payload.starts_with("ICMP6, redirect");
-        let is_pod =
-            |ip: Option<IpAddr>| ip.is_some_and(|ip| self.pod_nets.iter().any(|c| c.contains(&ip)));
-        let kind = if wireguard || about_wireguard {
-            if is_pod(src_ip) || is_pod(dst_ip) {
-                // WireGuard with a pod address outside cannot be ours: plaintext.
-                Kind::PodPlaintext
-            } else {
-                Kind::WireGuard
-            }
-        } else if is_pod(src_ip) || is_pod(dst_ip) {
+        let pod = self.is_pod(h.src) || self.is_pod(h.dst) || quoted_pod;
+        // IPv6 neighbour discovery and router messages (the IPv6 form of ARP).
+        let ndp = matches!(h.l4, L4::Icmp { v6: true, kind, .. } if (133..=137).contains(&kind));
+        if pod {
+            // A pod address outside WireGuard, or WireGuard with a pod address
+            // outside (which cannot be ours): plaintext either way.
             Kind::PodPlaintext
-        } else if self.host_encryption
-            && !ndp
-            && src_ip.is_some_and(is_node_address)
-            && dst_ip.is_some_and(is_node_address)
-        {
+        } else if wireguard {
+            Kind::WireGuard
+        } else if self.host_encryption && !ndp && is_node_address(h.src) && is_node_address(h.dst) {
             Kind::HostPlaintext
         } else {
             Kind::Other
-        };
-        Some(Packet {
-            t,
-            kind,
-            line: line.to_string(),
-        })
+        }
     }
+}
+
+/// The IP and transport headers of a frame's payload (laxly: a snapshot may
+/// cut the payload, and an ICMP error quotes only the start of a packet).
+fn headers(ether_type: EtherType, payload: &[u8]) -> Option<Headers> {
+    let sliced = LaxSlicedPacket::from_ether_type(ether_type, payload);
+    ip_headers(&sliced)
+}
+
+fn ip_headers(p: &LaxSlicedPacket<'_>) -> Option<Headers> {
+    let (src, dst, proto, v6) = match p.net.as_ref()? {
+        LaxNetSlice::Ipv4(ip) => {
+            let h = ip.header();
+            (
+                IpAddr::V4(h.source_addr()),
+                IpAddr::V4(h.destination_addr()),
+                ip.payload_ip_number(),
+                false,
+            )
+        }
+        LaxNetSlice::Ipv6(ip) => {
+            let h = ip.header();
+            (
+                IpAddr::V6(h.source_addr()),
+                IpAddr::V6(h.destination_addr()),
+                ip.payload().ip_number,
+                true,
+            )
+        }
+        LaxNetSlice::Arp(_) => return None,
+    };
+    let l4 = match &p.transport {
+        Some(TransportSlice::Udp(u)) => L4::Udp(u.source_port(), u.destination_port()),
+        Some(TransportSlice::Tcp(t)) => L4::Tcp(t.source_port(), t.destination_port()),
+        Some(TransportSlice::Icmpv4(i)) => {
+            let kind = i.type_u8();
+            let error = matches!(kind, 3 | 11 | 12);
+            L4::Icmp {
+                v6: false,
+                kind,
+                quoted: error.then(|| quoted(i.payload())).flatten(),
+            }
+        }
+        Some(TransportSlice::Icmpv6(i)) => {
+            let kind = i.type_u8();
+            let error = (1..=4).contains(&kind);
+            L4::Icmp {
+                v6: true,
+                kind,
+                quoted: error.then(|| quoted(i.payload())).flatten(),
+            }
+        }
+        _ if v6 && proto == IpNumber::IPV6_ICMP => L4::Icmp {
+            v6: true,
+            kind: 0,
+            quoted: None,
+        },
+        _ => L4::Other(proto.0),
+    };
+    Some(Headers { src, dst, l4 })
+}
+
+/// The packet an ICMP error carries after its header.
+fn quoted(payload: &[u8]) -> Option<Box<Headers>> {
+    let inner = LaxSlicedPacket::from_ip(payload).ok()?;
+    ip_headers(&inner).map(Box::new)
+}
+
+impl Headers {
+    /// `IP 192.0.2.1.51820 > 192.0.2.2.51820: UDP`, in tcpdump's style.
+    fn summary(&self) -> String {
+        let ip = if self.src.is_ipv6() { "IP6" } else { "IP" };
+        let (s, d) = (self.src, self.dst);
+        match &self.l4 {
+            L4::Udp(sp, dp) => format!("{ip} {s}.{sp} > {d}.{dp}: UDP"),
+            L4::Tcp(sp, dp) => format!("{ip} {s}.{sp} > {d}.{dp}: TCP"),
+            L4::Icmp { v6, kind, quoted } => {
+                let name = match (v6, kind) {
+                    (false, 0) | (true, 129) => "echo reply".to_string(),
+                    (false, 8) | (true, 128) => "echo request".to_string(),
+                    (true, 135) => "neighbor solicitation".to_string(),
+                    (true, 136) => "neighbor advertisement".to_string(),
+                    (_, k) => format!("type {k}"),
+                };
+                let icmp = if *v6 { "ICMP6" } else { "ICMP" };
+                match quoted {
+                    Some(q) => format!("{ip} {s} > {d}: {icmp} {name}, quoting {}", q.summary()),
+                    None => format!("{ip} {s} > {d}: {icmp} {name}"),
+                }
+            }
+            L4::Other(p) => format!("{ip} {s} > {d}: protocol {p}"),
+        }
+    }
+}
+
+/// Interface index → name, from `ip -o link show` ("12: v-n1@if11: <...").
+fn interface_names(ip_o_link: &str) -> HashMap<u32, String> {
+    ip_o_link
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(": ");
+            let index = f.next()?.trim().parse().ok()?;
+            let name = f.next()?.split('@').next()?.trim().to_string();
+            Some((index, name))
+        })
+        .collect()
 }
 
 /// A node's underlay address: 192.0.2.1–250 or 2001:db8:77::1–fa (the underlay
@@ -343,20 +506,11 @@ fn dropped_by_kernel(log: &str) -> Option<u64> {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
 }
 
-/// `192.0.2.1.51820` / `fd00::1.51820` → (address, port); `10.0.0.1` → (address, None).
-fn split_port(token: &str) -> (Option<IpAddr>, Option<u16>) {
-    if let Ok(ip) = token.parse() {
-        return (Some(ip), None);
-    }
-    match token.rsplit_once('.') {
-        Some((ip, port)) => (ip.parse().ok(), port.parse().ok()),
-        None => (None, None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type, PacketBuilder};
+    use pcap_file::pcap::{PcapHeader, PcapWriter, RawPcapPacket};
 
     fn classifier(host_encryption: bool) -> Classifier {
         Classifier {
@@ -369,35 +523,219 @@ mod tests {
         }
     }
 
-    const TEXT: &str = "\
-1717000000.000000 v-n1 In  IP 192.0.2.1.51820 > 192.0.2.2.51820: UDP, length 128
-1717000000.000001 v-n2 In  IP6 2001:db8:77::2.51820 > 2001:db8:77::1.51820: UDP, length 128
-1717000000.000002 v-n1 In  IP 10.244.0.2 > 10.244.1.2: ICMP echo request, id 1, seq 1, length 64
-1717000000.000003 v-n1 In  IP6 fd00:10:244::2 > fd00:10:244:1::2: ICMP6, echo request, id 1, seq 1, length 64
-1717000000.000004 v-n1 In  ARP, Request who-has 192.0.2.2 tell 192.0.2.1, length 28
-1717000000.000005 v-n1 In  IP 192.0.2.1.40000 > 192.0.2.254.6443: Flags [S], seq 1, length 0
-1717000000.000006 v-n1 In  IP 192.0.2.1 > 192.0.2.2: ICMP echo request, id 7, seq 1, length 64
-1717000000.000007 v-n2 In  IP 192.0.2.2 > 192.0.2.1: ICMP 192.0.2.2 udp port 51820 unreachable, length 156
-1717000000.000008 v-n1 In  IP6 2001:db8:77::1 > 2001:db8:77::2: ICMP6, neighbor solicitation, who has 2001:db8:77::2, length 32
-1717000000.000009 v-n1 In  IP 192.0.2.1.5001 > 192.0.2.2.44000: Flags [S.], seq 1, length 0
-1717000000.000010 v-n1 In  IP 10.244.0.1 > 10.244.1.2: ICMP echo request, id 2, seq 1, length 64
-1717000000.000011 br0   In  IP 10.244.0.1 > 192.0.2.254: ICMP echo request, id 3, seq 1, length 64
-";
+    const V_N1: u32 = 3;
+    const V_N2: u32 = 4;
+    const BR0: u32 = 2;
+
+    fn names() -> HashMap<u32, String> {
+        interface_names(
+            "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN\\    link/loopback\n\
+             2: br0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP\\    link/ether\n\
+             3: v-n1@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 master br0 state UP\\    link/ether\n\
+             4: v-n2@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 master br0 state UP\\    link/ether\n",
+        )
+    }
+
+    fn v4(s: &str) -> [u8; 4] {
+        s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+    }
+
+    fn v6(s: &str) -> [u8; 16] {
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    /// One frame as `tcpdump -i any` records it: a LINUX_SLL2 header, then the packet.
+    fn frame(ifindex: u32, ether_type: u16, packet: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(SLL2_LEN + packet.len());
+        f.extend_from_slice(&ether_type.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&ifindex.to_be_bytes());
+        f.extend_from_slice(&1u16.to_be_bytes()); // ARPHRD_ETHER
+        f.push(0); // PACKET_HOST
+        f.push(6);
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0, 0]);
+        f.extend_from_slice(packet);
+        f
+    }
+
+    fn build(b: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut v = Vec::new();
+        b(&mut v);
+        v
+    }
+
+    /// A pcap of (seconds, ifindex, ether type, packet), as tcpdump -w writes it.
+    fn pcap(frames: &[(f64, u32, u16, Vec<u8>)]) -> Vec<u8> {
+        let header = PcapHeader {
+            datalink: DataLink::LINUX_SLL2,
+            snaplen: 256,
+            ..Default::default()
+        };
+        let mut w = PcapWriter::with_header(Vec::new(), header).unwrap();
+        for (t, ifindex, et, p) in frames {
+            let mut data = frame(*ifindex, *et, p);
+            let orig = data.len() as u32;
+            data.truncate(256);
+            w.write_raw_packet(&RawPcapPacket {
+                ts_sec: t.trunc() as u32,
+                ts_frac: (t.fract() * 1e6).round() as u32,
+                incl_len: data.len() as u32,
+                orig_len: orig,
+                data: data.into(),
+            })
+            .unwrap();
+        }
+        w.into_writer()
+    }
+
+    const IPV4: u16 = 0x0800;
+    const IPV6: u16 = 0x86dd;
+    const ARP: u16 = 0x0806;
+
+    /// The same traffic the text parser's test had, now as real packets.
+    fn sample() -> Vec<u8> {
+        let wg = vec![0u8; 128];
+        let udp4 = |s: &str, sp, d: &str, dp| {
+            build(|v| {
+                PacketBuilder::ipv4(v4(s), v4(d), 64)
+                    .udp(sp, dp)
+                    .write(v, &wg)
+                    .unwrap()
+            })
+        };
+        let echo4 = |s: &str, d: &str| {
+            build(|v| {
+                PacketBuilder::ipv4(v4(s), v4(d), 64)
+                    .icmpv4_echo_request(1, 1)
+                    .write(v, &[0; 56])
+                    .unwrap()
+            })
+        };
+        // The ICMP error a dead device's host sends back about a WireGuard
+        // datagram: it quotes the datagram's IP and UDP headers.
+        let quoted = udp4("192.0.2.1", WG_PORT, "192.0.2.2", WG_PORT);
+        let unreachable = build(|v| {
+            PacketBuilder::ipv4(v4("192.0.2.2"), v4("192.0.2.1"), 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::Port,
+                ))
+                .write(v, &quoted[..28])
+                .unwrap()
+        });
+        let frames = vec![
+            (
+                1000.000000,
+                V_N1,
+                IPV4,
+                udp4("192.0.2.1", WG_PORT, "192.0.2.2", WG_PORT),
+            ),
+            (
+                1000.000001,
+                V_N2,
+                IPV6,
+                build(|v| {
+                    PacketBuilder::ipv6(v6("2001:db8:77::2"), v6("2001:db8:77::1"), 64)
+                        .udp(WG_PORT, WG_PORT)
+                        .write(v, &wg)
+                        .unwrap()
+                }),
+            ),
+            (1000.000002, V_N1, IPV4, echo4("10.244.0.2", "10.244.1.2")),
+            (
+                1000.000003,
+                V_N1,
+                IPV6,
+                build(|v| {
+                    PacketBuilder::ipv6(v6("fd00:10:244::2"), v6("fd00:10:244:1::2"), 64)
+                        .icmpv6_echo_request(1, 1)
+                        .write(v, &[0; 56])
+                        .unwrap()
+                }),
+            ),
+            (1000.000004, V_N1, ARP, vec![0; 28]),
+            (
+                1000.000005,
+                V_N1,
+                IPV4,
+                build(|v| {
+                    PacketBuilder::ipv4(v4("192.0.2.1"), v4("192.0.2.254"), 64)
+                        .tcp(40000, 6443, 1, 64240)
+                        .write(v, &[])
+                        .unwrap()
+                }),
+            ),
+            (1000.000006, V_N1, IPV4, echo4("192.0.2.1", "192.0.2.2")),
+            (1000.000007, V_N2, IPV4, unreachable),
+            (
+                1000.000008,
+                V_N1,
+                IPV6,
+                build(|v| {
+                    PacketBuilder::ipv6(v6("2001:db8:77::1"), v6("2001:db8:77::2"), 255)
+                        .icmpv6(Icmpv6Type::NeighborSolicitation)
+                        .write(v, &[0; 20])
+                        .unwrap()
+                }),
+            ),
+            (
+                1000.000009,
+                V_N1,
+                IPV4,
+                build(|v| {
+                    PacketBuilder::ipv4(v4("192.0.2.1"), v4("192.0.2.2"), 64)
+                        .tcp(5001, 44000, 1, 64240)
+                        .syn()
+                        .ack(1)
+                        .write(v, &[])
+                        .unwrap()
+                }),
+            ),
+            (1000.000010, V_N1, IPV4, echo4("10.244.0.1", "10.244.1.2")),
+            // Seen again on the bridge: not counted twice.
+            (1000.000011, BR0, IPV4, echo4("10.244.0.1", "192.0.2.254")),
+        ];
+        pcap(&frames)
+    }
+
+    fn captured(host_encryption: bool) -> Captured {
+        Captured {
+            file: PathBuf::new(),
+            packets: classifier(host_encryption)
+                .parse(&sample(), &names())
+                .unwrap(),
+            dropped: Some(0),
+        }
+    }
 
     #[test]
     fn pod_addresses_are_plaintext_whatever_the_mode() {
-        let p = classifier(false).parse(TEXT);
-        let c = Captured {
-            file: PathBuf::new(),
-            packets: p,
-            dropped: Some(0),
-        }
-        .counts(None);
-        assert_eq!(c.total, 10);
+        let c = captured(false).counts(None);
+        assert_eq!(c.total, 10, "ARP and the bridge's copy are not counted");
         assert_eq!(c.wireguard, 3, "2 datagrams + the ICMP error about one");
         assert_eq!(c.pod_plaintext, 3, "pod, pod v6, and the gateway source");
         assert_eq!(c.host_plaintext, 0, "host encryption is off");
-        assert_eq!(c.wireguard_sample.len(), 3);
+        assert_eq!(
+            c.wireguard_sample[0],
+            "1000.000000 v-n1 IP 192.0.2.1.51820 > 192.0.2.2.51820: UDP"
+        );
+        assert_eq!(
+            c.wireguard_sample[2],
+            "1000.000007 v-n2 IP 192.0.2.2 > 192.0.2.1: ICMP type 3, \
+             quoting IP 192.0.2.1.51820 > 192.0.2.2.51820: UDP"
+        );
+        assert_eq!(
+            c.plaintext_sample[0],
+            "1000.000002 v-n1 IP 10.244.0.2 > 10.244.1.2: ICMP echo request"
+        );
+    }
+
+    #[test]
+    fn host_traffic_is_plaintext_only_with_host_encryption() {
+        let c = captured(true).counts(None);
+        // The ping and the TCP segment between two nodes; not the API traffic to
+        // .254, not neighbour discovery, not the ICMP error about WireGuard.
+        assert_eq!(c.host_plaintext, 2);
+        assert_eq!(c.pod_plaintext, 3);
     }
 
     /// The gateway-failover site's addresses never belong on the underlay
@@ -405,13 +743,22 @@ mod tests {
     /// the bgp-fabric site behind the fabric router on the underlay does.
     #[test]
     fn the_site_prefix_is_plaintext_and_the_fabric_site_is_not() {
-        let text = "\
-1717000001.000000 v-n1 In  IP 10.244.2.2 > 198.18.0.10: ICMP echo request, id 1, seq 1, length 64
-1717000001.000001 v-n1 In  IP 192.0.2.1 > 198.18.0.10: ICMP echo request, id 1, seq 2, length 64
-1717000001.000002 v-n1 In  IP 192.0.2.1 > 203.0.113.1: ICMP echo request, id 1, seq 3, length 64
-";
+        let echo = |s: &str, d: &str| {
+            build(|v| {
+                PacketBuilder::ipv4(v4(s), v4(d), 64)
+                    .icmpv4_echo_request(1, 1)
+                    .write(v, &[0; 8])
+                    .unwrap()
+            })
+        };
+        let file = pcap(&[
+            (1.0, V_N1, IPV4, echo("10.244.2.2", "198.18.0.10")),
+            (1.1, V_N1, IPV4, echo("192.0.2.1", "198.18.0.10")),
+            (1.2, V_N1, IPV4, echo("192.0.2.1", "203.0.113.1")),
+        ]);
         let kinds: Vec<Kind> = classifier(false)
-            .parse(text)
+            .parse(&file, &names())
+            .unwrap()
             .iter()
             .map(|p| p.kind)
             .collect();
@@ -422,31 +769,84 @@ mod tests {
         );
     }
 
+    /// WireGuard's port with a pod address outside is not ours, and an ICMP
+    /// error quoting a pod packet puts that packet's headers on the wire.
     #[test]
-    fn host_traffic_is_plaintext_only_with_host_encryption() {
-        let c = Captured {
-            file: PathBuf::new(),
-            packets: classifier(true).parse(TEXT),
-            dropped: Some(0),
-        }
-        .counts(None);
-        // The ping and the TCP segment between two nodes; not the API traffic to
-        // .254, not neighbour discovery, not the ICMP error about WireGuard.
-        assert_eq!(c.host_plaintext, 2);
-        assert_eq!(c.pod_plaintext, 3);
+    fn wireguard_lookalikes_with_pod_addresses_are_plaintext() {
+        let pod_udp = build(|v| {
+            PacketBuilder::ipv4(v4("10.244.0.2"), v4("192.0.2.2"), 64)
+                .udp(WG_PORT, WG_PORT)
+                .write(v, &[0; 32])
+                .unwrap()
+        });
+        let error = build(|v| {
+            PacketBuilder::ipv6(v6("2001:db8:77::2"), v6("2001:db8:77::1"), 64)
+                .icmpv6(Icmpv6Type::DestinationUnreachable(
+                    icmpv6::DestUnreachableCode::Port,
+                ))
+                .write(
+                    v,
+                    &build(|q| {
+                        PacketBuilder::ipv6(v6("fd00:10:244::2"), v6("2001:db8:77::2"), 64)
+                            .udp(40000, WG_PORT)
+                            .write(q, &[0; 8])
+                            .unwrap()
+                    }),
+                )
+                .unwrap()
+        });
+        let file = pcap(&[(2.0, V_N1, IPV4, pod_udp), (2.1, V_N2, IPV6, error)]);
+        let kinds: Vec<Kind> = classifier(false)
+            .parse(&file, &names())
+            .unwrap()
+            .iter()
+            .map(|p| p.kind)
+            .collect();
+        assert_eq!(kinds, [Kind::PodPlaintext, Kind::PodPlaintext]);
+    }
+
+    /// A snapshot cuts big packets; their headers still classify.
+    #[test]
+    fn truncated_packets_still_classify() {
+        let big = build(|v| {
+            PacketBuilder::ipv4(v4("10.244.0.2"), v4("10.244.1.2"), 64)
+                .udp(5000, 5001)
+                .write(v, &[0; 1400])
+                .unwrap()
+        });
+        let file = pcap(&[(3.0, V_N1, IPV4, big)]);
+        let p = classifier(false).parse(&file, &names()).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].kind, Kind::PodPlaintext);
     }
 
     #[test]
     fn windows_select_by_time_stamp() {
-        let cap = Captured {
-            file: PathBuf::new(),
-            packets: classifier(false).parse(TEXT),
-            dropped: Some(0),
-        };
-        let c = cap.counts(Some((1717000000.0000015, 1717000000.0000035)));
+        let cap = captured(false);
+        let c = cap.counts(Some((1000.0000015, 1000.0000035)));
         assert_eq!(c.total, 2);
         assert_eq!(c.pod_plaintext, 2);
         assert!(cap.complete());
+    }
+
+    #[test]
+    fn what_is_not_a_cooked_capture_is_an_error_that_says_so() {
+        let err = classifier(false).parse(b"1000.0 v-n1 In IP", &names());
+        assert!(err.unwrap_err().starts_with("not a pcap file"));
+        let header = PcapHeader {
+            datalink: DataLink::ETHERNET,
+            ..Default::default()
+        };
+        let eth = PcapWriter::with_header(Vec::new(), header)
+            .unwrap()
+            .into_writer();
+        let err = classifier(false).parse(&eth, &names()).unwrap_err();
+        assert!(err.contains("expected LINUX_SLL2"), "{err}");
+        // A record cut short (tcpdump killed mid-write) is named, not skipped.
+        let mut cut = sample();
+        cut.truncate(cut.len() - 10);
+        let err = classifier(false).parse(&cut, &names()).unwrap_err();
+        assert!(err.starts_with("record 12"), "{err}");
     }
 
     #[test]

@@ -408,7 +408,7 @@ pub fn run(tb: &mut Testbed) -> Result<Vec<Outcome>> {
     let captured = capture.stop(tb)?;
     let runs = runs?;
     report_classes(tb, &runs, &captured, &mut outcomes);
-    let _ = std::fs::copy(&captured.file, tb.state.dir.join("underlay.txt"));
+    let _ = std::fs::copy(&captured.file, tb.state.dir.join("underlay.pcap"));
 
     println!("\n== (d) API writes while nothing changes ({QUIET_SECONDS} s: over 2 resyncs of {RESYNC_SECONDS} s)");
     sys::sleep(Duration::from_secs(1))?;

@@ -1163,7 +1163,7 @@ pub fn help_has_flag(help: &str, flag: &str) -> bool {
     })
 }
 
-/// Seconds since the Unix epoch, as a float (tcpdump `-tt` prints the same clock).
+/// Seconds since the Unix epoch, as a float (the clock of the capture's pcap time stamps).
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
