@@ -423,6 +423,14 @@ pub struct StatusArgs {
     /// The cluster pod CIDRs, as given to the agent (to plan exactly as it does).
     #[arg(long, env = "WGMESH_CLUSTER_CIDRS", value_delimiter = ',')]
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// BIRD's control socket, as given to `wgmesh agent --bgp-socket`: when it
+    /// exists, its BGP sessions are shown (state, since when, last error).
+    #[arg(
+        long,
+        env = "WGMESH_BGP_SOCKET",
+        default_value = "/run/wgmesh/bird.ctl"
+    )]
+    pub bgp_socket: PathBuf,
     /// text (a table) or json (`wgmesh status` only).
     #[arg(long, env = "WGMESH_OUTPUT", value_enum, default_value_t = Output::Text)]
     pub output: Output,

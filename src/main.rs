@@ -247,6 +247,7 @@ fn gather_status(args: &cli::StatusArgs) -> Result<wgmesh::status::Status> {
         uapi_dir: args.uapi_dir.clone(),
         backend: args.backend,
         cluster_cidrs: args.cluster_cidrs.clone(),
+        bgp_socket: args.bgp_socket.clone(),
     };
     wgmesh::commands::status::gather(&src, &mut std::io::stderr().lock())
 }

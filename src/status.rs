@@ -32,6 +32,23 @@ pub struct Status {
     pub unknown: Vec<PeerView>,
     /// Extra prefixes (route sync), from the MeshRoutes and the device.
     pub routes: Vec<RouteView>,
+    /// BGP sessions (`--bgp`), from BIRD's control socket; empty when it
+    /// has none (BGP not in use).
+    pub bgp: Vec<SessionView>,
+}
+
+/// One BGP session as `wgmesh status` shows it (a BIRD `bgp` protocol).
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    /// BIRD's protocol name (the agent names them after the neighbor).
+    pub name: String,
+    /// RFC 4271 state (`established`, `active`, ...) or `down` when the
+    /// protocol is (disabled, or shut by its prefix cap).
+    pub state: String,
+    /// Unix seconds of the last state change.
+    pub since: Option<u64>,
+    /// BIRD's last error or why the session is down; empty when none.
+    pub info: String,
 }
 
 /// One extra prefix as `wgmesh status` shows it: the grant's gateways, and
@@ -52,6 +69,21 @@ pub struct RouteView {
 }
 
 impl Status {
+    /// Adds the BGP sessions among BIRD's protocols.
+    pub fn add_sessions(&mut self, protocols: &[crate::routes::bgp::engine::ProtocolStatus]) {
+        self.bgp = protocols
+            .iter()
+            .filter_map(|p| {
+                Some(SessionView {
+                    name: p.name.clone(),
+                    state: p.session?.as_str().to_string(),
+                    since: p.since,
+                    info: p.info.clone(),
+                })
+            })
+            .collect();
+    }
+
     /// Adds the extra prefixes: each MeshRoute object (as JSON) checked by
     /// the agent's own rules against `nodes`, and the node holding it found
     /// among `device` (the device's peers with their allowed IPs).
@@ -132,7 +164,12 @@ impl Status {
                 grant: g.name.clone(),
                 candidates,
                 active: holder,
-                local_gateway: g.gateways.iter().any(|gw| gw.node == self.node),
+                // A static gateway, or a node that may learn the prefix over
+                // BGP: either routes it out itself.
+                local_gateway: g.gateways.iter().any(|gw| gw.node == self.node)
+                    || g.learn
+                        .as_ref()
+                        .is_some_and(|l| l.nodes.contains(&self.node)),
                 refused: None,
             });
         }
@@ -189,6 +226,7 @@ pub fn build(
         rejected: pass.rejected.clone(),
         unknown: telemetry::peer_views(&unknown_pass, stats, now),
         routes: Vec::new(),
+        bgp: Vec::new(),
     }
 }
 
@@ -270,6 +308,34 @@ pub fn table(status: &Status, now: SystemTime) -> String {
             )
         ));
     }
+    if !status.bgp.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .bgp
+            .iter()
+            .map(|b| {
+                vec![
+                    b.name.clone(),
+                    b.state.clone(),
+                    handshake_ago(b.since, now),
+                    if b.info.is_empty() {
+                        "-".into()
+                    } else {
+                        b.info.clone()
+                    },
+                ]
+            })
+            .collect();
+        let up = status
+            .bgp
+            .iter()
+            .filter(|b| b.state == "established")
+            .count();
+        out.push_str(&format!(
+            "\nBGP sessions — {up} of {} established\n{}",
+            status.bgp.len(),
+            crate::text::table(&["SESSION", "STATE", "SINCE", "INFO"], &rows)
+        ));
+    }
     out
 }
 
@@ -328,10 +394,27 @@ pub fn dot(status: &Status) -> String {
             );
         }
     }
+    for b in &status.bgp {
+        let color = if b.state == "established" {
+            "darkgreen"
+        } else {
+            "red"
+        };
+        let _ = writeln!(
+            out,
+            "  \"bgp {}\" [shape=hexagon, label=\"BGP {}\"];\n  \"{}\" -> \"bgp {}\" [color={color}, style=dashed, label=\"{}\"];",
+            q(&b.name),
+            q(&b.name),
+            q(&status.node),
+            q(&b.name),
+            q(&b.state)
+        );
+    }
     out.push_str("}\n");
     out
 }
 
+/// "never", or how long ago a Unix time was.
 fn handshake_ago(last: Option<u64>, now: SystemTime) -> String {
     let Some(t) = last else {
         return "never".into();
@@ -523,5 +606,54 @@ mod tests {
         assert_eq!(s.unknown.len(), 1);
         assert_eq!(s.unknown[0].state, PeerState::Stale);
         assert!(table(&s, now).contains("6m 40s ago"));
+    }
+
+    /// BIRD's `show protocols` as the engine parses it: the BGP rows become
+    /// sessions (the kernel and static protocols do not), with BIRD's reason
+    /// for a session that is down.
+    #[test]
+    fn bgp_sessions_come_from_birds_protocols() {
+        use crate::routes::bgp::engine::{parse_protocols, parse_reply};
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_100);
+        let reply = parse_reply(
+            "0001 BIRD 2.0.12 ready.\n\
+             2002-Name       Proto      Table      State  Since         Info\n\
+             1002-kernel4    Kernel     master4    up     1800000000    \n\
+             \x20    fabric4    BGP        ---        up     1800000040    Established   \n\
+             \x20    fabric6    BGP        ---        start  1800000090    Active        Socket: Connection refused\n\
+             \x20    spine4     BGP        ---        down   1800000000    Automatic shutdown: Route limit exceeded\n\
+             0000 \n",
+        );
+        let mut s = build("a", "uapi x", &[], &[], &[], now);
+        s.add_sessions(&parse_protocols(&reply));
+        let states: Vec<(&str, &str)> = s
+            .bgp
+            .iter()
+            .map(|b| (b.name.as_str(), b.state.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("fabric4", "established"),
+                ("fabric6", "active"),
+                ("spine4", "down")
+            ]
+        );
+        let t = table(&s, now);
+        assert!(t.contains("BGP sessions — 1 of 3 established"), "{t}");
+        assert!(t.contains("1m 0s ago"), "{t}");
+        assert!(t.contains("Socket: Connection refused"), "{t}");
+        assert!(
+            t.contains("Automatic shutdown: Route limit exceeded"),
+            "{t}"
+        );
+        let g = dot(&s);
+        assert!(
+            g.contains("\"a\" -> \"bgp fabric4\" [color=darkgreen"),
+            "{g}"
+        );
+        assert!(g.contains("\"a\" -> \"bgp spine4\" [color=red"), "{g}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["bgp"][1]["info"], "Socket: Connection refused");
     }
 }

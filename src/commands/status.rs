@@ -1,5 +1,5 @@
 //! `wgmesh status` and `wgmesh graph`: what the device holds, next to what
-//! the API says (Nodes, MeshRoutes), as one [`Status`] for the table, the JSON
+//! the API says (Nodes, MeshRoutes) and BIRD's BGP sessions, as one [`Status`] for the table, the JSON
 //! and the graph.
 
 use std::io::Write;
@@ -22,6 +22,8 @@ pub struct Source {
     pub uapi_dir: PathBuf,
     pub backend: BackendKind,
     pub cluster_cidrs: Vec<IpNet>,
+    /// BIRD's control socket (`wgmesh agent --bgp-socket`).
+    pub bgp_socket: PathBuf,
 }
 
 /// How long each API list may take before status goes on without it.
@@ -77,6 +79,21 @@ pub fn gather(src: &Source, warn: &mut dyn Write) -> Result<Status> {
         SystemTime::now(),
     );
     status.add_routes(&cidrs, &nodes, &grants, &peers);
+    // BGP is optional: no socket means it is not in use here, which is not
+    // worth a warning; a socket that does not answer is.
+    if src.bgp_socket.exists() {
+        let bird = crate::routes::bgp::engine::Bird::new(PathBuf::new(), &src.bgp_socket);
+        match bird.protocols() {
+            Ok(protocols) => status.add_sessions(&protocols),
+            Err(e) => {
+                let _ = writeln!(
+                    warn,
+                    "warning: cannot read BGP sessions from {} ({e}); they are not shown",
+                    src.bgp_socket.display()
+                );
+            }
+        }
+    }
     Ok(status)
 }
 

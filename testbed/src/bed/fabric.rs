@@ -187,7 +187,7 @@ fn run(
         dir.join("n1-bird.log").display().to_string(),
     ]);
     let t0 = Instant::now();
-    tb.restart_with_argv(agent, argv)?;
+    tb.restart_with_argv(agent, argv.clone())?;
     println!(
         "  MeshRoute {GRANT}: {} may learn {SITE} (maxLength 24); {agent} restarted with --bgp --bgp-local-as {NODE_AS} --bgp-neighbor {FABRIC_ADDR}={FABRIC_AS}",
         gw.name
@@ -213,7 +213,6 @@ fn run(
     let birdc = |sock: &std::path::Path, cmd: &str| -> String {
         sys::run(&["birdc", "-s", &sock.display().to_string(), cmd]).unwrap_or_default()
     };
-    let n1_ctl = dir.join("n1.ctl");
     let established = step(
         "the fabric's session with n1 is Established",
         Duration::from_secs(40),
@@ -252,6 +251,48 @@ fn run(
     {
         ok = false;
         notes.push("the learned prefix did not reach the mesh".into());
+    }
+    // What an operator on n1 sees: `wgmesh status` with the agent's flags.
+    match status_json(&gw.ns, &argv) {
+        Ok(status) => {
+            let sessions: Vec<String> = status["bgp"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    format!(
+                        "{} {}",
+                        b["name"].as_str().unwrap_or("?"),
+                        b["state"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            let site_here = status["routes"].as_array().into_iter().flatten().any(|r| {
+                r["prefix"] == SITE && r["local_gateway"] == true && r["refused"].is_null()
+            });
+            println!(
+                "  wgmesh status on {}: BGP sessions: {}; {SITE} {}",
+                gw.name,
+                if sessions.is_empty() {
+                    "none".to_string()
+                } else {
+                    sessions.join(", ")
+                },
+                if site_here {
+                    "learned here (this node is a gateway)"
+                } else {
+                    "NOT shown as learned here"
+                }
+            );
+            if !sessions.iter().any(|s| s.ends_with(" established")) || !site_here {
+                ok = false;
+                notes.push("wgmesh status does not show the session and the learned prefix".into());
+            }
+        }
+        Err(e) => {
+            ok = false;
+            notes.push(format!("wgmesh status failed: {e}"));
+        }
     }
     let table = sys::ip(&gw.ns, &["route", "show", "table", "187"]).unwrap_or_default();
     println!(
@@ -320,7 +361,6 @@ fn run(
         ok = false;
         notes.push("the withdrawn prefix stayed".into());
     }
-    let sessions = birdc(&n1_ctl, "show protocols");
     let figure = format!(
         "session up {}, {gw_cidr} in the fabric's RIB {}, {SITE} on {}'s peer at {} {}, withdrawn from it {} after the fabric's withdraw; 4 hostile announcements refused{}",
         fmt_s(established),
@@ -331,16 +371,6 @@ fn run(
         withdraw_s.map_or("never".into(), |s| format!("{s:.2} s")),
         if notes.is_empty() { String::new() } else { format!("; {}", notes.join("; ")) }
     );
-    if !sessions.is_empty() {
-        println!(
-            "  n1's BIRD: {}",
-            sessions
-                .lines()
-                .filter(|l| l.contains("BGP") || l.contains("bgp_"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-    }
     Ok(Body {
         ok,
         figure,
@@ -350,6 +380,34 @@ fn run(
 
 fn fmt_s(t: Option<f64>) -> String {
     t.map_or("never".into(), |s| format!("after {s:.2} s"))
+}
+
+/// `wgmesh status --output json` as an operator runs it on a node: in its
+/// namespace, with the agent's own flags for the node, the API, the device,
+/// the cluster CIDRs and BIRD's socket.
+fn status_json(ns: &str, agent_argv: &[String]) -> Result<Value> {
+    const SHARED: [&str; 7] = [
+        "--node-name",
+        "--kubeconfig",
+        "--interface",
+        "--uapi-dir",
+        "--cluster-cidrs",
+        "--backend",
+        "--bgp-socket",
+    ];
+    let wgmesh = agent_argv
+        .first()
+        .ok_or_else(|| Error::Other("the agent's command line is empty".into()))?;
+    let mut args: Vec<&str> = vec![wgmesh, "status"];
+    for pair in agent_argv.windows(2) {
+        if SHARED.contains(&pair[0].as_str()) {
+            args.extend([pair[0].as_str(), pair[1].as_str()]);
+        }
+    }
+    args.extend(["--output", "json"]);
+    let out = sys::netns_exec(ns, &args)?;
+    serde_json::from_str(&out)
+        .map_err(|e| Error::Other(format!("wgmesh status --output json: {e}: {out}")))
 }
 
 /// The fabric namespace, on the underlay bridge.
