@@ -1692,22 +1692,13 @@ pub async fn run(cfg: AgentConfig, client: Client, once: bool) -> Result<()> {
     let changed = Arc::new(Notify::new());
     let notify = changed.clone();
     let watch_errors = telemetry.api_errors.clone();
-    let watch = tokio::spawn(async move {
-        let stream = reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects();
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(_) => notify.notify_one(),
-                // The backoff retries; the device keeps the last mesh meanwhile.
-                Err(e) => {
-                    watch_errors.inc();
-                    tracing::warn!(error = %e, "Node watch failed; retrying with backoff, the mesh stays as it is")
-                }
-            }
-        }
-    });
+    let watch = tokio::spawn(reflect(
+        api,
+        writer,
+        notify,
+        watch_errors,
+        "Node watch failed; retrying with backoff, the mesh stays as it is",
+    ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
     let routes = watch_routes(route_client, changed.clone(), telemetry.api_errors.clone());
@@ -1935,21 +1926,50 @@ fn watch_routes(
         source
             .not_served
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        let stream = reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects();
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(_) => changed.notify_one(),
-                Err(e) => {
-                    errors.inc();
-                    tracing::warn!(error = %e, "MeshRoute watch failed; retrying with backoff, extra prefixes stay as they are")
-                }
-            }
-        }
+        reflect(
+            api,
+            writer,
+            changed,
+            errors,
+            "MeshRoute watch failed; retrying with backoff, extra prefixes stay as they are",
+        )
+        .await;
     });
     out
+}
+
+/// Runs a reflector into `writer`: every change wakes a pass; a failure is
+/// counted and logged as `failed`, and the backoff retries while the cache
+/// (and so the device) keeps what it holds. Returns when the watch ends.
+async fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+    errors: prometheus_client::metrics::counter::Counter,
+    failed: &'static str,
+) where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => changed.notify_one(),
+            Err(e) => {
+                errors.inc();
+                tracing::warn!(error = %e, "{failed}")
+            }
+        }
+    }
 }
 
 /// The node-local things whose change calls for a pass at once: the
