@@ -1,8 +1,9 @@
 //! The testbed end to end through its binary: `up --nodes 3 --pods 1`, `check`,
 //! `drill --only bad-annotations`, `down`, then nothing of it is left; and the same
 //! without spec.podCIDRs (`up --no-spec-pod-cidrs`, `check`, `drill --only
-//! cidr-overlap`). The tests run one at a time (two testbeds at once on a small
-//! machine would make their timings each other's). Needs root,
+//! cidr-overlap`); and an `up` interrupted half-way cleans up after itself.
+//! The tests run one at a time (two testbeds at once on a small machine
+//! would make their timings each other's). Needs root,
 //! /dev/net/tun, iproute2, ping and tcpdump; without them it prints SKIP, except
 //! under CI=true where it fails.
 
@@ -162,4 +163,67 @@ fn without_spec_pod_cidrs_check_passes_and_the_older_node_wins_an_overlap() {
     assert!(drill.status.success(), "drill failed:\n{text}");
     assert!(text.contains("PASS drill cidr-overlap"), "{text}");
     assert!(guard.run(&["down"]).status.success(), "down failed");
+}
+
+/// Ctrl-C in the middle of `up` (after its second node started): `up` stops,
+/// says so, exits 130 and removes what it built, processes and namespaces.
+#[test]
+fn an_interrupted_up_cleans_up_after_itself() {
+    use std::io::{BufRead, BufReader};
+    if !may_run("testbed_cli interrupted up") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = Guard {
+        state_root: tempfile::tempdir().unwrap(),
+        wgmesh: wgmesh_bin(),
+    };
+    let mut child = Command::new(BIN)
+        .args(["up", "--nodes", "3", "--pods", "1"])
+        .env("WGMESH_TESTBED_STATE_DIR", guard.state_root.path())
+        .env("WGMESH_BIN", &guard.wgmesh)
+        .env_remove("WGMESH_TESTBED_ID")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wgmesh-testbed runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut id = None;
+    let mut seen = Vec::new();
+    let mut signalled = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        // "[  0.0s] testbed 3f2a (state /…/state.json)"
+        if let Some(rest) = line.split("] testbed ").nth(1) {
+            id = rest.split_whitespace().next().map(str::to_string);
+        }
+        // Reading on to the end: a closed pipe would fail up's own output.
+        if line.contains("] node n2:") && !signalled {
+            testkit::process::signal(child.id(), testkit::Signal::INT);
+            signalled = true;
+        }
+    }
+    assert!(signalled, "up never started n2");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{}\n{stderr}", seen.join("\n"));
+    let id = id.expect("up printed its testbed id");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "exit status of an interrupted up"
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cleaning up testbed {id}")),
+        "{stderr}"
+    );
+    let prefix = format!("wgtb-{id}-");
+    assert!(
+        namespaces_with(&prefix).is_empty(),
+        "namespaces left: {:?}",
+        namespaces_with(&prefix)
+    );
+    assert!(!guard.state_root.path().join(&id).exists());
 }

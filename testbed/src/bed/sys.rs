@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Error, Result};
@@ -245,20 +246,20 @@ fn b64_to_hex(b64: &str) -> Option<String> {
         .map(hex::encode)
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+/// Set by SIGINT, SIGTERM or SIGHUP once [`install_interrupt_handler`] ran.
+static INTERRUPTED: std::sync::LazyLock<Arc<AtomicBool>> =
+    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
 
 /// From now on SIGINT, SIGTERM and SIGHUP only set a flag ([`interrupted`]); long
-/// operations check it and clean up.
+/// operations check it and clean up. (signal-hook's flag handler: a store to
+/// an atomic, which is async-signal-safe.)
 pub fn install_interrupt_handler() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, handler as libc::sighandler_t);
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&INTERRUPTED)) {
+            eprintln!(
+                "warning: cannot catch signal {sig} ({e}); an interrupted run may leave its namespaces to `down`"
+            );
         }
     }
 }
