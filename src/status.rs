@@ -556,6 +556,9 @@ mod tests {
                 "gateways": [{"node": "b", "priority": 10}, {"node": "c", "priority": 20}]}}),
             serde_json::json!({"metadata": {"name": "bad"}, "spec": {"prefix": "10.244.0.0/20",
                 "gateways": [{"node": "b"}]}}),
+            // This node may learn it over BGP: it routes it out itself.
+            serde_json::json!({"metadata": {"name": "fabric"}, "spec": {"prefix": "203.0.113.0/24",
+                "learn": {"nodes": ["a"], "maxLength": 24}}}),
         ];
         let device = vec![mesh::PeerConfig {
             public_key: kb,
@@ -573,9 +576,12 @@ mod tests {
             &grants,
             &device,
         );
-        assert_eq!(s.routes.len(), 2);
+        assert_eq!(s.routes.len(), 3);
         let t = table(&s, now);
-        assert!(t.contains("extra prefixes — 2"), "{t}");
+        assert!(t.contains("extra prefixes — 3"), "{t}");
+        let fabric = t.lines().find(|l| l.contains("203.0.113.0/24")).unwrap();
+        assert!(fabric.contains("this node is a gateway"), "{t}");
+        assert!(fabric.contains("a (bgp, "), "{t}");
         assert!(t.contains("b (10), c (20)"), "{t}");
         assert!(t.contains("via b"), "{t}");
         assert!(t.contains("refused: it overlaps pod CIDR"), "{t}");
