@@ -39,6 +39,24 @@ fn wgmesh_bin() -> PathBuf {
     testkit::cmd::workspace_bin("wgmesh", "wgmesh", "WGMESH_BIN").unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The lock that runs testbeds one at a time and a fresh state root; `None`
+/// (after a SKIP line, or a failure under CI=true) when `test` cannot run.
+/// Bound as `(_serial, guard)`, the guard's `down --all` runs before the lock
+/// is released.
+fn begin(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Guard)> {
+    if !may_run(test) {
+        return None;
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    Some((
+        serial,
+        Guard {
+            state_root: tempfile::tempdir().unwrap(),
+            wgmesh: wgmesh_bin(),
+        },
+    ))
+}
+
 /// Runs `down --all` in the test's own state root whatever happens.
 struct Guard {
     state_root: tempfile::TempDir,
@@ -82,13 +100,8 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 
 #[test]
 fn up_check_down_leaves_nothing_behind() {
-    if !may_run("testbed_cli") {
+    let Some((_serial, guard)) = begin("testbed_cli") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let guard = Guard {
-        state_root: tempfile::tempdir().unwrap(),
-        wgmesh: wgmesh_bin(),
     };
     let up = guard.run(&["up", "--nodes", "3", "--pods", "1"]);
     assert!(up.status.success(), "up failed");
@@ -138,13 +151,8 @@ fn up_check_down_leaves_nothing_behind() {
 
 #[test]
 fn without_spec_pod_cidrs_check_passes_and_the_older_node_wins_an_overlap() {
-    if !may_run("testbed_cli no-spec-pod-cidrs") {
+    let Some((_serial, guard)) = begin("testbed_cli no-spec-pod-cidrs") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let guard = Guard {
-        state_root: tempfile::tempdir().unwrap(),
-        wgmesh: wgmesh_bin(),
     };
     let up = guard.run(&["up", "--nodes", "3", "--pods", "1", "--no-spec-pod-cidrs"]);
     assert!(up.status.success(), "up failed");
@@ -170,13 +178,8 @@ fn without_spec_pod_cidrs_check_passes_and_the_older_node_wins_an_overlap() {
 #[test]
 fn an_interrupted_up_cleans_up_after_itself() {
     use std::io::{BufRead, BufReader};
-    if !may_run("testbed_cli interrupted up") {
+    let Some((_serial, guard)) = begin("testbed_cli interrupted up") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let guard = Guard {
-        state_root: tempfile::tempdir().unwrap(),
-        wgmesh: wgmesh_bin(),
     };
     let mut child = Command::new(BIN)
         .args(["up", "--nodes", "3", "--pods", "1"])

@@ -588,6 +588,26 @@ mod tests {
         w.into_writer()
     }
 
+    /// An IPv4 echo request.
+    fn echo4(s: &str, d: &str) -> Vec<u8> {
+        build(|v| {
+            PacketBuilder::ipv4(v4(s), v4(d), 64)
+                .icmpv4_echo_request(1, 1)
+                .write(v, &[0; 56])
+                .unwrap()
+        })
+    }
+
+    /// An IPv4 UDP datagram of `len` payload bytes.
+    fn udp4(s: &str, sp: u16, d: &str, dp: u16, len: usize) -> Vec<u8> {
+        build(|v| {
+            PacketBuilder::ipv4(v4(s), v4(d), 64)
+                .udp(sp, dp)
+                .write(v, &vec![0; len])
+                .unwrap()
+        })
+    }
+
     const IPV4: u16 = 0x0800;
     const IPV6: u16 = 0x86dd;
     const ARP: u16 = 0x0806;
@@ -595,25 +615,9 @@ mod tests {
     /// The same traffic the text parser's test had, now as real packets.
     fn sample() -> Vec<u8> {
         let wg = vec![0u8; 128];
-        let udp4 = |s: &str, sp, d: &str, dp| {
-            build(|v| {
-                PacketBuilder::ipv4(v4(s), v4(d), 64)
-                    .udp(sp, dp)
-                    .write(v, &wg)
-                    .unwrap()
-            })
-        };
-        let echo4 = |s: &str, d: &str| {
-            build(|v| {
-                PacketBuilder::ipv4(v4(s), v4(d), 64)
-                    .icmpv4_echo_request(1, 1)
-                    .write(v, &[0; 56])
-                    .unwrap()
-            })
-        };
         // The ICMP error a dead device's host sends back about a WireGuard
         // datagram: it quotes the datagram's IP and UDP headers.
-        let quoted = udp4("192.0.2.1", WG_PORT, "192.0.2.2", WG_PORT);
+        let quoted = udp4("192.0.2.1", WG_PORT, "192.0.2.2", WG_PORT, 128);
         let unreachable = build(|v| {
             PacketBuilder::ipv4(v4("192.0.2.2"), v4("192.0.2.1"), 64)
                 .icmpv4(Icmpv4Type::DestinationUnreachable(
@@ -627,7 +631,7 @@ mod tests {
                 1000.000000,
                 V_N1,
                 IPV4,
-                udp4("192.0.2.1", WG_PORT, "192.0.2.2", WG_PORT),
+                udp4("192.0.2.1", WG_PORT, "192.0.2.2", WG_PORT, 128),
             ),
             (
                 1000.000001,
@@ -743,18 +747,10 @@ mod tests {
     /// the bgp-fabric site behind the fabric router on the underlay does.
     #[test]
     fn the_site_prefix_is_plaintext_and_the_fabric_site_is_not() {
-        let echo = |s: &str, d: &str| {
-            build(|v| {
-                PacketBuilder::ipv4(v4(s), v4(d), 64)
-                    .icmpv4_echo_request(1, 1)
-                    .write(v, &[0; 8])
-                    .unwrap()
-            })
-        };
         let file = pcap(&[
-            (1.0, V_N1, IPV4, echo("10.244.2.2", "198.18.0.10")),
-            (1.1, V_N1, IPV4, echo("192.0.2.1", "198.18.0.10")),
-            (1.2, V_N1, IPV4, echo("192.0.2.1", "203.0.113.1")),
+            (1.0, V_N1, IPV4, echo4("10.244.2.2", "198.18.0.10")),
+            (1.1, V_N1, IPV4, echo4("192.0.2.1", "198.18.0.10")),
+            (1.2, V_N1, IPV4, echo4("192.0.2.1", "203.0.113.1")),
         ]);
         let kinds: Vec<Kind> = classifier(false)
             .parse(&file, &names())
@@ -773,12 +769,7 @@ mod tests {
     /// error quoting a pod packet puts that packet's headers on the wire.
     #[test]
     fn wireguard_lookalikes_with_pod_addresses_are_plaintext() {
-        let pod_udp = build(|v| {
-            PacketBuilder::ipv4(v4("10.244.0.2"), v4("192.0.2.2"), 64)
-                .udp(WG_PORT, WG_PORT)
-                .write(v, &[0; 32])
-                .unwrap()
-        });
+        let pod_udp = udp4("10.244.0.2", WG_PORT, "192.0.2.2", WG_PORT, 32);
         let error = build(|v| {
             PacketBuilder::ipv6(v6("2001:db8:77::2"), v6("2001:db8:77::1"), 64)
                 .icmpv6(Icmpv6Type::DestinationUnreachable(
@@ -808,12 +799,7 @@ mod tests {
     /// A snapshot cuts big packets; their headers still classify.
     #[test]
     fn truncated_packets_still_classify() {
-        let big = build(|v| {
-            PacketBuilder::ipv4(v4("10.244.0.2"), v4("10.244.1.2"), 64)
-                .udp(5000, 5001)
-                .write(v, &[0; 1400])
-                .unwrap()
-        });
+        let big = udp4("10.244.0.2", 5000, "10.244.1.2", 5001, 1400);
         let file = pcap(&[(3.0, V_N1, IPV4, big)]);
         let p = classifier(false).parse(&file, &names()).unwrap();
         assert_eq!(p.len(), 1);
