@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::mesh::{self, MeshConfig};
 use crate::node::{self, ValidationConfig};
+use crate::routes::bgp::engine::SessionState;
 use crate::telemetry::{self, PassState, PeerState, PeerView, RejectedView};
 use crate::wg::PeerStats;
 
@@ -44,7 +45,7 @@ pub struct SessionView {
     pub name: String,
     /// RFC 4271 state (`established`, `active`, ...) or `down` when the
     /// protocol is (disabled, or shut by its prefix cap).
-    pub state: String,
+    pub state: SessionState,
     /// Unix seconds of the last state change.
     pub since: Option<u64>,
     /// BIRD's last error or why the session is down; empty when none.
@@ -76,7 +77,7 @@ impl Status {
             .filter_map(|p| {
                 Some(SessionView {
                     name: p.name.clone(),
-                    state: p.session?.as_str().to_string(),
+                    state: p.session?,
                     since: p.since,
                     info: p.info.clone(),
                 })
@@ -246,7 +247,7 @@ pub fn table(status: &Status, now: SystemTime) -> String {
                     .collect::<Vec<_>>()
                     .join(",")
             },
-            handshake_ago(p.last_handshake, now),
+            ago(p.last_handshake, now),
             format!("{} / {}", bytes(p.rx_bytes), bytes(p.tx_bytes)),
             p.fingerprint.to_string(),
             p.state.as_str().to_string(),
@@ -315,8 +316,8 @@ pub fn table(status: &Status, now: SystemTime) -> String {
             .map(|b| {
                 vec![
                     b.name.clone(),
-                    b.state.clone(),
-                    handshake_ago(b.since, now),
+                    b.state.as_str().to_string(),
+                    ago(b.since, now),
                     if b.info.is_empty() {
                         "-".into()
                     } else {
@@ -328,7 +329,7 @@ pub fn table(status: &Status, now: SystemTime) -> String {
         let up = status
             .bgp
             .iter()
-            .filter(|b| b.state == "established")
+            .filter(|b| b.state == SessionState::Established)
             .count();
         out.push_str(&format!(
             "\nBGP sessions — {up} of {} established\n{}",
@@ -395,7 +396,7 @@ pub fn dot(status: &Status) -> String {
         }
     }
     for b in &status.bgp {
-        let color = if b.state == "established" {
+        let color = if b.state == SessionState::Established {
             "darkgreen"
         } else {
             "red"
@@ -407,7 +408,7 @@ pub fn dot(status: &Status) -> String {
             q(&b.name),
             q(&status.node),
             q(&b.name),
-            q(&b.state)
+            b.state.as_str()
         );
     }
     out.push_str("}\n");
@@ -415,7 +416,7 @@ pub fn dot(status: &Status) -> String {
 }
 
 /// "never", or how long ago a Unix time was.
-fn handshake_ago(last: Option<u64>, now: SystemTime) -> String {
+fn ago(last: Option<u64>, now: SystemTime) -> String {
     let Some(t) = last else {
         return "never".into();
     };

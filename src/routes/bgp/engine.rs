@@ -581,7 +581,8 @@ pub enum ProtoState {
 /// A BGP session's FSM state (RFC 4271 names, as BIRD prints them), plus
 /// `Down` for a session whose protocol is down (disabled, or shut by its
 /// import limit): no FSM runs then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SessionState {
     Idle,
     Connect,

@@ -30,7 +30,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use etherparse::{EtherType, IpNumber, LaxNetSlice, LaxSlicedPacket, TransportSlice};
+use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use ipnet::IpNet;
 use pcap_file::pcap::PcapReader;
 use pcap_file::{DataLink, TsResolution};
@@ -386,14 +386,13 @@ fn headers(ether_type: EtherType, payload: &[u8]) -> Option<Headers> {
 }
 
 fn ip_headers(p: &LaxSlicedPacket<'_>) -> Option<Headers> {
-    let (src, dst, proto, v6) = match p.net.as_ref()? {
+    let (src, dst, proto) = match p.net.as_ref()? {
         LaxNetSlice::Ipv4(ip) => {
             let h = ip.header();
             (
                 IpAddr::V4(h.source_addr()),
                 IpAddr::V4(h.destination_addr()),
                 ip.payload_ip_number(),
-                false,
             )
         }
         LaxNetSlice::Ipv6(ip) => {
@@ -402,7 +401,6 @@ fn ip_headers(p: &LaxSlicedPacket<'_>) -> Option<Headers> {
                 IpAddr::V6(h.source_addr()),
                 IpAddr::V6(h.destination_addr()),
                 ip.payload().ip_number,
-                true,
             )
         }
         LaxNetSlice::Arp(_) => return None,
@@ -428,11 +426,6 @@ fn ip_headers(p: &LaxSlicedPacket<'_>) -> Option<Headers> {
                 quoted: error.then(|| quoted(i.payload())).flatten(),
             }
         }
-        _ if v6 && proto == IpNumber::IPV6_ICMP => L4::Icmp {
-            v6: true,
-            kind: 0,
-            quoted: None,
-        },
         _ => L4::Other(proto.0),
     };
     Some(Headers { src, dst, l4 })
@@ -608,6 +601,26 @@ mod tests {
         })
     }
 
+    /// An IPv4 TCP segment without payload.
+    fn tcp4(s: &str, sp: u16, d: &str, dp: u16) -> Vec<u8> {
+        build(|v| {
+            PacketBuilder::ipv4(v4(s), v4(d), 64)
+                .tcp(sp, dp, 1, 64240)
+                .write(v, &[])
+                .unwrap()
+        })
+    }
+
+    /// What each packet of a capture was, host encryption off.
+    fn kinds(file: &[u8]) -> Vec<Kind> {
+        classifier(false)
+            .parse(file, &names())
+            .unwrap()
+            .iter()
+            .map(|p| p.kind)
+            .collect()
+    }
+
     const IPV4: u16 = 0x0800;
     const IPV6: u16 = 0x86dd;
     const ARP: u16 = 0x0806;
@@ -661,12 +674,7 @@ mod tests {
                 1000.000005,
                 V_N1,
                 IPV4,
-                build(|v| {
-                    PacketBuilder::ipv4(v4("192.0.2.1"), v4("192.0.2.254"), 64)
-                        .tcp(40000, 6443, 1, 64240)
-                        .write(v, &[])
-                        .unwrap()
-                }),
+                tcp4("192.0.2.1", 40000, "192.0.2.254", 6443),
             ),
             (1000.000006, V_N1, IPV4, echo4("192.0.2.1", "192.0.2.2")),
             (1000.000007, V_N2, IPV4, unreachable),
@@ -685,14 +693,7 @@ mod tests {
                 1000.000009,
                 V_N1,
                 IPV4,
-                build(|v| {
-                    PacketBuilder::ipv4(v4("192.0.2.1"), v4("192.0.2.2"), 64)
-                        .tcp(5001, 44000, 1, 64240)
-                        .syn()
-                        .ack(1)
-                        .write(v, &[])
-                        .unwrap()
-                }),
+                tcp4("192.0.2.1", 5001, "192.0.2.2", 44000),
             ),
             (1000.000010, V_N1, IPV4, echo4("10.244.0.1", "10.244.1.2")),
             // Seen again on the bridge: not counted twice.
@@ -752,12 +753,7 @@ mod tests {
             (1.1, V_N1, IPV4, echo4("192.0.2.1", "198.18.0.10")),
             (1.2, V_N1, IPV4, echo4("192.0.2.1", "203.0.113.1")),
         ]);
-        let kinds: Vec<Kind> = classifier(false)
-            .parse(&file, &names())
-            .unwrap()
-            .iter()
-            .map(|p| p.kind)
-            .collect();
+        let kinds = kinds(&file);
         assert_eq!(
             kinds,
             [Kind::PodPlaintext, Kind::PodPlaintext, Kind::Other],
@@ -787,12 +783,7 @@ mod tests {
                 .unwrap()
         });
         let file = pcap(&[(2.0, V_N1, IPV4, pod_udp), (2.1, V_N2, IPV6, error)]);
-        let kinds: Vec<Kind> = classifier(false)
-            .parse(&file, &names())
-            .unwrap()
-            .iter()
-            .map(|p| p.kind)
-            .collect();
+        let kinds = kinds(&file);
         assert_eq!(kinds, [Kind::PodPlaintext, Kind::PodPlaintext]);
     }
 
