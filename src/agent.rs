@@ -272,6 +272,9 @@ pub struct Agent {
     /// This node's own learned routes at the last successful table read,
     /// used while the table cannot be read (rather than withdrawing them).
     last_learned: Vec<routes::Advertised>,
+    /// `--bgp-mesh`: every other admitted node's tunnel addresses, from
+    /// this pass's route step (the mesh sessions' far ends).
+    mesh_nodes: Vec<crate::routes::bgp::speaker::MeshNode>,
     /// Every prefix a MeshRoute object names, valid or not.
     grant_prefixes: std::collections::BTreeSet<IpNet>,
     /// Whether the grants are known (the MeshRoute cache synced, or the
@@ -374,6 +377,7 @@ impl Agent {
             learned_table_has_routes: false,
             kept_grants: Vec::new(),
             last_learned: Vec::new(),
+            mesh_nodes: Vec::new(),
             grant_prefixes: Default::default(),
             routes_known: false,
             carried,
@@ -810,7 +814,6 @@ impl Agent {
                 .copied()
                 .chain(plan.node_routes.iter().map(IpNet::addr))
                 .collect(),
-            gateway_prefixes: self.route_outcome.local_prefixes(),
         };
         let masq = tokio::task::spawn_blocking(move || ensure_masquerade(&masq)).await?;
         if let Ok(change) = &masq {
@@ -1188,6 +1191,22 @@ impl Agent {
             node_ips.extend(record.node_ips.iter().map(|ip| ip.to_canonical()));
             node_ips.push(record.endpoint.ip().to_canonical());
         }
+        // The mesh's far ends and who owns a next hop: admitted nodes only.
+        let admitted: Vec<(&String, &Vec<IpNet>)> = pod_cidrs
+            .iter()
+            .filter(|(n, _)| plan.peers.iter().any(|p| &p.node == *n))
+            .collect();
+        self.mesh_nodes = admitted
+            .iter()
+            .map(|(n, cidrs)| crate::routes::bgp::speaker::MeshNode {
+                name: (*n).clone(),
+                tunnel: tunnel_addresses(cidrs),
+            })
+            .collect();
+        let hop_owners: Vec<(IpNet, String)> = admitted
+            .iter()
+            .flat_map(|(n, cidrs)| cidrs.iter().map(|c| (*c, (*n).clone())))
+            .collect();
         for rejected in decoded.iter().filter_map(|r| r.as_ref().err()) {
             node_ips.extend(rejected.node_ips.iter().map(|ip| ip.to_canonical()));
         }
@@ -1252,6 +1271,43 @@ impl Agent {
                 }
             }
             learned.insert(self.cfg.node_name.clone(), self.last_learned.clone());
+        }
+        // The iBGP mesh: what a node's established session says it learned
+        // replaces what its Node says (which an API outage freezes).
+        if let Some(reader) = self.speaker.as_ref().and_then(Speaker::mesh_reader) {
+            let own = self.cfg.node_name.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                reader.read(&own, |a| {
+                    hop_owners
+                        .iter()
+                        .find(|(c, _)| c.contains(&a))
+                        .map(|(_, n)| n.clone())
+                })
+            })
+            .await;
+            match read {
+                Ok(Ok(view)) => {
+                    let nodes: std::collections::BTreeSet<String> = learned
+                        .keys()
+                        .chain(view.by_node.keys())
+                        .chain(view.covers.iter())
+                        .filter(|n| **n != self.cfg.node_name)
+                        .cloned()
+                        .collect();
+                    for n in nodes {
+                        if view.covers(&n) {
+                            let adverts = view.by_node.get(&n).cloned().unwrap_or_default();
+                            learned.insert(n, adverts);
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the BGP mesh's routes; the Nodes' learned-prefixes stand")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the BGP mesh's routes failed; the Nodes' learned-prefixes stand")
+                }
+            }
         }
         self.kept_grants = validator
             .grants(&self.grants)
@@ -1338,7 +1394,15 @@ impl Agent {
                 .map(|p| p.prefix),
         );
         let grants: Vec<&Grant> = self.kept_grants.iter().collect();
-        let config = speaker.config(&self.cfg.node_name, &plan.local_node_ips, &export, &grants);
+        let tunnel: Vec<IpAddr> = tunnel_addresses(own_cidrs);
+        let config = speaker.config(
+            &self.cfg.node_name,
+            &plan.local_node_ips,
+            &export,
+            &grants,
+            &tunnel,
+            &self.mesh_nodes,
+        );
         let recovery = self.learned_table_has_routes;
         let result = match config {
             Err(e) => {
@@ -2064,6 +2128,18 @@ fn change_delay(since: Duration, debounce: Duration) -> Duration {
 
 fn state_file(store: &Path) -> PathBuf {
     store.join(crate::keys::store::STATE_FILE)
+}
+
+/// A node's tunnel addresses: the pod gateway address of its first pod
+/// CIDR of each family (the address on its WireGuard interface).
+fn tunnel_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for gw in cidrs.iter().filter_map(gateway_host) {
+        if !out.iter().any(|a| a.is_ipv4() == gw.addr().is_ipv4()) {
+            out.push(gw.addr());
+        }
+    }
+    out
 }
 
 /// The pod gateway of `cidr` (its first host address, as the bridge CNI

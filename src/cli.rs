@@ -396,6 +396,20 @@ pub struct AgentArgs {
     /// Where a BIRD the agent starts writes its stderr.
     #[arg(long, env = "WGMESH_BGP_LOG", default_value = "/run/wgmesh/bird.log")]
     pub bgp_log: PathBuf,
+    /// With --bgp: iBGP between the nodes, inside the tunnel (between their
+    /// pod gateway addresses), so what a node learns from the fabric
+    /// reaches the others while the API server is away. Every node of the
+    /// mesh needs it, with the same --bgp-local-as; --bgp-neighbor is then
+    /// optional. A full mesh unless --bgp-route-reflectors names nodes.
+    #[arg(long, env = "WGMESH_BGP_MESH")]
+    pub bgp_mesh: bool,
+    /// With --bgp-mesh: nodes that reflect routes (comma-separated Node
+    /// names, the same list on every node). Each has a session with every
+    /// node; every other node has sessions with them only. Name two, for
+    /// when one is down. A full mesh (no reflectors) suits up to about 50
+    /// nodes (docs/routing.md).
+    #[arg(long, env = "WGMESH_BGP_ROUTE_REFLECTORS", value_delimiter = ',')]
+    pub bgp_route_reflectors: Vec<String>,
 }
 
 /// `wgmesh status` and `wgmesh graph`.

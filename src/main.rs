@@ -60,6 +60,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Keys(args) => keys(args),
         Command::Agent(args) => {
+            if args.bgp_mesh && !args.bgp {
+                anyhow::bail!(
+                    "--bgp-mesh needs --bgp (and --bgp-local-as, the same on every node)"
+                );
+            }
+            if !args.bgp_route_reflectors.is_empty() && !args.bgp_mesh {
+                anyhow::bail!("--bgp-route-reflectors needs --bgp-mesh: reflectors are part of the iBGP mesh between the nodes");
+            }
+            let wg_interface = args.interface.clone();
             let cfg = wgmesh::agent::AgentConfig {
                 node_name: args.node_name,
                 store: args.store,
@@ -101,6 +110,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     max_prefixes: args.bgp_max_prefixes,
                     spawn: !args.bgp_no_spawn,
                     log_file: Some(args.bgp_log.clone()),
+                    mesh: args
+                        .bgp_mesh
+                        .then(|| wgmesh::routes::bgp::speaker::MeshSettings {
+                            reflectors: args
+                                .bgp_route_reflectors
+                                .iter()
+                                .map(|n| n.trim().to_owned())
+                                .filter(|n| !n.is_empty())
+                                .collect(),
+                            interface: wg_interface.clone(),
+                        }),
                 }),
                 metrics_listen: match args.metrics_listen.as_str() {
                     "off" | "" => None,

@@ -122,6 +122,37 @@ fn rendered_configs_parse() {
     let mut c = BgpConfig::new(OUR4.parse().unwrap(), OUR_AS, 1000);
     c.neighbors = our_config().neighbors;
     variants.push(c);
+    // The iBGP mesh: a reflector's sessions (clients and another
+    // reflector, both families), then a mesh-only node with no fabric.
+    let session =
+        |node: &str, address: &str, local: &str, client: bool, import: Vec<ImportRule>| {
+            wgmesh::routes::bgp::MeshSession {
+                node: node.into(),
+                address: address.parse().unwrap(),
+                local_address: local.parse().unwrap(),
+                client,
+                import,
+            }
+        };
+    let mut c = our_config();
+    c.mesh = Some(wgmesh::routes::bgp::Mesh {
+        interface: "wgmesh0".into(),
+        sessions: vec![
+            session(
+                "n1",
+                "10.244.1.1",
+                "10.244.2.1",
+                true,
+                vec![ImportRule::exact("203.0.113.0/24".parse().unwrap())],
+            ),
+            session("n1", "fd00:244:1::1", "fd00:244:2::1", true, Vec::new()),
+            session("rr-2.rack-b", "10.244.3.1", "10.244.2.1", false, Vec::new()),
+        ],
+        next_hops: vec!["10.244.4.1".parse().unwrap()],
+    });
+    variants.push(c.clone());
+    c.neighbors.clear();
+    variants.push(c);
     for (i, config) in variants.iter().enumerate() {
         let text = render(config).expect("render");
         assert!(bird

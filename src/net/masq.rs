@@ -16,9 +16,9 @@
 //!         type nat hook postrouting priority srcnat; policy accept;
 //!         ip saddr @pods4 ip daddr != @keep4 oifname != "<wg>" masquerade
 //!         ip6 saddr @pods6 ip6 daddr != @keep6 oifname != "<wg>" masquerade
-//!         # only on a route-sync gateway (sets gw4/gw6 of its extra prefixes):
-//!         iifname "<wg>" ip daddr @gw4 oifname != "<wg>" masquerade
-//!         iifname "<wg>" ip6 daddr @gw6 oifname != "<wg>" masquerade
+//!         # what this node forwards out of the mesh (a route-sync gateway):
+//!         iifname "<wg>" ip daddr != @keep4 oifname != "<wg>" masquerade
+//!         iifname "<wg>" ip6 daddr != @keep6 oifname != "<wg>" masquerade
 //!     }
 //! }
 //! ```
@@ -74,12 +74,6 @@ pub struct MasqSpec {
     pub cluster_cidrs: Vec<IpNet>,
     /// …and every node's addresses, this one's included.
     pub node_ips: Vec<IpAddr>,
-    /// Extra prefixes this node is a gateway for (route sync): mesh traffic
-    /// arriving through the WireGuard interface for them is masqueraded to
-    /// this node's address on the way out, so the hosts behind the gateway
-    /// answer the gateway, whichever gateway is active, without routes to
-    /// the cluster CIDRs. Empty: no such sets or rules.
-    pub gateway_prefixes: Vec<IpNet>,
 }
 
 /// What [`ensure_masquerade`] did.
@@ -173,7 +167,6 @@ struct Family {
     v6: bool,
     pods: &'static str,
     keep: &'static str,
-    gateway: &'static str,
     set_type: &'static str,
     protocol: &'static str,
 }
@@ -183,7 +176,6 @@ const FAMILIES: [Family; 2] = [
         v6: false,
         pods: "pods4",
         keep: "keep4",
-        gateway: "gw4",
         set_type: "ipv4_addr",
         protocol: "ip",
     },
@@ -191,7 +183,6 @@ const FAMILIES: [Family; 2] = [
         v6: true,
         pods: "pods6",
         keep: "keep6",
-        gateway: "gw6",
         set_type: "ipv6_addr",
         protocol: "ip6",
     },
@@ -230,16 +221,7 @@ fn desired(spec: &MasqSpec) -> Desired {
                 .filter(|n| n.addr().is_ipv6() == f.v6),
         );
         keep.extend(&pods);
-        let mut sets = vec![(f.pods, pods), (f.keep, keep)];
-        if !spec.gateway_prefixes.is_empty() {
-            let gw = spec
-                .gateway_prefixes
-                .iter()
-                .filter(of_family)
-                .copied()
-                .collect();
-            sets.push((f.gateway, gw));
-        }
+        let sets = vec![(f.pods, pods), (f.keep, keep)];
         for (name, members) in sets {
             // nft refuses overlapping elements in an interval set (a node
             // address inside a cluster CIDR, a pod CIDR inside it): send the
@@ -270,24 +252,26 @@ fn desired(spec: &MasqSpec) -> Desired {
     commands.push(json!({"add": {"chain": chain_obj}}));
     shape.chains.insert(CHAIN.to_owned(), chain);
     for f in &FAMILIES {
-        // Exactly as `nft -j list` prints it back, so the read-back compares
-        // equal (checked by the netns test's steady state).
-        let expr = json!([
-            {"match": {"op": "==", "left": {"payload": {"protocol": f.protocol, "field": "saddr"}}, "right": format!("@{}", f.pods)}},
-            {"match": {"op": "!=", "left": {"payload": {"protocol": f.protocol, "field": "daddr"}}, "right": format!("@{}", f.keep)}},
-            {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": spec.interface}},
-            {"masquerade": null}
-        ]);
-        commands.push(json!({"add": {"rule": {
-            "family": FAMILY, "table": MASQ_TABLE, "chain": CHAIN, "expr": expr
-        }}}));
-        shape.rules.push((CHAIN.to_owned(), expr));
-    }
-    if !spec.gateway_prefixes.is_empty() {
-        for f in &FAMILIES {
+        let saddr = json!({"payload": {"protocol": f.protocol, "field": "saddr"}});
+        let iifname = json!({"meta": {"key": "iifname"}});
+        // This node's pods' egress; then traffic from the mesh that leaves
+        // through another interface: what a route-sync gateway forwards to
+        // the prefixes behind it. The latter is masqueraded by direction,
+        // not by a list of this node's gateway prefixes: that list follows
+        // the pass, and a pass can lag (held up by an API write while the
+        // API server is away) behind a peer that already routes a prefix
+        // here, over the BGP mesh. The pod address then must not leave
+        // either. Mesh traffic for this node's pods, the cluster and the
+        // nodes keeps its source (the keep sets).
+        for (left, right) in [
+            (saddr, Value::from(format!("@{}", f.pods))),
+            (iifname, Value::from(spec.interface.clone())),
+        ] {
+            // Exactly as `nft -j list` prints it back, so the read-back
+            // compares equal (checked by the netns test's steady state).
             let expr = json!([
-                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": spec.interface}},
-                {"match": {"op": "==", "left": {"payload": {"protocol": f.protocol, "field": "daddr"}}, "right": format!("@{}", f.gateway)}},
+                {"match": {"op": "==", "left": left, "right": right}},
+                {"match": {"op": "!=", "left": {"payload": {"protocol": f.protocol, "field": "daddr"}}, "right": format!("@{}", f.keep)}},
                 {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": spec.interface}},
                 {"masquerade": null}
             ]);
@@ -492,24 +476,15 @@ mod tests {
                 "10.244.9.9".parse().unwrap(),
                 "2001:db8::2".parse().unwrap(),
             ],
-            gateway_prefixes: vec![],
         }
     }
 
     #[test]
-    fn gateway_rules_only_on_a_gateway() {
-        let rules = |d: &Desired| d.shape.rules.len();
-        assert_eq!(rules(&desired(&spec())), 2);
-        let d = desired(&MasqSpec {
-            gateway_prefixes: vec!["192.0.2.0/24".parse().unwrap()],
-            ..spec()
-        });
-        assert_eq!(rules(&d), 4);
+    fn what_leaves_the_mesh_is_masqueraded_on_every_node() {
+        let d = desired(&spec());
+        assert_eq!(d.shape.rules.len(), 4);
         let text = d.document.to_string();
-        assert!(
-            text.contains("\"gw4\"") && text.contains("\"gw6\""),
-            "{text}"
-        );
+        assert!(!text.contains("gw4"), "{text}");
         assert!(text.contains("iifname"), "{text}");
     }
 
@@ -586,10 +561,16 @@ mod tests {
             json!({"delete": {"table": {"family": "inet", "name": "wgmesh"}}})
         );
         let rules: Vec<&Value> = cmds.iter().filter_map(|c| c["add"].get("rule")).collect();
-        assert_eq!(rules.len(), 2);
+        // Per family: pod egress, then what leaves the mesh.
+        assert_eq!(rules.len(), 4);
         assert_eq!(rules[0]["expr"][2]["match"]["right"], "wgmesh0");
         assert_eq!(
-            rules[1]["expr"][0]["match"]["left"]["payload"]["protocol"],
+            rules[1]["expr"][0]["match"]["left"]["meta"]["key"],
+            "iifname"
+        );
+        assert_eq!(rules[1]["expr"][1]["match"]["right"], "@keep4");
+        assert_eq!(
+            rules[2]["expr"][0]["match"]["left"]["payload"]["protocol"],
             "ip6"
         );
         assert_eq!(rules[1]["expr"][3], json!({"masquerade": null}));

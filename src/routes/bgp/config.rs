@@ -29,6 +29,20 @@
 //!   the master table would beat the static export route (200) for the same
 //!   pod CIDR, and only best routes are exported, so the pod CIDR would
 //!   silently stop being announced.
+//! - with a [`Mesh`] (`--bgp-mesh`): one iBGP `protocol bgp mesh_<node>`
+//!   per other node, between the nodes' tunnel addresses (their pod gateway
+//!   addresses on the WireGuard interface), so the sessions run inside the
+//!   encrypted mesh. Each exports the BGP routes this node holds, with
+//!   `next hop self ebgp` (what it learned from the fabric goes out with
+//!   this node's tunnel address as next hop; what a route reflector
+//!   reflects keeps the learner's), and imports only the `learn` grants of
+//!   the node it may hear from, at preference 90 so a route a node learned
+//!   from the fabric itself always beats the same prefix heard over the
+//!   mesh. Next hops resolve through `wgm_mesh4` / `wgm_mesh6`, a static
+//!   device route into the WireGuard interface per node. Mesh routes never
+//!   reach the kernel: the kernel protocols export `proto ~ "bgp_*"` only,
+//!   so table N keeps holding exactly this node's own fabric routes, and
+//!   the agent reads the mesh's from BIRD ([`super::Bird::mesh_routes`]).
 
 use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
@@ -80,6 +94,20 @@ const IMPORT4: &str = "wgm_import4";
 const IMPORT6: &str = "wgm_import6";
 const IGP4: &str = "wgm_igp4";
 const IGP6: &str = "wgm_igp6";
+const MESH4: &str = "wgm_mesh4";
+const MESH6: &str = "wgm_mesh6";
+const MESH_NH4: &str = "wgm_meshnh4";
+const MESH_NH6: &str = "wgm_meshnh6";
+
+/// What every IPv4 iBGP mesh protocol's name starts with
+/// ([`mesh_protocol_names`]); IPv6 ones start with [`MESH6_PREFIX`]. Never
+/// the start of a fabric session's name ([`PROTOCOL_PREFIX`]), so
+/// `proto ~ "mesh*"` and `proto ~ "bgp_*"` tell the two kinds apart.
+pub const MESH_PREFIX: &str = "mesh_";
+pub const MESH6_PREFIX: &str = "mesh6_";
+
+/// The longest part of a node name kept in its mesh protocol's name.
+const MESH_NAME_KEEP: usize = 40;
 
 /// Everything BIRD is configured with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +156,84 @@ pub struct BgpConfig {
     /// or a config change to that protocol. Filtered routes do not count.
     /// `None`: no limit.
     pub max_prefixes: Option<u32>,
+    /// The iBGP mesh between the nodes (`--bgp-mesh`); `None`: none.
+    pub mesh: Option<Mesh>,
+}
+
+/// The iBGP sessions between this node and the others, inside the tunnel.
+///
+/// Full mesh: every node has a session with every other, none a client.
+/// With route reflectors: a reflector has a session with every node, the
+/// non-reflectors among them its clients; a non-reflector has sessions
+/// with the reflectors only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    /// The WireGuard interface (`wgmesh0`): every mesh next hop resolves
+    /// into it.
+    pub interface: String,
+    pub sessions: Vec<MeshSession>,
+    /// The tunnel addresses of every other node: the next hops mesh routes
+    /// may carry (a reflected route's is its learner's, which need not be
+    /// a session of ours).
+    pub next_hops: Vec<IpAddr>,
+}
+
+/// One iBGP session with another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSession {
+    /// The other node's name (a Kubernetes Node name).
+    pub node: String,
+    /// Its tunnel address (the pod gateway address on its WireGuard
+    /// interface); the session's family.
+    pub address: IpAddr,
+    /// This node's tunnel address of that family: the session's source,
+    /// which the other node's WireGuard accepts only from this node's peer.
+    pub local_address: IpAddr,
+    /// This node reflects routes to it (`rr client`).
+    pub client: bool,
+    /// What may be imported from it: the `learn` grants of the node (or,
+    /// from a route reflector, of every node) it may carry routes of.
+    pub import: Vec<ImportRule>,
+}
+
+/// The BIRD protocol name of each of `sessions`, in order: `mesh_` (IPv4)
+/// or `mesh6_` (IPv6) and the node's name with every character other than
+/// an ASCII letter or digit turned into `_`. A name longer than 40
+/// characters is cut there, and one that would be another node's (`a.b`,
+/// `a-b`) gets `_` and 8 hex digits of a hash of the whole name (FNV-1a),
+/// so each node keeps the same name whoever else is in the mesh.
+pub fn mesh_protocol_names(sessions: &[MeshSession]) -> Vec<String> {
+    let plain = |n: &str| -> String {
+        n.chars()
+            .take(MESH_NAME_KEEP)
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect()
+    };
+    let mut nodes: BTreeSet<&str> = sessions.iter().map(|s| s.node.as_str()).collect();
+    let mut count: std::collections::BTreeMap<String, usize> = Default::default();
+    for n in &nodes {
+        *count.entry(plain(n)).or_default() += 1;
+    }
+    nodes.clear();
+    sessions
+        .iter()
+        .map(|s| {
+            let n = s.node.as_str();
+            let mut base = plain(n);
+            if n.chars().count() > MESH_NAME_KEEP || count.get(&base).copied().unwrap_or(0) > 1 {
+                let hash = n.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                base = format!("{base}_{hash:08x}");
+            }
+            let prefix = if s.address.is_ipv4() {
+                MESH_PREFIX
+            } else {
+                MESH6_PREFIX
+            };
+            format!("{prefix}{base}")
+        })
+        .collect()
 }
 
 /// The kernel table the agent reads by default (no meaning beyond being
@@ -152,6 +258,7 @@ impl BgpConfig {
             timers: Timers::default(),
             graceful_restart: true,
             max_prefixes: Some(DEFAULT_MAX_PREFIXES),
+            mesh: None,
         }
     }
 }
@@ -327,20 +434,7 @@ pub fn validate(config: &BgpConfig) -> Result<()> {
         canonical(&format!("export[{i}]"), net)?;
     }
     for (i, rule) in config.import.iter().enumerate() {
-        let field = format!("import[{i}]");
-        canonical(&field, &rule.prefix)?;
-        let max = rule.prefix.max_prefix_len();
-        if rule.max_len < rule.prefix.prefix_len() || rule.max_len > max {
-            return Err(invalid(
-                format!("{field}.max_len"),
-                format!(
-                    "{} is outside {}..={max} for {}",
-                    rule.max_len,
-                    rule.prefix.prefix_len(),
-                    rule.prefix
-                ),
-            ));
-        }
+        validate_rule(&format!("import[{i}]"), rule)?;
     }
     let mut names = BTreeSet::new();
     let mut addresses = BTreeSet::new();
@@ -362,6 +456,89 @@ pub fn validate(config: &BgpConfig) -> Result<()> {
                 format!("{} is an earlier neighbor's address too", n.address),
             ));
         }
+    }
+    if let Some(mesh) = &config.mesh {
+        validate_mesh(mesh, &mut addresses)?;
+    }
+    Ok(())
+}
+
+fn validate_mesh(mesh: &Mesh, addresses: &mut BTreeSet<IpAddr>) -> Result<()> {
+    let mut families = BTreeSet::new();
+    let iface = &mesh.interface;
+    if iface.is_empty()
+        || iface.len() > 15
+        || !iface
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid(
+            "mesh.interface",
+            format!("{iface:?} is not an interface name (1 to 15 of ASCII letters, digits, '-', '_', '.')"),
+        ));
+    }
+    for (i, s) in mesh.sessions.iter().enumerate() {
+        let field = |f: &str| format!("mesh.sessions[{i}].{f}");
+        if s.node.is_empty()
+            || s.node.len() > 253
+            || !s
+                .node
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+        {
+            return Err(invalid(
+                field("node"),
+                format!(
+                    "{:?} is not a Node name (RFC 1123: lowercase letters, digits, '-', '.')",
+                    s.node.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        usable_address(&field("address"), s.address)?;
+        usable_address(&field("local_address"), s.local_address)?;
+        if s.local_address.is_ipv4() != s.address.is_ipv4() {
+            return Err(invalid(
+                field("local_address"),
+                format!(
+                    "{} is not of the family of {}: one session per family",
+                    s.local_address, s.address
+                ),
+            ));
+        }
+        if !addresses.insert(s.address) {
+            return Err(invalid(
+                field("address"),
+                format!("{} is another session's address too", s.address),
+            ));
+        }
+        if !families.insert((s.node.as_str(), s.address.is_ipv4())) {
+            return Err(invalid(
+                field("node"),
+                format!(
+                    "{} has an earlier session of this family: one per node and family",
+                    s.node
+                ),
+            ));
+        }
+        for (j, rule) in s.import.iter().enumerate() {
+            validate_rule(&format!("mesh.sessions[{i}].import[{j}]"), rule)?;
+        }
+    }
+    for (i, a) in mesh.next_hops.iter().enumerate() {
+        usable_address(&format!("mesh.next_hops[{i}]"), *a)?;
+    }
+    Ok(())
+}
+
+/// Not unspecified, multicast, loopback, link-local or broadcast.
+fn usable_address(field: &str, a: IpAddr) -> Result<()> {
+    let link_local = matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+    let broadcast = matches!(a, IpAddr::V4(v4) if v4.is_broadcast());
+    if a.is_unspecified() || a.is_multicast() || a.is_loopback() || link_local || broadcast {
+        return Err(invalid(
+            field,
+            format!("{a} is not a usable address (unspecified, multicast, loopback, link-local or broadcast)"),
+        ));
     }
     Ok(())
 }
@@ -401,6 +578,23 @@ fn validate_timers(t: &Timers) -> Result<()> {
     Ok(())
 }
 
+fn validate_rule(field: &str, rule: &ImportRule) -> Result<()> {
+    canonical(field, &rule.prefix)?;
+    let max = rule.prefix.max_prefix_len();
+    if rule.max_len < rule.prefix.prefix_len() || rule.max_len > max {
+        return Err(invalid(
+            format!("{field}.max_len"),
+            format!(
+                "{} is outside {}..={max} for {}",
+                rule.max_len,
+                rule.prefix.prefix_len(),
+                rule.prefix
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn canonical(field: &str, net: &IpNet) -> Result<()> {
     if net.trunc() != *net {
         return Err(invalid(
@@ -430,19 +624,7 @@ fn validate_neighbor(i: usize, n: &Neighbor) -> Result<()> {
         ));
     }
     let a = n.address;
-    let link_local = matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-    if a.is_unspecified() || a.is_multicast() || a.is_loopback() || link_local {
-        return Err(invalid(
-            field("address"),
-            format!("{a} is not a usable neighbor address (unspecified, multicast, loopback or link-local)"),
-        ));
-    }
-    if matches!(a, IpAddr::V4(v4) if v4.is_broadcast()) {
-        return Err(invalid(
-            field("address"),
-            format!("{a} is the broadcast address"),
-        ));
-    }
+    usable_address(&field("address"), a)?;
     if n.remote_as == 0 {
         return Err(invalid(field("remote_as"), "AS 0 is reserved (RFC 7607)"));
     }
@@ -530,7 +712,7 @@ fn render_into(out: &mut String, c: &BgpConfig) -> fmt::Result {
         }
         writeln!(
             out,
-            "  {} {{ import none; export where source = RTS_BGP; }};",
+            "  {} {{ import none; export where source = RTS_BGP && proto ~ \"{PROTOCOL_PREFIX}*\"; }};",
             if v4 { "ipv4" } else { "ipv6" }
         )?;
         writeln!(out, "}}")?;
@@ -549,20 +731,7 @@ fn render_into(out: &mut String, c: &BgpConfig) -> fmt::Result {
             continue;
         }
         writeln!(out, "filter {name} {{")?;
-        write!(out, "  if net ~ [ ")?;
-        for (i, r) in rules.iter().enumerate() {
-            if i > 0 {
-                write!(out, ", ")?;
-            }
-            write!(
-                out,
-                "{}{{{},{}}}",
-                r.prefix,
-                r.prefix.prefix_len(),
-                r.max_len
-            )?;
-        }
-        writeln!(out, " ] then accept;")?;
+        writeln!(out, "  if net ~ {} then accept;", prefix_set(&rules))?;
         writeln!(out, "  reject;")?;
         writeln!(out, "}}")?;
     }
@@ -577,23 +746,7 @@ fn render_into(out: &mut String, c: &BgpConfig) -> fmt::Result {
         }
         writeln!(out, "  neighbor {} as {};", n.address, n.remote_as)?;
         writeln!(out, "  {};", if n.multihop { "multihop" } else { "direct" })?;
-        writeln!(out, "  hold time {};", t.hold)?;
-        if t.hold != 0 {
-            writeln!(out, "  keepalive time {};", t.keepalive)?;
-        }
-        writeln!(out, "  connect delay time {};", t.connect_delay)?;
-        writeln!(out, "  connect retry time {};", t.connect_retry)?;
-        writeln!(
-            out,
-            "  error wait time {},{};",
-            t.error_wait.0, t.error_wait.1
-        )?;
-        if c.graceful_restart {
-            writeln!(out, "  graceful restart on;")?;
-            writeln!(out, "  graceful restart time {};", t.restart_time)?;
-        } else {
-            writeln!(out, "  graceful restart aware;")?;
-        }
+        session_options(out, c)?;
         if let Some(p) = &n.password {
             writeln!(out, "  password \"{}\";", p.expose())?;
         }
@@ -627,6 +780,113 @@ fn render_into(out: &mut String, c: &BgpConfig) -> fmt::Result {
         if n.multihop {
             writeln!(out, "    igp table {};", if v4 { IGP4 } else { IGP6 })?;
         }
+        writeln!(out, "  }};")?;
+        writeln!(out, "}}")?;
+    }
+    if let Some(mesh) = &c.mesh {
+        render_mesh(out, c, mesh)?;
+    }
+    Ok(())
+}
+
+/// Timers and graceful restart, the same on every session.
+fn session_options(out: &mut String, c: &BgpConfig) -> fmt::Result {
+    let t = &c.timers;
+    writeln!(out, "  hold time {};", t.hold)?;
+    if t.hold != 0 {
+        writeln!(out, "  keepalive time {};", t.keepalive)?;
+    }
+    writeln!(out, "  connect delay time {};", t.connect_delay)?;
+    writeln!(out, "  connect retry time {};", t.connect_retry)?;
+    writeln!(
+        out,
+        "  error wait time {},{};",
+        t.error_wait.0, t.error_wait.1
+    )?;
+    if c.graceful_restart {
+        writeln!(out, "  graceful restart on;")?;
+        writeln!(out, "  graceful restart time {};", t.restart_time)
+    } else {
+        writeln!(out, "  graceful restart aware;")
+    }
+}
+
+/// `[ P{len,max}, ... ]`; `rules` must not be empty (an empty set is a
+/// syntax error).
+fn prefix_set(rules: &[&ImportRule]) -> String {
+    let items: Vec<String> = rules
+        .iter()
+        .map(|r| format!("{}{{{},{}}}", r.prefix, r.prefix.prefix_len(), r.max_len))
+        .collect();
+    format!("[ {} ]", items.join(", "))
+}
+
+fn render_mesh(out: &mut String, c: &BgpConfig, mesh: &Mesh) -> fmt::Result {
+    writeln!(out)?;
+    writeln!(out, "ipv4 table {MESH4};")?;
+    writeln!(out, "ipv6 table {MESH6};")?;
+    for (name, table, v4) in [(MESH_NH4, MESH4, true), (MESH_NH6, MESH6, false)] {
+        writeln!(out, "protocol static {name} {{")?;
+        writeln!(
+            out,
+            "  {} {{ table {table}; }};",
+            if v4 { "ipv4" } else { "ipv6" }
+        )?;
+        let mut hops: Vec<IpAddr> = mesh
+            .next_hops
+            .iter()
+            .chain(mesh.sessions.iter().map(|s| &s.address))
+            .filter(|a| a.is_ipv4() == v4)
+            .copied()
+            .collect();
+        hops.sort_unstable();
+        hops.dedup();
+        for a in hops {
+            let host = if v4 { 32 } else { 128 };
+            writeln!(out, "  route {a}/{host} via \"{}\";", mesh.interface)?;
+        }
+        writeln!(out, "}}")?;
+    }
+    for (s, name) in mesh
+        .sessions
+        .iter()
+        .zip(mesh_protocol_names(&mesh.sessions))
+    {
+        let v4 = s.address.is_ipv4();
+        writeln!(out)?;
+        writeln!(out, "protocol bgp {name} {{")?;
+        writeln!(out, "  local {} as {};", s.local_address, c.local_as)?;
+        writeln!(out, "  neighbor {} as {};", s.address, c.local_as)?;
+        // Over the tunnel, one hop away but on no shared subnet.
+        writeln!(out, "  multihop;")?;
+        if s.client {
+            writeln!(out, "  rr client;")?;
+        }
+        session_options(out, c)?;
+        writeln!(out, "  {} {{", if v4 { "ipv4" } else { "ipv6" })?;
+        let rules: Vec<&ImportRule> = s
+            .import
+            .iter()
+            .filter(|r| r.prefix.addr().is_ipv4() == v4)
+            .collect();
+        if rules.is_empty() {
+            writeln!(out, "    import none;")?;
+        } else {
+            writeln!(out, "    import where net ~ {};", prefix_set(&rules))?;
+        }
+        if let Some(max) = c.max_prefixes {
+            writeln!(out, "    import limit {max} action disable;")?;
+        }
+        // What this node learned from the fabric, with its own tunnel
+        // address as next hop; a reflector's reflected routes keep theirs.
+        writeln!(out, "    export where source = RTS_BGP;")?;
+        writeln!(out, "    next hop self ebgp;")?;
+        // Below a fabric session's 100: a node's own fabric route wins.
+        writeln!(out, "    preference 90;")?;
+        if !v4 {
+            writeln!(out, "    next hop prefer global;")?;
+        }
+        writeln!(out, "    igp table {};", if v4 { MESH4 } else { MESH6 })?;
         writeln!(out, "  }};")?;
         writeln!(out, "}}")?;
     }
@@ -708,7 +968,8 @@ mod tests {
             assert!(k.contains("learn off;"));
             assert!(k.contains("persist on;"));
             assert!(k.contains("graceful restart on;"));
-            assert!(k.contains("import none; export where source = RTS_BGP;"));
+            // Fabric routes only: what the mesh brought stays out of table N.
+            assert!(k.contains(r#"import none; export where source = RTS_BGP && proto ~ "bgp_*";"#));
         }
         assert_eq!(text.matches("protocol kernel").count(), 2);
         assert_eq!(text.matches("kernel table").count(), 2);
@@ -936,5 +1197,153 @@ mod tests {
             change(&mut c);
             assert_eq!(err_field(&c), field);
         }
+    }
+
+    fn mesh_sample() -> BgpConfig {
+        let mut c = sample();
+        let session = |node: &str, addr: &str, local: &str, client: bool| MeshSession {
+            node: node.into(),
+            address: addr.parse().unwrap(),
+            local_address: local.parse().unwrap(),
+            client,
+            import: vec![ImportRule::exact(net("203.0.113.0/24"))],
+        };
+        c.mesh = Some(Mesh {
+            interface: "wgmesh0".into(),
+            sessions: vec![
+                session("n2", "10.244.2.1", "10.244.1.1", false),
+                session("n3.rack-a", "10.244.3.1", "10.244.1.1", true),
+                session("n2", "fd00:244:2::1", "fd00:244:1::1", false),
+            ],
+            next_hops: vec!["10.244.4.1".parse().unwrap()],
+        });
+        c
+    }
+
+    #[test]
+    fn mesh_sessions_run_between_tunnel_addresses_and_keep_out_of_the_kernel() {
+        let text = render(&mesh_sample()).unwrap();
+        let m = block(&text, "protocol bgp mesh_n2 {");
+        assert!(m.contains("local 10.244.1.1 as 64512;"), "{m}");
+        assert!(m.contains("neighbor 10.244.2.1 as 64512;"), "{m}");
+        assert!(m.contains("multihop;"));
+        assert!(!m.contains("rr client"));
+        assert!(
+            m.contains("import where net ~ [ 203.0.113.0/24{24,24} ];"),
+            "{m}"
+        );
+        assert!(m.contains("import limit 100 action disable;"));
+        assert!(m.contains("export where source = RTS_BGP;"));
+        assert!(m.contains("next hop self ebgp;"));
+        assert!(m.contains("preference 90;"));
+        assert!(m.contains("igp table wgm_mesh4;"));
+        assert!(block(&text, "protocol bgp mesh_n3_rack_a {").contains("rr client;"));
+        // The IPv6 session has no IPv6 grant: it imports nothing.
+        let m6 = block(&text, "protocol bgp mesh6_n2 {");
+        assert!(
+            m6.contains("import none;") && m6.contains("igp table wgm_mesh6;"),
+            "{m6}"
+        );
+        // Next hops resolve into the tunnel, the reflected learner's too.
+        let nh = block(&text, "protocol static wgm_meshnh4 {");
+        for a in ["10.244.2.1", "10.244.3.1", "10.244.4.1"] {
+            assert!(
+                nh.contains(&format!("route {a}/32 via \"wgmesh0\";")),
+                "{nh}"
+            );
+        }
+        assert!(block(&text, "protocol static wgm_meshnh6 {")
+            .contains("route fd00:244:2::1/128 via \"wgmesh0\";"));
+        // The fabric is told nothing the mesh brought.
+        assert!(block(&text, "protocol bgp bgp_tor_1_rack_a {")
+            .contains("export where proto = \"wgm_export4\";"));
+        // No mesh, no mesh tables.
+        assert!(!render(&sample()).unwrap().contains("wgm_mesh"));
+    }
+
+    #[test]
+    fn mesh_names_are_stable_and_distinct() {
+        let long = "a".repeat(60);
+        let names_of = |nodes: &[(&str, &str)]| {
+            let sessions: Vec<MeshSession> = nodes
+                .iter()
+                .map(|(n, a)| MeshSession {
+                    node: n.to_string(),
+                    address: a.parse().unwrap(),
+                    local_address: a.parse().unwrap(),
+                    client: false,
+                    import: Vec::new(),
+                })
+                .collect();
+            mesh_protocol_names(&sessions)
+        };
+        let names = names_of(&[
+            ("n1", "10.0.0.1"),
+            ("n1", "fd00::1"),
+            ("a.b", "10.0.0.2"),
+            ("a-b", "10.0.0.3"),
+            (&long, "10.0.0.4"),
+        ]);
+        assert_eq!(names[0], "mesh_n1");
+        assert_eq!(names[1], "mesh6_n1");
+        assert!(names[2].starts_with("mesh_a_b_") && names[3].starts_with("mesh_a_b_"));
+        assert_ne!(names[2], names[3]);
+        assert_eq!(names[4].len(), MESH_PREFIX.len() + MESH_NAME_KEEP + 9);
+        // A node's name does not depend on who else is there, unless it collides.
+        assert_eq!(
+            names_of(&[("a.b", "10.0.0.2"), ("a-b", "10.0.0.3")])[0],
+            names[2]
+        );
+        assert_eq!(names_of(&[(&long, "10.0.0.4")])[0], names[4]);
+        assert!(names.iter().all(|n| n.len() < 64));
+    }
+
+    #[test]
+    fn bad_mesh_values_name_their_field() {
+        type Edit = Box<dyn Fn(&mut Mesh)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "mesh.interface",
+                Box::new(|m| m.interface = "wg\"; }".into()),
+            ),
+            ("mesh.interface", Box::new(|m| m.interface = "a".repeat(16))),
+            (
+                "mesh.sessions[0].node",
+                Box::new(|m| m.sessions[0].node = "N2".into()),
+            ),
+            (
+                "mesh.sessions[0].node",
+                Box::new(|m| m.sessions[0].node = "n2;x".into()),
+            ),
+            (
+                "mesh.sessions[0].address",
+                Box::new(|m| m.sessions[0].address = "127.0.0.1".parse().unwrap()),
+            ),
+            (
+                "mesh.sessions[1].address",
+                Box::new(|m| m.sessions[1].address = "10.244.2.1".parse().unwrap()),
+            ),
+            (
+                "mesh.sessions[0].local_address",
+                Box::new(|m| m.sessions[0].local_address = "fd00::1".parse().unwrap()),
+            ),
+            (
+                "mesh.sessions[0].import[0]",
+                Box::new(|m| m.sessions[0].import[0].prefix = net("203.0.113.1/24")),
+            ),
+            (
+                "mesh.next_hops[0]",
+                Box::new(|m| m.next_hops[0] = "0.0.0.0".parse().unwrap()),
+            ),
+        ];
+        for (field, edit) in cases {
+            let mut c = mesh_sample();
+            edit(c.mesh.as_mut().unwrap());
+            assert_eq!(err_field(&c), field);
+        }
+        // A mesh session at a fabric neighbor's address.
+        let mut c = mesh_sample();
+        c.mesh.as_mut().unwrap().sessions[0].address = "10.0.0.2".parse().unwrap();
+        assert_eq!(err_field(&c), "mesh.sessions[0].address");
     }
 }

@@ -201,18 +201,32 @@ impl Bird {
 
     /// `birdc show protocols`: every protocol's state.
     pub fn protocols(&self) -> Result<Vec<ProtocolStatus>> {
-        let reply = self.birdc(&["show", "protocols"])?;
+        Ok(parse_protocols(&self.show(&["show", "protocols"])?))
+    }
+
+    /// A `show` command's reply; an error reply (code 8000 and up) is an
+    /// error.
+    fn show(&self, args: &[&str]) -> Result<Vec<ReplyLine>> {
+        let reply = self.birdc(args)?;
         if let Some(l) = reply.iter().find(|l| l.code >= 8000) {
             return Err(EngineError::Bird {
-                command: "show protocols".into(),
+                command: args[..args.len().min(2)].join(" "),
                 code: l.code,
                 message: l.text.clone(),
             });
         }
-        Ok(parse_protocols(&reply))
+        Ok(reply)
     }
 
-    /// The BGP sessions among [`Bird::protocols`].
+    /// `birdc show route all where proto ~ "mesh*"`: every route the iBGP
+    /// mesh sessions imported ([`super::config::MESH_PREFIX`],
+    /// [`super::config::MESH6_PREFIX`]), best or not, with its BGP next hop.
+    pub fn mesh_routes(&self) -> Result<Vec<BirdRoute>> {
+        let pattern = "\"mesh*\"";
+        let reply = self.show(&["show", "route", "all", "where", "proto", "~", pattern])?;
+        Ok(parse_routes(&reply))
+    }
+
     pub fn sessions(&self) -> Result<Vec<ProtocolStatus>> {
         Ok(self
             .protocols()?
@@ -567,6 +581,67 @@ fn check_symbol(name: &str) -> Result<()> {
     }
 }
 
+/// One route of `show route all`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BirdRoute {
+    pub prefix: ipnet::IpNet,
+    /// The protocol that imported it (`mesh_n1`).
+    pub protocol: String,
+    /// Its `BGP.next_hop` (the first address: an IPv6 one may be followed
+    /// by a link-local one); `None` for a route without one.
+    pub next_hop: Option<std::net::IpAddr>,
+}
+
+/// Parses the reply lines of `show route all`: a route line (code 1007)
+/// starts with its prefix, or, for another route to the same prefix, with
+/// its type (`unicast [proto ...]`); its attributes follow (codes 1008,
+/// 1012), `BGP.next_hop: ADDR` among them. Table headers and next-hop lines
+/// (`via ... on ...`, `dev ...`) are skipped.
+pub fn parse_routes(reply: &[ReplyLine]) -> Vec<BirdRoute> {
+    let mut out: Vec<BirdRoute> = Vec::new();
+    let mut net: Option<ipnet::IpNet> = None;
+    for line in reply {
+        let text = line.text.trim();
+        if line.code == 1012 {
+            if let (Some(hop), Some(last)) = (text.strip_prefix("BGP.next_hop:"), out.last_mut()) {
+                last.next_hop = hop.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+            continue;
+        }
+        if line.code != 1007 {
+            continue;
+        }
+        let mut words = text.split_whitespace();
+        let Some(first) = words.next() else {
+            continue;
+        };
+        if let Ok(p) = first.parse::<ipnet::IpNet>() {
+            net = Some(p);
+        } else if !matches!(
+            first,
+            "unicast" | "blackhole" | "unreachable" | "prohibited"
+        ) {
+            // "Table master4:", "via 10.0.0.1 on eth0", "dev wgmesh0".
+            continue;
+        }
+        let (Some(prefix), Some(open)) = (net, text.find('[')) else {
+            continue;
+        };
+        let protocol: String = text[open + 1..]
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != ']')
+            .collect();
+        if !protocol.is_empty() {
+            out.push(BirdRoute {
+                prefix,
+                protocol,
+                next_hop: None,
+            });
+        }
+    }
+    out
+}
+
 /// A protocol's state as `show protocols` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtoState {
@@ -709,6 +784,66 @@ fn parse_protocol_row(row: &str) -> Option<ProtocolStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `birdc -v show route all where proto ~ "mesh_*"` from BIRD 2.0.12,
+    /// with a second route to the first prefix and an IPv6 one added.
+    const ROUTES: &str = "0001 BIRD 2.0.12 ready.
+1007-Table master4:
+     203.0.113.0/24       unicast [mesh_n1 17:28:38.973] * (90/?) [i]
+     \tvia 10.244.1.1 on wgmesh0
+1008-\tType: BGP univ
+1012-\tBGP.origin: IGP
+     \tBGP.as_path: 64600
+     \tBGP.next_hop: 10.244.1.1
+     \tBGP.local_pref: 100
+1007-                     unicast [mesh_n2 17:28:39.001 from 10.244.2.1] (90/?) [i]
+     \tdev wgmesh0
+1008-\tType: BGP univ
+1012-\tBGP.origin: IGP
+     \tBGP.next_hop: 10.244.9.1
+1007-
+     Table master6:
+     2001:db8:5::/48      unreachable [mesh6_n1 17:28:40.000] * (90/-) [i]
+1008-\tType: BGP univ
+1012-\tBGP.next_hop: fd00:244:1::1 fe80::1
+0000 
+";
+
+    #[test]
+    fn parses_show_route_all() {
+        let routes = parse_routes(&parse_reply(ROUTES));
+        let got: Vec<(String, &str, Option<String>)> = routes
+            .iter()
+            .map(|r| {
+                (
+                    r.prefix.to_string(),
+                    r.protocol.as_str(),
+                    r.next_hop.map(|a| a.to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "203.0.113.0/24".into(),
+                    "mesh_n1",
+                    Some("10.244.1.1".into())
+                ),
+                (
+                    "203.0.113.0/24".into(),
+                    "mesh_n2",
+                    Some("10.244.9.1".into())
+                ),
+                (
+                    "2001:db8:5::/48".into(),
+                    "mesh6_n1",
+                    Some("fd00:244:1::1".into())
+                ),
+            ]
+        );
+        assert!(parse_routes(&parse_reply("0001 BIRD 2.0.12 ready.\n0000 \n")).is_empty());
+    }
 
     const PROTOCOLS: &str = "0001 BIRD 2.0.12 ready.
 2002-Name       Proto      Table      State  Since         Info

@@ -28,11 +28,11 @@ pub mod speaker;
 pub mod table;
 
 pub use config::{
-    protocol_name, render, validate, BgpConfig, ConfigError, ImportRule, Neighbor, Password,
-    Timers, DEFAULT_MAX_PREFIXES, DEFAULT_TABLE,
+    mesh_protocol_names, protocol_name, render, validate, BgpConfig, ConfigError, ImportRule, Mesh,
+    MeshSession, Neighbor, Password, Timers, DEFAULT_MAX_PREFIXES, DEFAULT_TABLE,
 };
 pub use engine::{
-    parse_protocols, parse_reply, Bird, EngineError, ProtoState, ProtocolStatus, Reconfigured,
-    ReplyLine, SessionState, Spawn,
+    parse_protocols, parse_reply, parse_routes, Bird, BirdRoute, EngineError, ProtoState,
+    ProtocolStatus, Reconfigured, ReplyLine, SessionState, Spawn,
 };
 pub use table::{learned_route, LearnedRoute, TableError, TableReader, MAIN_TABLE, RTPROT_BIRD};

@@ -17,15 +17,16 @@
 //! leaves it and its sessions alone); the agent finds it again by its
 //! control socket.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use ipnet::IpNet;
 
-use super::config::{self, BgpConfig, ImportRule, Neighbor, Password};
-use super::engine::{self, Bird, ProtocolStatus, Reconfigured, Spawn};
+use super::config::{self, BgpConfig, ImportRule, Mesh, MeshSession, Neighbor, Password};
+use super::engine::{self, Bird, BirdRoute, ProtocolStatus, Reconfigured, Spawn};
 use super::table::{self, LearnedRoute, TableReader};
-use crate::routes::Grant;
+use crate::routes::{Advertised, Grant};
 
 pub type Result<T, E = SpeakerError> = std::result::Result<T, E>;
 
@@ -96,6 +97,26 @@ pub struct Settings {
     pub spawn: bool,
     /// BIRD's stderr, when the agent starts it.
     pub log_file: Option<PathBuf>,
+    /// The iBGP mesh between the nodes (`--bgp-mesh`).
+    pub mesh: Option<MeshSettings>,
+}
+
+/// `--bgp-mesh [--bgp-route-reflectors N,...]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// Empty: a full mesh. Else the nodes that reflect routes: each has a
+    /// session with every node, every other node with them only.
+    pub reflectors: BTreeSet<String>,
+    /// The WireGuard interface (the tunnel addresses live on it).
+    pub interface: String,
+}
+
+/// Another node as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshNode {
+    pub name: String,
+    /// Its tunnel addresses (pod gateway addresses), at most one per family.
+    pub tunnel: Vec<IpAddr>,
 }
 
 /// BGP mode's state across passes.
@@ -105,6 +126,10 @@ pub struct Speaker {
     password: Option<Password>,
     /// The BIRD this agent started, reaped when it exits.
     child: Option<std::process::Child>,
+    /// Mesh protocol name -> node, of the config last applied.
+    mesh_protocols: BTreeMap<String, String>,
+    /// The sessions as the last apply read them.
+    sessions: Vec<ProtocolStatus>,
 }
 
 /// What [`Speaker::apply`] did.
@@ -125,9 +150,9 @@ impl Speaker {
                 "--bgp-local-as (this node's AS number)",
             ));
         }
-        if settings.neighbors.is_empty() {
+        if settings.neighbors.is_empty() && settings.mesh.is_none() {
             return Err(SpeakerError::Missing(
-                "at least one --bgp-neighbor ADDRESS=AS (a fabric router)",
+                "at least one --bgp-neighbor ADDRESS=AS (a fabric router), or --bgp-mesh",
             ));
         }
         let password = match &settings.password_file {
@@ -169,6 +194,26 @@ impl Speaker {
             bird,
             password,
             child: None,
+            mesh_protocols: BTreeMap::new(),
+            sessions: Vec::new(),
+        })
+    }
+
+    /// What reads the mesh's routes from BIRD ([`MeshReader::read`], a
+    /// blocking call), with the sessions the last apply saw; `None` without
+    /// `--bgp-mesh`.
+    pub fn mesh_reader(&self) -> Option<MeshReader> {
+        let mesh = self.settings.mesh.as_ref()?;
+        Some(MeshReader {
+            bird: self.bird.clone(),
+            protocols: self.mesh_protocols.clone(),
+            established: self
+                .sessions
+                .iter()
+                .filter(|s| s.is_established())
+                .map(|s| s.name.clone())
+                .collect(),
+            reflectors: mesh.reflectors.clone(),
         })
     }
 
@@ -186,13 +231,17 @@ impl Speaker {
     /// The config for this pass. `node_ips`: this node's own addresses (the
     /// router ID's fallback); `export`: its pod CIDRs and the prefixes it
     /// is a static gateway for; `grants`: the valid MeshRoutes (their
-    /// `learn` parts naming `node` become the import list).
+    /// `learn` parts naming `node` become the import list); with
+    /// `--bgp-mesh`, `tunnel`: this node's tunnel addresses and `others`:
+    /// every other admitted node's.
     pub fn config(
         &self,
         node: &str,
         node_ips: &[IpAddr],
         export: &[IpNet],
         grants: &[&Grant],
+        tunnel: &[IpAddr],
+        others: &[MeshNode],
     ) -> Result<BgpConfig> {
         let router_id = self
             .settings
@@ -225,19 +274,10 @@ impl Speaker {
         export.sort_unstable();
         export.dedup();
         c.export = export;
-        let mut import: Vec<ImportRule> = grants
-            .iter()
-            .filter_map(|g| {
-                let learn = g.learn.as_ref()?;
-                learn.nodes.contains(node).then_some(ImportRule {
-                    prefix: g.prefix,
-                    max_len: learn.max_length,
-                })
-            })
-            .collect();
-        import.sort_by_key(|r| (r.prefix, r.max_len));
-        import.dedup();
-        c.import = import;
+        c.import = learn_rules(grants, |nodes| nodes.contains(node));
+        if let Some(mesh) = &self.settings.mesh {
+            c.mesh = Some(mesh_config(mesh, node, tunnel, others, grants));
+        }
         Ok(c)
     }
 
@@ -287,9 +327,189 @@ impl Speaker {
                 Reconfigured::Done | Reconfigured::InProgress | Reconfigured::Unchanged => {}
             }
         }
+        self.mesh_protocols = config
+            .mesh
+            .as_ref()
+            .map(|m| {
+                config::mesh_protocol_names(&m.sessions)
+                    .into_iter()
+                    .zip(m.sessions.iter().map(|s| s.node.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
         applied.sessions = self.bird.sessions()?;
+        self.sessions = applied.sessions.clone();
         Ok(applied)
     }
+}
+
+/// The `learn` grants naming `node` as import rules, sorted.
+fn learn_rules(
+    grants: &[&Grant],
+    mut names: impl FnMut(&BTreeSet<String>) -> bool,
+) -> Vec<ImportRule> {
+    let mut rules: Vec<ImportRule> = grants
+        .iter()
+        .filter_map(|g| {
+            let learn = g.learn.as_ref()?;
+            names(&learn.nodes).then_some(ImportRule {
+                prefix: g.prefix,
+                max_len: learn.max_length,
+            })
+        })
+        .collect();
+    rules.sort_by_key(|r| (r.prefix, r.max_len));
+    rules.dedup();
+    rules
+}
+
+/// The mesh sessions of `node`: with every other node (full mesh), or, with
+/// route reflectors, a reflector's with every node (the non-reflectors its
+/// clients) and a non-reflector's with the reflectors. One per family both
+/// ends have a tunnel address of. From a reflector every node's `learn`
+/// grants are imported (it carries everyone's routes), from any other node
+/// only its own.
+pub fn mesh_config(
+    mesh: &MeshSettings,
+    node: &str,
+    tunnel: &[IpAddr],
+    others: &[MeshNode],
+    grants: &[&Grant],
+) -> Mesh {
+    let reflectors = &mesh.reflectors;
+    let full = reflectors.is_empty();
+    let i_reflect = reflectors.contains(node);
+    let every = learn_rules(grants, |_| true);
+    let mut others: Vec<&MeshNode> = others.iter().filter(|o| o.name != node).collect();
+    others.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut sessions = Vec::new();
+    for o in &others {
+        let is_reflector = reflectors.contains(&o.name);
+        if !(full || i_reflect || is_reflector) {
+            continue;
+        }
+        for local in tunnel {
+            let Some(address) = o.tunnel.iter().find(|a| a.is_ipv4() == local.is_ipv4()) else {
+                continue;
+            };
+            sessions.push(MeshSession {
+                node: o.name.clone(),
+                address: *address,
+                local_address: *local,
+                client: i_reflect && !is_reflector,
+                import: if is_reflector {
+                    every.clone()
+                } else {
+                    learn_rules(grants, |nodes| nodes.contains(&o.name))
+                },
+            });
+        }
+    }
+    Mesh {
+        interface: mesh.interface.clone(),
+        sessions,
+        next_hops: others
+            .iter()
+            .flat_map(|o| o.tunnel.iter().copied())
+            .collect(),
+    }
+}
+
+/// Reads the mesh's routes from BIRD; see [`Speaker::mesh_reader`].
+#[derive(Debug, Clone)]
+pub struct MeshReader {
+    bird: Bird,
+    protocols: BTreeMap<String, String>,
+    established: BTreeSet<String>,
+    reflectors: BTreeSet<String>,
+}
+
+/// What the mesh says other nodes learned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshView {
+    /// Per advertising node.
+    pub by_node: BTreeMap<String, Vec<Advertised>>,
+    /// Nodes whose session with this one is established: for them the
+    /// mesh's word replaces their Node's annotation (nothing heard is
+    /// nothing learned).
+    pub covers: BTreeSet<String>,
+    /// A session with a route reflector is established: the mesh's word
+    /// stands for every node.
+    pub covers_all: bool,
+}
+
+impl MeshView {
+    pub fn covers(&self, node: &str) -> bool {
+        self.covers_all || self.covers.contains(node)
+    }
+}
+
+impl MeshReader {
+    /// `owner(addr)`: the node whose pod CIDR holds a next hop. Blocking
+    /// (`birdc`, bounded).
+    pub fn read(&self, own: &str, owner: impl Fn(IpAddr) -> Option<String>) -> Result<MeshView> {
+        let routes = self.bird.mesh_routes()?;
+        Ok(mesh_view(
+            &routes,
+            &self.protocols,
+            &self.established,
+            &self.reflectors,
+            own,
+            owner,
+        ))
+    }
+}
+
+/// The pure half of [`MeshReader::read`]. A route from a reflector's
+/// session is the advertisement of the node its next hop belongs to (the
+/// learner, reflected); any other session's is its own node's, with the
+/// next hop's owner as the hop, which the validator requires to be that
+/// node. Routes of sessions not established, of protocols not in the last
+/// config, and whose next hop is this node's own, are left out.
+pub fn mesh_view(
+    routes: &[BirdRoute],
+    protocols: &BTreeMap<String, String>,
+    established: &BTreeSet<String>,
+    reflectors: &BTreeSet<String>,
+    own: &str,
+    owner: impl Fn(IpAddr) -> Option<String>,
+) -> MeshView {
+    let mut view = MeshView::default();
+    for (proto, node) in protocols {
+        if established.contains(proto) {
+            view.covers.insert(node.clone());
+            view.covers_all |= reflectors.contains(node);
+        }
+    }
+    for r in routes {
+        let Some(session) = protocols.get(&r.protocol) else {
+            continue;
+        };
+        if !established.contains(&r.protocol) {
+            continue;
+        }
+        let hop = r.next_hop.and_then(&owner);
+        if hop.as_deref() == Some(own) {
+            continue;
+        }
+        let node = match &hop {
+            Some(h) if reflectors.contains(session) => h.clone(),
+            _ => session.clone(),
+        };
+        view.by_node
+            .entry(node.clone())
+            .or_default()
+            .push(Advertised {
+                prefix: r.prefix,
+                node,
+                next_hop_node: hop,
+            });
+    }
+    for adverts in view.by_node.values_mut() {
+        adverts.sort_by(|a, b| (a.prefix, &a.next_hop_node).cmp(&(b.prefix, &b.next_hop_node)));
+        adverts.dedup();
+    }
+    view
 }
 
 #[cfg(test)]
@@ -309,6 +529,7 @@ mod tests {
             max_prefixes: 100,
             spawn: false,
             log_file: None,
+            mesh: None,
         }
     }
 
@@ -346,6 +567,8 @@ mod tests {
                 &["2001:db8::1".parse().unwrap(), "192.0.2.1".parse().unwrap()],
                 &["10.244.1.0/24".parse().unwrap()],
                 &refs,
+                &[],
+                &[],
             )
             .unwrap();
         assert_eq!(c.router_id, Ipv4Addr::new(192, 0, 2, 1));
@@ -359,7 +582,7 @@ mod tests {
         assert_eq!(c.neighbors[0].name, "192.0.2.254");
         config::validate(&c).unwrap();
         // No IPv4 address and no --bgp-router-id: an error naming the flag.
-        let e = s.config("n1", &[], &[], &refs).unwrap_err();
+        let e = s.config("n1", &[], &[], &refs, &[], &[]).unwrap_err();
         assert!(e.to_string().contains("--bgp-router-id"), "{e}");
     }
 
@@ -379,5 +602,143 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("--bgp-neighbor"));
+    }
+
+    fn learn_grant(name: &str, prefix: &str, nodes: &[&str]) -> Grant {
+        crate::routes::grant::decode(&json!({"metadata": {"name": name}, "spec": {
+            "prefix": prefix, "learn": {"nodes": nodes, "maxLength": 24}}}))
+        .unwrap()
+    }
+
+    fn mesh_node(name: &str, v4: &str, v6: Option<&str>) -> MeshNode {
+        let mut tunnel = vec![v4.parse().unwrap()];
+        tunnel.extend(v6.map(|a| a.parse::<IpAddr>().unwrap()));
+        MeshNode {
+            name: name.into(),
+            tunnel,
+        }
+    }
+
+    #[test]
+    fn the_mesh_is_full_or_goes_through_the_reflectors() {
+        let gs = [
+            learn_grant("a", "203.0.113.0/24", &["n1"]),
+            learn_grant("b", "198.51.100.0/24", &["n3"]),
+        ];
+        let grants: Vec<&Grant> = gs.iter().collect();
+        let others = [
+            mesh_node("n1", "10.244.1.1", Some("fd00:244:1::1")),
+            mesh_node("n3", "10.244.3.1", None),
+            mesh_node("n4", "10.244.4.1", None),
+        ];
+        let own: Vec<IpAddr> = vec![
+            "10.244.2.1".parse().unwrap(),
+            "fd00:244:2::1".parse().unwrap(),
+        ];
+        let mut settings = MeshSettings {
+            reflectors: BTreeSet::new(),
+            interface: "wgmesh0".into(),
+        };
+        // Full mesh: a session per node and shared family, importing only
+        // what that node may learn.
+        let m = mesh_config(&settings, "n2", &own, &others, &grants);
+        let peers: Vec<(&str, String, bool)> = m
+            .sessions
+            .iter()
+            .map(|s| (s.node.as_str(), s.address.to_string(), s.client))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("n1", "10.244.1.1".to_string(), false),
+                ("n1", "fd00:244:1::1".to_string(), false),
+                ("n3", "10.244.3.1".to_string(), false),
+                ("n4", "10.244.4.1".to_string(), false),
+            ]
+        );
+        assert_eq!(m.sessions[0].local_address.to_string(), "10.244.2.1");
+        assert_eq!(
+            m.sessions[0].import,
+            [ImportRule::exact("203.0.113.0/24".parse().unwrap())]
+        );
+        assert!(m.sessions[3].import.is_empty());
+        assert_eq!(m.next_hops.len(), 4);
+        // n2 reflects: every node is its client.
+        settings.reflectors = ["n2".to_string(), "n4".to_string()].into();
+        let m = mesh_config(&settings, "n2", &own, &others, &grants);
+        let clients: Vec<(&str, bool)> = m
+            .sessions
+            .iter()
+            .map(|s| (s.node.as_str(), s.client))
+            .collect();
+        assert_eq!(
+            clients,
+            [("n1", true), ("n1", true), ("n3", true), ("n4", false)]
+        );
+        // From the other reflector every node's grants are imported.
+        assert_eq!(m.sessions[3].import.len(), 2);
+        // n3 is no reflector: sessions with the reflectors only.
+        let m = mesh_config(&settings, "n3", &own[..1], &others, &grants);
+        let with: Vec<&str> = m.sessions.iter().map(|s| s.node.as_str()).collect();
+        assert_eq!(with, ["n4"]);
+        config::validate(&BgpConfig {
+            mesh: Some(m),
+            ..BgpConfig::new("192.0.2.1".parse().unwrap(), 64512, 187)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn the_mesh_view_names_the_learner_and_covers_only_live_sessions() {
+        let route = |proto: &str, prefix: &str, hop: &str| BirdRoute {
+            prefix: prefix.parse().unwrap(),
+            protocol: proto.into(),
+            next_hop: Some(hop.parse().unwrap()),
+        };
+        let owner = |a: IpAddr| {
+            let s = a.to_string();
+            ["n1", "n2", "n3", "n4"]
+                .into_iter()
+                .find(|n| s == format!("10.244.{}.1", &n[1..]))
+                .map(String::from)
+        };
+        let protocols: BTreeMap<String, String> =
+            [("mesh_n1", "n1"), ("mesh_n3", "n3"), ("mesh_n4", "n4")]
+                .into_iter()
+                .map(|(p, n)| (p.to_string(), n.to_string()))
+                .collect();
+        let routes = [
+            route("mesh_n1", "203.0.113.0/24", "10.244.1.1"),
+            // n3 claims a next hop of n1's: kept as n3's, hop n1 (refused later).
+            route("mesh_n3", "198.51.100.0/24", "10.244.1.1"),
+            // Reflected by n4: n1's route, heard from n4.
+            route("mesh_n4", "192.0.2.0/24", "10.244.1.1"),
+            // Our own route reflected back: ignored.
+            route("mesh_n4", "192.0.2.128/25", "10.244.2.1"),
+            route("bgp_fabric", "10.0.0.0/8", "10.244.1.1"),
+        ];
+        let established: BTreeSet<String> =
+            ["mesh_n1", "mesh_n3", "mesh_n4"].map(String::from).into();
+        let none = BTreeSet::new();
+        let v = mesh_view(&routes, &protocols, &established, &none, "n2", owner);
+        assert!(v.covers("n1") && v.covers("n3") && !v.covers("n5") && !v.covers_all);
+        assert_eq!(v.by_node["n1"].len(), 1);
+        assert_eq!(v.by_node["n3"][0].next_hop_node.as_deref(), Some("n1"));
+        // Without reflectors, n4's session carries n4's routes: the reflected one is n4's, hop n1.
+        assert_eq!(v.by_node["n4"][0].next_hop_node.as_deref(), Some("n1"));
+        let reflectors: BTreeSet<String> = ["n4".to_string()].into();
+        let v = mesh_view(&routes, &protocols, &established, &reflectors, "n2", owner);
+        assert!(v.covers_all);
+        let n1: Vec<String> = v.by_node["n1"]
+            .iter()
+            .map(|a| a.prefix.to_string())
+            .collect();
+        assert_eq!(n1, ["192.0.2.0/24", "203.0.113.0/24"]);
+        assert!(!v.by_node.contains_key("n4"));
+        // A session that is down covers nothing and brings nothing.
+        let only_n1: BTreeSet<String> = ["mesh_n1".to_string()].into();
+        let v = mesh_view(&routes, &protocols, &only_n1, &reflectors, "n2", owner);
+        assert!(!v.covers_all && !v.covers("n3"));
+        assert_eq!(v.by_node.keys().collect::<Vec<_>>(), ["n1"]);
     }
 }

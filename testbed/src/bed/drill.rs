@@ -700,7 +700,17 @@ fn kernel_link_delete(tb: &mut Testbed, x: &NodeRecord, y: &NodeRecord) -> Resul
 // ---- api-outage ----------------------------------------------------------------------
 
 /// SIGCONTs the API server when dropped, so no path leaves it stopped.
-struct Resume(u32);
+pub(super) struct Resume(pub(super) u32);
+
+/// The running API server's pid.
+pub(super) fn api_pid(tb: &Testbed) -> Result<u32> {
+    tb.process("api")
+        .and_then(|p| {
+            p.pid
+                .filter(|&pid| testkit::process::alive(pid, p.start_time))
+        })
+        .ok_or_else(|| Error::Other("the API server is not running".into()))
+}
 
 impl Drop for Resume {
     fn drop(&mut self) {
@@ -712,13 +722,7 @@ fn api_outage(tb: &mut Testbed) -> Result<Body> {
     // The testbed API keeps its objects in memory: a restart would lose every Node,
     // so the outage is SIGSTOP / SIGCONT (connections hang, as with a partitioned or
     // overloaded control plane).
-    let api = tb
-        .process("api")
-        .and_then(|p| {
-            p.pid
-                .filter(|&pid| testkit::process::alive(pid, p.start_time))
-        })
-        .ok_or_else(|| Error::Other("the API server is not running".into()))?;
+    let api = api_pid(tb)?;
     let nodes: Vec<NodeRecord> = tb
         .state
         .nodes

@@ -6,12 +6,22 @@
 //! no grant allows. Node n1's agent is restarted with `--bgp` (it starts its
 //! own BIRD, AS 64512); a MeshRoute lets n1 learn 203.0.113.0/24.
 //!
+//! Node n3's agent is restarted with `--bgp --bgp-mesh` and no fabric
+//! neighbor, n1's with `--bgp-mesh` too: an iBGP session between their pod
+//! gateway addresses, inside the tunnel.
+//!
 //! Asserted, on each side's own state: the fabric's RIB holds n1's pod CIDR
 //! with next hop n1; n1 publishes exactly the granted prefix; n3's device has
 //! it on n1's peer and nothing hostile anywhere; n3's pod pings the host
-//! behind the fabric; the fabric withdraws the prefix and it leaves n3's
-//! device. Printed: the time to each of those. n1's agent goes back to its
-//! original command afterwards (its BIRD stopped, its table flushed).
+//! behind the fabric. The mesh: n3's BIRD has its session with n1
+//! Established and holds the prefix with n1's tunnel address as next hop.
+//! Then, with the API server stopped (SIGSTOP, so no Node can change), the
+//! fabric withdraws the prefix and it leaves n3's device, announces it again
+//! and it comes back on n1's peer, and n3's pod pings the host again: only
+//! the mesh could have told n3. With the API server back, the fabric
+//! withdraws it once more and it leaves n3's device. Printed: the time to
+//! each of those. n1's and n3's agents go back to their original commands
+//! afterwards (their BIRDs stopped, their tables flushed).
 
 use std::time::{Duration, Instant};
 
@@ -51,11 +61,15 @@ pub fn bgp_fabric(tb: &mut Testbed) -> Result<Body> {
         ));
     }
     let (gw, victim, client) = (&nodes[0], &nodes[1], &nodes[2]);
+    let argv_of = |tb: &Testbed, agent: &str| {
+        tb.process(agent)
+            .map(|p| p.argv.clone())
+            .ok_or_else(|| Error::Other(format!("no process {agent}")))
+    };
     let agent = format!("{}-agent", gw.name);
-    let original = tb
-        .process(&agent)
-        .map(|p| p.argv.clone())
-        .ok_or_else(|| Error::Other(format!("no process {agent}")))?;
+    let original = argv_of(tb, &agent)?;
+    let client_agent = format!("{}-agent", client.name);
+    let client_original = argv_of(tb, &client_agent)?;
     let dir = tb.state.dir.join("bgp");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("{}", dir.display()), e))?;
     let fabric = match build_fabric(tb) {
@@ -65,18 +79,28 @@ pub fn bgp_fabric(tb: &mut Testbed) -> Result<Body> {
             return Err(e);
         }
     };
-    let result = run(tb, gw, victim, client, &fabric, &dir, &agent, &original);
+    let agents = Agents {
+        gw: (agent.clone(), original.clone()),
+        client: (client_agent.clone(), client_original.clone()),
+    };
+    let result = run(tb, gw, victim, client, &fabric, &dir, &agents);
 
-    // Whatever happened: n1 back to its own command, its BIRD and table gone.
-    let _ = tb.restart_with_argv(&agent, original);
-    let _ = sys::run(&[
-        "birdc",
-        "-s",
-        &dir.join("n1.ctl").display().to_string(),
-        "down",
-    ]);
-    let _ = sys::ip(&gw.ns, &["route", "flush", "table", "187"]);
-    let _ = sys::ip(&gw.ns, &["-6", "route", "flush", "table", "187"]);
+    // Whatever happened: n1 and n3 back to their own commands, their BIRDs
+    // and tables gone.
+    for (name, argv, node) in [
+        (agent, original, gw),
+        (client_agent, client_original, client),
+    ] {
+        let _ = tb.restart_with_argv(&name, argv);
+        let _ = sys::run(&[
+            "birdc",
+            "-s",
+            &dir.join(format!("{}.ctl", node.name)).display().to_string(),
+            "down",
+        ]);
+        let _ = sys::ip(&node.ns, &["route", "flush", "table", "187"]);
+        let _ = sys::ip(&node.ns, &["-6", "route", "flush", "table", "187"]);
+    }
     let _ = tb.api(
         "DELETE",
         &format!("{MESHROUTES}/{GRANT}"),
@@ -88,7 +112,37 @@ pub fn bgp_fabric(tb: &mut Testbed) -> Result<Body> {
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The two agents the drill restarts in BGP mode: (process name, original
+/// command line).
+struct Agents {
+    gw: (String, Vec<String>),
+    client: (String, Vec<String>),
+}
+
+/// The command line of `node`'s agent in BGP mode, its BIRD's files in `dir`.
+fn bgp_argv(
+    original: &[String],
+    dir: &std::path::Path,
+    node: &str,
+    extra: &[String],
+) -> Vec<String> {
+    let mut argv = original.to_vec();
+    argv.extend([
+        "--bgp".to_string(),
+        "--bgp-local-as".into(),
+        NODE_AS.to_string(),
+    ]);
+    argv.extend(extra.iter().cloned());
+    for (flag, file) in [
+        ("--bgp-config", format!("{node}.conf")),
+        ("--bgp-socket", format!("{node}.ctl")),
+        ("--bgp-log", format!("{node}-bird.log")),
+    ] {
+        argv.extend([flag.to_string(), dir.join(file).display().to_string()]);
+    }
+    argv
+}
+
 fn run(
     tb: &mut Testbed,
     gw: &NodeRecord,
@@ -96,9 +150,9 @@ fn run(
     client: &NodeRecord,
     fabric: &str,
     dir: &std::path::Path,
-    agent: &str,
-    original: &[String],
+    agents: &Agents,
 ) -> Result<Body> {
+    let (agent, original) = (&agents.gw.0, &agents.gw.1);
     let victim_cidr = victim
         .pod_cidrs
         .iter()
@@ -172,25 +226,23 @@ fn run(
         "spec": {"prefix": SITE, "learn": {"nodes": [gw.name], "maxLength": 24}},
     });
     tb.api("POST", MESHROUTES, "application/json", &grant)?;
-    let mut argv = original.to_vec();
-    argv.extend([
-        "--bgp".to_string(),
-        "--bgp-local-as".into(),
-        NODE_AS.to_string(),
-        "--bgp-neighbor".into(),
-        format!("{FABRIC_ADDR}={FABRIC_AS}"),
-        "--bgp-config".into(),
-        dir.join("n1.conf").display().to_string(),
-        "--bgp-socket".into(),
-        dir.join("n1.ctl").display().to_string(),
-        "--bgp-log".into(),
-        dir.join("n1-bird.log").display().to_string(),
-    ]);
+    let argv = bgp_argv(
+        original,
+        dir,
+        &gw.name,
+        &[
+            "--bgp-neighbor".into(),
+            format!("{FABRIC_ADDR}={FABRIC_AS}"),
+            "--bgp-mesh".into(),
+        ],
+    );
     let t0 = Instant::now();
     tb.restart_with_argv(agent, argv.clone())?;
+    let client_argv = bgp_argv(&agents.client.1, dir, &client.name, &["--bgp-mesh".into()]);
+    tb.restart_with_argv(&agents.client.0, client_argv)?;
     println!(
-        "  MeshRoute {GRANT}: {} may learn {SITE} (maxLength 24); {agent} restarted with --bgp --bgp-local-as {NODE_AS} --bgp-neighbor {FABRIC_ADDR}={FABRIC_AS}",
-        gw.name
+        "  MeshRoute {GRANT}: {} may learn {SITE} (maxLength 24); {agent} restarted with --bgp --bgp-local-as {NODE_AS} --bgp-neighbor {FABRIC_ADDR}={FABRIC_AS} --bgp-mesh, {} with --bgp --bgp-local-as {NODE_AS} --bgp-mesh (no fabric session)",
+        gw.name, agents.client.0
     );
 
     let mut ok = true;
@@ -343,11 +395,91 @@ fn run(
         }
     }
 
+    // The mesh: n3 hears the prefix from n1 over iBGP inside the tunnel.
+    let gw_key = tb.node_public_key(&gw.name);
+    let gw_tunnel = tunnel_address(&gw_cidr)?;
+    let client_ctl = dir.join(format!("{}.ctl", client.name));
+    let mesh_up = step(
+        &format!(
+            "{}'s iBGP session with {} ({gw_tunnel}, inside the tunnel) is Established",
+            client.name, gw.name
+        ),
+        Duration::from_secs(40),
+        &mut || {
+            birdc(&client_ctl, "show protocols")
+                .lines()
+                .any(|l| l.trim_start().starts_with("mesh_") && l.contains("Established"))
+        },
+    );
+    let mesh_route = step(
+        &format!(
+            "{}'s BIRD holds {SITE} from the mesh, next hop {gw_tunnel}",
+            client.name
+        ),
+        Duration::from_secs(20),
+        &mut || {
+            let r = birdc(&client_ctl, "show route all where proto ~ \"mesh*\"");
+            r.contains(SITE) && r.contains(&format!("BGP.next_hop: {gw_tunnel}"))
+        },
+    );
+    if mesh_up.is_none() || mesh_route.is_none() {
+        ok = false;
+        notes.push("the iBGP mesh did not carry the prefix".into());
+    }
+
+    // The API server away: only the mesh can tell n3 what changed.
+    let api = super::drill::api_pid(tb)?;
+    testkit::process::signal(api, testkit::Signal::STOP);
+    let resume = super::drill::Resume(api);
+    println!("  API server (pid {api}) stopped (SIGSTOP): no Node can change now");
+    let reconfigure = |with_site: bool| -> Result<Instant> {
+        std::fs::write(&fabric_conf, announce(with_site))
+            .map_err(|e| Error::io(format!("{}", fabric_conf.display()), e))?;
+        let t = Instant::now();
+        birdc(&fabric_ctl, "configure");
+        Ok(t)
+    };
+    let t_out = reconfigure(false)?;
+    let out_gone = step(
+        &format!(
+            "API server stopped, withdrawn at the fabric: {SITE} gone from {}'s device",
+            client.name
+        ),
+        Duration::from_secs(30),
+        &mut || holder(tb, client, SITE).is_none(),
+    )
+    .map(|_| t_out.elapsed().as_secs_f64());
+    let t_back = reconfigure(true)?;
+    let out_back = step(
+        &format!(
+            "API server stopped, announced again: {SITE} back on {}'s peer at {}",
+            gw.name, client.name
+        ),
+        Duration::from_secs(30),
+        &mut || gw_key.is_some() && holder(tb, client, SITE) == gw_key,
+    )
+    .map(|_| t_back.elapsed().as_secs_f64());
+    let out_ping =
+        super::traffic::ping_until(&client.pods[0].ns, SITE_HOST, Duration::from_secs(10));
+    match out_ping {
+        Some(secs) => println!(
+            "  ping {} -> {SITE_HOST} with the API server stopped: answered after {secs:.2} s",
+            client.pods[0].name
+        ),
+        None => println!(
+            "  FAILED: ping {} -> {SITE_HOST} with the API server stopped",
+            client.pods[0].name
+        ),
+    }
+    drop(resume);
+    println!("  API server continued (SIGCONT)");
+    if out_gone.is_none() || out_back.is_none() || out_ping.is_none() {
+        ok = false;
+        notes.push("routing did not follow the fabric while the API server was away".into());
+    }
+
     // Withdraw at the fabric.
-    std::fs::write(&fabric_conf, announce(false))
-        .map_err(|e| Error::io(format!("{}", fabric_conf.display()), e))?;
-    let t_withdraw = Instant::now();
-    birdc(&fabric_ctl, "configure");
+    let t_withdraw = reconfigure(false)?;
     let gone = step(
         &format!(
             "withdrawn at the fabric: {SITE} gone from {}'s device",
@@ -361,14 +493,19 @@ fn run(
         ok = false;
         notes.push("the withdrawn prefix stayed".into());
     }
+    let secs = |t: Option<f64>| t.map_or("never".into(), |s| format!("{s:.2} s"));
     let figure = format!(
-        "session up {}, {gw_cidr} in the fabric's RIB {}, {SITE} on {}'s peer at {} {}, withdrawn from it {} after the fabric's withdraw; 4 hostile announcements refused{}",
+        "session up {}, {gw_cidr} in the fabric's RIB {}, {SITE} on {}'s peer at {} {}, withdrawn from it {} after the fabric's withdraw; 4 hostile announcements refused; iBGP mesh session up {}; with the API server stopped a withdraw reached {}'s device in {} and a new announcement in {}{}",
         fmt_s(established),
         fmt_s(in_rib),
         gw.name,
         client.name,
         fmt_s(on_peer),
-        withdraw_s.map_or("never".into(), |s| format!("{s:.2} s")),
+        secs(withdraw_s),
+        fmt_s(mesh_up),
+        client.name,
+        secs(out_gone),
+        secs(out_back),
         if notes.is_empty() { String::new() } else { format!("; {}", notes.join("; ")) }
     );
     Ok(Body {
@@ -408,6 +545,15 @@ fn status_json(ns: &str, agent_argv: &[String]) -> Result<Value> {
     let out = sys::netns_exec(ns, &args)?;
     serde_json::from_str(&out)
         .map_err(|e| Error::Other(format!("wgmesh status --output json: {e}: {out}")))
+}
+
+/// The pod gateway address of an IPv4 pod CIDR (its first host address):
+/// the node's tunnel address, its iBGP mesh sessions' end.
+fn tunnel_address(cidr: &str) -> Result<std::net::Ipv4Addr> {
+    let net: ipnet::Ipv4Net = cidr
+        .parse()
+        .map_err(|e| Error::Other(format!("pod CIDR {cidr:?}: {e}")))?;
+    Ok(std::net::Ipv4Addr::from(u32::from(net.network()) + 1))
 }
 
 /// The fabric namespace, on the underlay bridge.
