@@ -814,6 +814,12 @@ impl Agent {
                 .copied()
                 .chain(plan.node_routes.iter().map(IpNet::addr))
                 .collect(),
+            extra_prefixes: self
+                .kept_grants
+                .iter()
+                .map(|g| g.prefix)
+                .chain(self.route_outcome.local_prefixes())
+                .collect(),
         };
         let masq = tokio::task::spawn_blocking(move || ensure_masquerade(&masq)).await?;
         if let Ok(change) = &masq {
@@ -1203,9 +1209,18 @@ impl Agent {
                 tunnel: tunnel_addresses(cidrs),
             })
             .collect();
-        let hop_owners: Vec<(IpNet, String)> = admitted
+        // A mesh next hop is a node's tunnel address exactly (this node's
+        // too, so a route of ours reflected back is recognised).
+        let hop_owners: Vec<(IpAddr, String)> = self
+            .mesh_nodes
             .iter()
-            .flat_map(|(n, cidrs)| cidrs.iter().map(|c| (*c, (*n).clone())))
+            .map(|m| (m.name.clone(), m.tunnel.clone()))
+            .chain(
+                pod_cidrs
+                    .get(&self.cfg.node_name)
+                    .map(|own| (self.cfg.node_name.clone(), tunnel_addresses(own))),
+            )
+            .flat_map(|(n, tunnel)| tunnel.into_iter().map(move |a| (a, n.clone())))
             .collect();
         for rejected in decoded.iter().filter_map(|r| r.as_ref().err()) {
             node_ips.extend(rejected.node_ips.iter().map(|ip| ip.to_canonical()));
@@ -1280,7 +1295,7 @@ impl Agent {
                 reader.read(&own, |a| {
                     hop_owners
                         .iter()
-                        .find(|(c, _)| c.contains(&a))
+                        .find(|(t, _)| *t == a)
                         .map(|(_, n)| n.clone())
                 })
             })
@@ -1290,13 +1305,24 @@ impl Agent {
                     let nodes: std::collections::BTreeSet<String> = learned
                         .keys()
                         .chain(view.by_node.keys())
-                        .chain(view.covers.iter())
+                        .chain(view.covers.iter().map(|(n, _)| n))
                         .filter(|n| **n != self.cfg.node_name)
                         .cloned()
                         .collect();
                     for n in nodes {
-                        if view.covers(&n) {
-                            let adverts = view.by_node.get(&n).cloned().unwrap_or_default();
+                        // Per family: the mesh's word where its session of
+                        // that family is up, the annotation elsewhere.
+                        let mut adverts = learned.remove(&n).unwrap_or_default();
+                        adverts.retain(|a| !view.covers(&n, a.prefix.addr().is_ipv4()));
+                        adverts.extend(
+                            view.by_node
+                                .get(&n)
+                                .into_iter()
+                                .flatten()
+                                .filter(|a| view.covers(&n, a.prefix.addr().is_ipv4()))
+                                .cloned(),
+                        );
+                        if !adverts.is_empty() {
                             learned.insert(n, adverts);
                         }
                     }
@@ -1395,6 +1421,16 @@ impl Agent {
         );
         let grants: Vec<&Grant> = self.kept_grants.iter().collect();
         let tunnel: Vec<IpAddr> = tunnel_addresses(own_cidrs);
+        let unknown = speaker.unknown_reflectors(|r| {
+            r == self.cfg.node_name || self.mesh_nodes.iter().any(|m| m.name == r)
+        });
+        let text = unknown.join(", ");
+        if self.reported_routes.get("mesh/reflectors") != Some(&text) {
+            if !unknown.is_empty() {
+                tracing::warn!(reflectors = %text, "--bgp-route-reflectors names nodes that are not in the mesh (no admitted Node of that name): the nodes that are not reflectors have no session through them");
+            }
+            self.reported_routes.insert("mesh/reflectors".into(), text);
+        }
         let config = speaker.config(
             &self.cfg.node_name,
             &plan.local_node_ips,

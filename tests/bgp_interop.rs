@@ -132,6 +132,12 @@ fn rendered_configs_parse() {
                 local_address: local.parse().unwrap(),
                 client,
                 import,
+                // A client sends its own routes only; the other reflector
+                // any learner's, and every path both ways.
+                own_routes_only: client,
+                max_prefixes: Some(if client { 100 } else { 400 }),
+                add_paths_rx: !client,
+                add_paths_tx: true,
             }
         };
     let mut c = our_config();

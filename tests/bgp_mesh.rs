@@ -3,20 +3,24 @@
 //! (`Bird::mesh_routes`, the parser the agent uses) or from the kernel.
 //!
 //! Four network namespaces on one bridge (in a fifth): a fabric router `f`
-//! (BIRD, AS 64600) and three nodes of AS 64512: `a` learns from the fabric,
-//! `rr` reflects, `c` is a client that only hears through `rr`. On the
-//! nodes the bridge port plays the part of `wgmesh0` (the sessions' and
+//! (BIRD, AS 64600) and three nodes of AS 64512, configured exactly as the
+//! agent configures them (`Speaker::config` with `--bgp-mesh
+//! --bgp-route-reflectors rr`): `a` and `rr` both learn the granted prefix
+//! from the fabric (two gateways of one prefix, one of them the
+//! reflector), `c` has no fabric session and hears only through `rr`. On
+//! the nodes the bridge port plays the part of `wgmesh0` (the sessions' and
 //! next hops' interface); the tunnel itself is not what is under test here
 //! (the `bgp-fabric` drill runs the mesh through it).
 //!
 //! Checked:
-//! 1. `a` learns the granted prefix from the fabric into its table 187,
-//!    and not the ungranted one;
-//! 2. `rr` holds it from `a` with `a`'s address as next hop (`next hop self
-//!    ebgp`), and reflects it to `c` unchanged: `c` holds it from `rr`, next
-//!    hop still `a`, and the agent's `mesh_view` names `a` as the learner;
-//! 3. mesh routes stay out of the kernel: `rr`'s and `c`'s table 187 are
-//!    empty;
+//! 1. `a` and `rr` learn the granted prefix into their table 187, not the
+//!    ungranted one;
+//! 2. `rr` holds `a`'s path with `a`'s address as next hop (`next hop self
+//!    ebgp`), and sends `c` both paths (ADD-PATH): its own, next hop `rr`,
+//!    and `a`'s unchanged, next hop `a`; the agent's `mesh_view` at `c`
+//!    names both `a` and `rr` as learners;
+//! 3. mesh routes stay out of the kernel: `c`'s table 187 is empty, `rr`'s
+//!    holds only its own fabric route;
 //! 4. the fabric withdraws: gone from `c`.
 //!
 //! Prerequisites: root, `ip`, `bird` and `birdc` (Debian: bird2); missing,
@@ -30,11 +34,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use wgmesh::routes::bgp::speaker::{mesh_view, MeshSettings};
-use wgmesh::routes::bgp::{
-    mesh_protocol_names, render, BgpConfig, Bird, ImportRule, Mesh, MeshSession, Neighbor, Spawn,
-    TableReader,
-};
+use wgmesh::routes::bgp::speaker::{mesh_view, MeshNode, MeshSettings, Settings, Speaker};
+use wgmesh::routes::bgp::{mesh_protocol_names, render, BgpConfig, Bird, Spawn, TableReader};
+use wgmesh::routes::Grant;
 
 const NODE_AS: u32 = 64512;
 const FABRIC_AS: u32 = 64600;
@@ -120,8 +122,8 @@ impl Lab {
         self.birds.push(child);
     }
 
-    /// Kernel table `table` in `host`'s namespace.
-    fn table(&self, host: &str, table: u32) -> Vec<IpNet> {
+    /// Kernel table `table` in `host`'s namespace: (prefix, gateway).
+    fn table(&self, host: &str, table: u32) -> Vec<(IpNet, Option<IpAddr>)> {
         let ns = self.ns(host);
         thread::spawn(move || {
             testkit::netns::enter(&ns).expect("enter namespace");
@@ -140,7 +142,7 @@ impl Lab {
         .join()
         .expect("table thread")
         .into_iter()
-        .map(|r| r.prefix)
+        .map(|r| (r.prefix, r.next_hop))
         .collect()
     }
 }
@@ -175,31 +177,44 @@ fn net(s: &str) -> IpNet {
     s.parse().expect("prefix")
 }
 
-fn session(node: &str, local: &str, client: bool, import: &[&str]) -> MeshSession {
-    MeshSession {
-        node: node.into(),
-        address: addr(node),
-        local_address: addr(local),
-        client,
-        import: import.iter().map(|p| ImportRule::exact(net(p))).collect(),
-    }
-}
-
-fn node_config(host: &str, sessions: Vec<MeshSession>) -> BgpConfig {
-    let IpAddr::V4(router_id) = addr(host) else {
-        unreachable!("IPv4 lab")
-    };
-    let mut c = BgpConfig::new(router_id, NODE_AS, 187);
-    c.mesh = Some(Mesh {
-        interface: IFACE.into(),
-        sessions,
-        next_hops: ["a", "rr", "c"]
-            .into_iter()
-            .filter(|h| *h != host)
-            .map(addr)
-            .collect(),
-    });
-    c
+/// `host`'s BIRD config as its agent would render it with `--bgp
+/// --bgp-local-as 64512 [--bgp-neighbor f=64600] --bgp-mesh
+/// --bgp-route-reflectors rr`, the bridge port as the mesh interface.
+fn node_config(lab: &Lab, host: &str, fabric: bool, grants: &[&Grant]) -> BgpConfig {
+    let speaker = Speaker::new(Settings {
+        local_as: NODE_AS,
+        router_id: None,
+        neighbors: if fabric {
+            vec![format!("{}={FABRIC_AS}", addr("f"))
+                .parse()
+                .expect("neighbor")]
+        } else {
+            Vec::new()
+        },
+        password_file: None,
+        config: lab.dir.path().join(format!("{host}.conf")),
+        socket: lab.dir.path().join(format!("{host}.ctl")),
+        table: 187,
+        max_prefixes: 100,
+        spawn: false,
+        log_file: None,
+        mesh: Some(MeshSettings {
+            reflectors: ["rr".to_string()].into(),
+            interface: IFACE.into(),
+        }),
+    })
+    .expect("speaker");
+    let others: Vec<MeshNode> = ["a", "rr", "c"]
+        .into_iter()
+        .filter(|h| *h != host)
+        .map(|h| MeshNode {
+            name: h.into(),
+            tunnel: vec![addr(h)],
+        })
+        .collect();
+    speaker
+        .config(host, &[addr(host)], &[], grants, &[addr(host)], &others)
+        .unwrap_or_else(|e| panic!("{host}'s config: {e}"))
 }
 
 fn fabric_config(with_granted: bool) -> String {
@@ -207,13 +222,19 @@ fn fabric_config(with_granted: bool) -> String {
     if with_granted {
         routes.push_str(&format!("  route {GRANTED} blackhole;\n"));
     }
+    let session = |name: &str, peer: IpAddr| {
+        format!(
+            "protocol bgp {name} {{\n  local {f} as {FABRIC_AS};\n  neighbor {peer} as {NODE_AS};\n  direct;\n  \
+             hold time 9; keepalive time 3; connect retry time 2; error wait time 1,5;\n  \
+             ipv4 {{ import none; export where proto = \"site\"; }};\n}}\n",
+            f = addr("f"),
+        )
+    };
     format!(
-        "router id {f};\nprotocol device {{}}\nprotocol static site {{\n  ipv4;\n{routes}}}\n\
-         protocol bgp to_a {{\n  local {f} as {FABRIC_AS};\n  neighbor {a} as {NODE_AS};\n  direct;\n  \
-         hold time 9; keepalive time 3; connect retry time 2; error wait time 1,5;\n  \
-         ipv4 {{ import none; export where proto = \"site\"; }};\n}}\n",
+        "router id {f};\nprotocol device {{}}\nprotocol static site {{\n  ipv4;\n{routes}}}\n{}{}",
+        session("to_a", addr("a")),
+        session("to_rr", addr("rr")),
         f = addr("f"),
-        a = addr("a"),
     )
 }
 
@@ -237,7 +258,7 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Duration {
 }
 
 #[test]
-fn a_reflector_carries_a_learners_route_with_its_next_hop() {
+fn a_reflector_carries_every_learners_path_with_its_next_hop() {
     use testkit::prereq::{missing, Need};
     if let Some(what) = missing(&[
         Need::Root,
@@ -246,47 +267,59 @@ fn a_reflector_carries_a_learners_route_with_its_next_hop() {
         Need::Tool("birdc"),
     ]) {
         testkit::prereq::skip_or_fail(
-            "a_reflector_carries_a_learners_route_with_its_next_hop",
+            "a_reflector_carries_every_learners_path_with_its_next_hop",
             &what,
         );
         return;
     }
     let mut lab = Lab::new();
-
-    // a: the fabric session, and the mesh with the reflector only.
-    let mut a = node_config("a", vec![session("rr", "a", false, &[GRANTED])]);
-    a.neighbors = vec![Neighbor {
-        name: "fabric".into(),
-        address: addr("f"),
-        remote_as: FABRIC_AS,
-        local_address: None,
-        password: None,
-        multihop: false,
-    }];
-    a.import = vec![ImportRule::exact(net(GRANTED))];
-    // rr: both others are its clients; c may learn nothing itself.
-    let rr = node_config(
-        "rr",
-        vec![
-            session("a", "rr", true, &[GRANTED]),
-            session("c", "rr", true, &[]),
-        ],
+    let grant: Grant = wgmesh::routes::grant::decode(&serde_json::json!({
+        "metadata": {"name": "site"},
+        "spec": {"prefix": GRANTED, "learn": {"nodes": ["a", "rr"], "maxLength": 24}},
+    }))
+    .expect("grant");
+    let grants = [&grant];
+    let configs = [
+        ("a", node_config(&lab, "a", true, &grants)),
+        ("rr", node_config(&lab, "rr", true, &grants)),
+        ("c", node_config(&lab, "c", false, &grants)),
+    ];
+    // The roles the agent chose.
+    let sessions = |host: &str| -> Vec<(String, bool)> {
+        let c = &configs.iter().find(|(h, _)| *h == host).expect("host").1;
+        c.mesh
+            .as_ref()
+            .expect("mesh")
+            .sessions
+            .iter()
+            .map(|s| (s.node.clone(), s.client))
+            .collect()
+    };
+    assert_eq!(sessions("a"), [("rr".to_string(), false)]);
+    assert_eq!(
+        sessions("rr"),
+        [("a".to_string(), true), ("c".to_string(), true)]
     );
-    // c: the reflector only, which may carry every node's grants.
-    let c = node_config("c", vec![session("rr", "c", false, &[GRANTED])]);
+    assert_eq!(sessions("c"), [("rr".to_string(), false)]);
     lab.start("f", &fabric_config(true));
-    for (host, config) in [("a", &a), ("rr", &rr), ("c", &c)] {
+    for (host, config) in &configs {
         let text = render(config).unwrap_or_else(|e| panic!("{host}: {e}"));
         lab.start(host, &text);
     }
 
-    let learned = wait_for("a's table 187 holds the granted prefix", || {
-        lab.table("a", 187).contains(&net(GRANTED))
+    let f = addr("f");
+    let learned = wait_for("a's and rr's table 187 hold the granted prefix", || {
+        ["a", "rr"]
+            .iter()
+            .all(|h| lab.table(h, 187) == [(net(GRANTED), Some(f))])
     });
-    assert!(!lab.table("a", 187).contains(&net(UNGRANTED)));
-    let rr_proto = &mesh_protocol_names(&c.mesh.as_ref().expect("mesh").sessions)[0];
-    let reflected = wait_for("c holds the prefix from rr, next hop a", || {
-        mesh_routes(&lab, "c").contains(&(net(GRANTED), rr_proto.clone(), Some(addr("a"))))
+    let c_config = &configs[2].1;
+    let rr_proto = &mesh_protocol_names(&c_config.mesh.as_ref().expect("mesh").sessions)[0];
+    let reflected = wait_for("c holds both paths from rr: next hop a and rr", || {
+        let routes = mesh_routes(&lab, "c");
+        ["a", "rr"]
+            .iter()
+            .all(|h| routes.contains(&(net(GRANTED), rr_proto.clone(), Some(addr(h)))))
     });
     assert!(
         mesh_routes(&lab, "rr")
@@ -303,19 +336,16 @@ fn a_reflector_carries_a_learners_route_with_its_next_hop() {
             .any(|(p, ..)| *p == net(UNGRANTED)),
         "the ungranted prefix reached c"
     );
-    for host in ["rr", "c"] {
-        assert!(
-            lab.table(host, 187).is_empty(),
-            "{host}'s table 187 holds mesh routes: {:?}",
-            lab.table(host, 187)
-        );
-    }
+    assert!(
+        lab.table("c", 187).is_empty(),
+        "c's table 187 holds mesh routes: {:?}",
+        lab.table("c", 187)
+    );
+    // rr's holds its own fabric route only (best: preference 100 over 90).
+    assert_eq!(lab.table("rr", 187), [(net(GRANTED), Some(f))]);
 
-    // What c's agent makes of it: a's advertisement, with a as the hop.
-    let settings = MeshSettings {
-        reflectors: ["rr".to_string()].into(),
-        interface: IFACE.into(),
-    };
+    // What c's agent makes of it: both learners' advertisements.
+    let reflectors: BTreeSet<String> = ["rr".to_string()].into();
     let protocols: BTreeMap<String, String> = [(rr_proto.clone(), "rr".to_string())].into();
     let established: BTreeSet<String> = lab
         .bird("c")
@@ -332,22 +362,17 @@ fn a_reflector_carries_a_learners_route_with_its_next_hop() {
             .find(|(_, x)| x.parse::<IpAddr>().ok() == Some(a))
             .map(|(h, _)| h.to_string())
     };
-    let view = mesh_view(
-        &routes,
-        &protocols,
-        &established,
-        &settings.reflectors,
-        "c",
-        owner,
-    );
+    let view = mesh_view(&routes, &protocols, &established, &reflectors, "c", owner);
     assert!(
-        view.covers_all,
+        view.covers("a", true) && view.covers("rr", true),
         "c's session with rr is up: {established:?}"
     );
-    let from_a = &view.by_node["a"];
-    assert_eq!(from_a.len(), 1);
-    assert_eq!(from_a[0].prefix, net(GRANTED));
-    assert_eq!(from_a[0].next_hop_node.as_deref(), Some("a"));
+    for h in ["a", "rr"] {
+        let from = &view.by_node[h];
+        assert_eq!(from.len(), 1, "{h}: {from:?}");
+        assert_eq!(from[0].prefix, net(GRANTED));
+        assert_eq!(from[0].next_hop_node.as_deref(), Some(h));
+    }
 
     // The fabric withdraws: gone from c.
     let fabric = lab.bird("f");
@@ -361,7 +386,7 @@ fn a_reflector_carries_a_learners_route_with_its_next_hop() {
             .any(|(p, ..)| *p == net(GRANTED))
     });
     println!(
-        "bgp mesh with a reflector: a learned the prefix {:.2} s after start, c had it through rr {:.2} s later (next hop a), a withdraw reached c in {:.2} s",
+        "bgp mesh with a reflector: a and rr learned the prefix {:.2} s after start, c had both paths through rr {:.2} s later (next hops a and rr), a withdraw reached c in {:.2} s",
         learned.as_secs_f64(),
         reflected.as_secs_f64(),
         withdrawn.as_secs_f64()

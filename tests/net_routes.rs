@@ -734,6 +734,7 @@ fn pod_egress_is_masqueraded_except_towards_the_cluster_and_nodes() {
             local_pod_cidrs: vec![net4("10.99.1.0/24"), net4("fd00:99:0:1::/64")],
             cluster_cidrs: vec![net4("10.99.0.0/16"), net4("fd00:99::/48")],
             node_ips: vec![ip("203.0.113.1"), ip("198.51.100.7")],
+            extra_prefixes: vec![],
         };
         let rx = [out_ns.udp("0.0.0.0:4000"), out_ns.udp("[::]:4006")];
         let seen = |to: &str| seen_source(&pod_ns, &rx, to);
@@ -772,15 +773,21 @@ fn pod_egress_is_masqueraded_except_towards_the_cluster_and_nodes() {
         assert_eq!(seen("10.99.5.5"), ip("10.99.1.2"));
         assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Unchanged);
 
-        // What leaves the mesh (a route-sync gateway's forwarding) is
-        // masqueraded on every node, whatever it is a gateway for.
+        // What leaves the mesh for an extra prefix (a route-sync
+        // gateway's forwarding) is masqueraded on every node, whatever it
+        // is a gateway for; the rules read back equal (steady state).
+        spec.extra_prefixes = vec![net4("192.0.2.0/24"), net4("2001:db8:2::/48")];
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Written);
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Unchanged);
         let listing = node.exec(&["nft", "list table inet wgmesh"]);
         assert!(
             listing.contains(&format!(
-                "iifname \"{WG}\" ip daddr != @keep4 oifname != \"{WG}\" masquerade"
+                "iifname \"{WG}\" ip daddr @extra4 ip daddr != @keep4 oifname != \"{WG}\" masquerade"
             )),
             "{listing}"
         );
+        spec.extra_prefixes.clear();
+        assert_eq!(ensure_masquerade(&spec).unwrap(), MasqChange::Written);
 
         // Disabled: our table goes, the other one stays.
         spec.enabled = false;

@@ -475,12 +475,13 @@ impl Pair {
     fn check(&mut self) -> Result<(), String> {
         let i = self.case.initiator.index();
         let r = 1 - i;
-        for (k, n) in self.nodes.iter().enumerate() {
+        for n in &self.nodes {
             let peer = peer_line(n)?;
             // A wgmesh initiator starts a handshake with a new peer at once,
             // by design (a restarted data plane replaces the session its peer
-            // still holds); the others wait for the first packet.
-            let unprompted = k == i && n.imp == Impl::Wgmesh;
+            // still holds), so both ends may have one already; the others
+            // wait for the first packet, and then neither end may.
+            let unprompted = self.nodes[i].imp == Impl::Wgmesh;
             if peer.latest_handshake != 0 && !unprompted {
                 return Err(format!(
                     "{}: latest handshake {} before any traffic was sent",

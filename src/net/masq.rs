@@ -16,9 +16,10 @@
 //!         type nat hook postrouting priority srcnat; policy accept;
 //!         ip saddr @pods4 ip daddr != @keep4 oifname != "<wg>" masquerade
 //!         ip6 saddr @pods6 ip6 daddr != @keep6 oifname != "<wg>" masquerade
-//!         # what this node forwards out of the mesh (a route-sync gateway):
-//!         iifname "<wg>" ip daddr != @keep4 oifname != "<wg>" masquerade
-//!         iifname "<wg>" ip6 daddr != @keep6 oifname != "<wg>" masquerade
+//!         # what this node forwards out of the mesh to an extra prefix
+//!         # (set extra4/extra6: every granted prefix, whoever its gateway):
+//!         iifname "<wg>" ip daddr @extra4 ip daddr != @keep4 oifname != "<wg>" masquerade
+//!         iifname "<wg>" ip6 daddr @extra6 ip6 daddr != @keep6 oifname != "<wg>" masquerade
 //!     }
 //! }
 //! ```
@@ -74,6 +75,14 @@ pub struct MasqSpec {
     pub cluster_cidrs: Vec<IpNet>,
     /// …and every node's addresses, this one's included.
     pub node_ips: Vec<IpAddr>,
+    /// Every extra prefix a valid grant names (route sync), whichever node
+    /// is its gateway: mesh traffic this node forwards out of another
+    /// interface to one of them is masqueraded, so the hosts behind answer
+    /// the gateway. Not only the prefixes this node is a gateway for: that
+    /// list follows the pass, which can lag behind a peer that already
+    /// routes a prefix here (over the BGP mesh, while an API write holds the
+    /// pass up), and the pod address must not leave then either.
+    pub extra_prefixes: Vec<IpNet>,
 }
 
 /// What [`ensure_masquerade`] did.
@@ -167,6 +176,7 @@ struct Family {
     v6: bool,
     pods: &'static str,
     keep: &'static str,
+    extra: &'static str,
     set_type: &'static str,
     protocol: &'static str,
 }
@@ -176,6 +186,7 @@ const FAMILIES: [Family; 2] = [
         v6: false,
         pods: "pods4",
         keep: "keep4",
+        extra: "extra4",
         set_type: "ipv4_addr",
         protocol: "ip",
     },
@@ -183,6 +194,7 @@ const FAMILIES: [Family; 2] = [
         v6: true,
         pods: "pods6",
         keep: "keep6",
+        extra: "extra6",
         set_type: "ipv6_addr",
         protocol: "ip6",
     },
@@ -221,7 +233,13 @@ fn desired(spec: &MasqSpec) -> Desired {
                 .filter(|n| n.addr().is_ipv6() == f.v6),
         );
         keep.extend(&pods);
-        let sets = vec![(f.pods, pods), (f.keep, keep)];
+        let extra: Vec<IpNet> = spec
+            .extra_prefixes
+            .iter()
+            .filter(of_family)
+            .copied()
+            .collect();
+        let sets = vec![(f.pods, pods), (f.keep, keep), (f.extra, extra)];
         for (name, members) in sets {
             // nft refuses overlapping elements in an interval set (a node
             // address inside a cluster CIDR, a pod CIDR inside it): send the
@@ -252,29 +270,23 @@ fn desired(spec: &MasqSpec) -> Desired {
     commands.push(json!({"add": {"chain": chain_obj}}));
     shape.chains.insert(CHAIN.to_owned(), chain);
     for f in &FAMILIES {
-        let saddr = json!({"payload": {"protocol": f.protocol, "field": "saddr"}});
-        let iifname = json!({"meta": {"key": "iifname"}});
-        // This node's pods' egress; then traffic from the mesh that leaves
-        // through another interface: what a route-sync gateway forwards to
-        // the prefixes behind it. The latter is masqueraded by direction,
-        // not by a list of this node's gateway prefixes: that list follows
-        // the pass, and a pass can lag (held up by an API write while the
-        // API server is away) behind a peer that already routes a prefix
-        // here, over the BGP mesh. The pod address then must not leave
-        // either. Mesh traffic for this node's pods, the cluster and the
-        // nodes keeps its source (the keep sets).
-        for (left, right) in [
-            (saddr, Value::from(format!("@{}", f.pods))),
-            (iifname, Value::from(spec.interface.clone())),
-        ] {
-            // Exactly as `nft -j list` prints it back, so the read-back
-            // compares equal (checked by the netns test's steady state).
-            let expr = json!([
-                {"match": {"op": "==", "left": left, "right": right}},
-                {"match": {"op": "!=", "left": {"payload": {"protocol": f.protocol, "field": "daddr"}}, "right": format!("@{}", f.keep)}},
-                {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": spec.interface}},
-                {"masquerade": null}
-            ]);
+        let daddr = json!({"payload": {"protocol": f.protocol, "field": "daddr"}});
+        let keep = json!({"match": {"op": "!=", "left": daddr, "right": format!("@{}", f.keep)}});
+        let not_out_wg = json!({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": spec.interface}});
+        // Exactly as `nft -j list` prints them back, so the read-back
+        // compares equal (checked by the netns test's steady state).
+        // This node's pods' egress; then what it forwards from the mesh to
+        // an extra prefix (see MasqSpec::extra_prefixes).
+        let pod_egress = json!([
+            {"match": {"op": "==", "left": {"payload": {"protocol": f.protocol, "field": "saddr"}}, "right": format!("@{}", f.pods)}},
+            keep, not_out_wg, {"masquerade": null}
+        ]);
+        let from_mesh = json!([
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": spec.interface}},
+            {"match": {"op": "==", "left": daddr, "right": format!("@{}", f.extra)}},
+            keep, not_out_wg, {"masquerade": null}
+        ]);
+        for expr in [pod_egress, from_mesh] {
             commands.push(json!({"add": {"rule": {
                 "family": FAMILY, "table": MASQ_TABLE, "chain": CHAIN, "expr": expr
             }}}));
@@ -476,16 +488,25 @@ mod tests {
                 "10.244.9.9".parse().unwrap(),
                 "2001:db8::2".parse().unwrap(),
             ],
+            extra_prefixes: vec![],
         }
     }
 
     #[test]
-    fn what_leaves_the_mesh_is_masqueraded_on_every_node() {
-        let d = desired(&spec());
+    fn what_leaves_the_mesh_for_an_extra_prefix_is_masqueraded_on_every_node() {
+        let d = desired(&MasqSpec {
+            extra_prefixes: vec!["198.18.0.0/24".parse().unwrap()],
+            ..spec()
+        });
         assert_eq!(d.shape.rules.len(), 4);
         let text = d.document.to_string();
-        assert!(!text.contains("gw4"), "{text}");
-        assert!(text.contains("iifname"), "{text}");
+        assert!(
+            text.contains("\"@extra4\"") && text.contains("iifname"),
+            "{text}"
+        );
+        assert!(d.shape.sets["extra4"].2 == vec![interval("198.18.0.0/24".parse().unwrap())]);
+        // No grant: the sets are there, empty, and the rule matches nothing.
+        assert!(desired(&spec()).shape.sets["extra6"].2.is_empty());
     }
 
     /// What `nft -j list table inet wgmesh` prints after applying `d`:
@@ -568,12 +589,14 @@ mod tests {
             rules[1]["expr"][0]["match"]["left"]["meta"]["key"],
             "iifname"
         );
-        assert_eq!(rules[1]["expr"][1]["match"]["right"], "@keep4");
+        assert_eq!(rules[1]["expr"][1]["match"]["right"], "@extra4");
+        assert_eq!(rules[1]["expr"][2]["match"]["right"], "@keep4");
         assert_eq!(
             rules[2]["expr"][0]["match"]["left"]["payload"]["protocol"],
             "ip6"
         );
-        assert_eq!(rules[1]["expr"][3], json!({"masquerade": null}));
+        assert_eq!(rules[1]["expr"][4], json!({"masquerade": null}));
+        assert_eq!(rules[2]["expr"][3], json!({"masquerade": null}));
     }
 
     #[test]

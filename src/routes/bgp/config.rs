@@ -36,7 +36,9 @@
 //!   `next hop self ebgp` (what it learned from the fabric goes out with
 //!   this node's tunnel address as next hop; what a route reflector
 //!   reflects keeps the learner's), and imports only the `learn` grants of
-//!   the node it may hear from, at preference 90 so a route a node learned
+//!   the node it may hear from (with that node's own address as next hop,
+//!   unless it is a route reflector; reflectors send every path, ADD-PATH),
+//!   at preference 90 so a route a node learned
 //!   from the fabric itself always beats the same prefix heard over the
 //!   mesh. Next hops resolve through `wgm_mesh4` / `wgm_mesh6`, a static
 //!   device route into the WireGuard interface per node. Mesh routes never
@@ -194,6 +196,20 @@ pub struct MeshSession {
     /// What may be imported from it: the `learn` grants of the node (or,
     /// from a route reflector, of every node) it may carry routes of.
     pub import: Vec<ImportRule>,
+    /// It announces only routes it learned itself, so their next hop must
+    /// be its own address (`bgp_next_hop = address` in the import filter):
+    /// true for every session but one with a route reflector, whose
+    /// reflected routes keep their learners' next hops.
+    pub own_routes_only: bool,
+    /// Per session: more imported routes than this and the session is
+    /// disabled, as [`BgpConfig::max_prefixes`]. A session with a route
+    /// reflector carries every node's routes and needs room for them all.
+    pub max_prefixes: Option<u32>,
+    /// ADD-PATH (RFC 7911): `rx` to receive every path of a prefix, `tx` to
+    /// send them. A reflector sends every learner's path of a prefix, not
+    /// only its best, so two learners of one prefix both stay gateways.
+    pub add_paths_rx: bool,
+    pub add_paths_tx: bool,
 }
 
 /// The BIRD protocol name of each of `sessions`, in order: `mesh_` (IPv4)
@@ -522,6 +538,12 @@ fn validate_mesh(mesh: &Mesh, addresses: &mut BTreeSet<IpAddr>) -> Result<()> {
         }
         for (j, rule) in s.import.iter().enumerate() {
             validate_rule(&format!("mesh.sessions[{i}].import[{j}]"), rule)?;
+        }
+        if s.max_prefixes == Some(0) {
+            return Err(invalid(
+                field("max_prefixes"),
+                "0 would disable the session at its first route; use None for no limit",
+            ));
         }
     }
     for (i, a) in mesh.next_hops.iter().enumerate() {
@@ -871,11 +893,26 @@ fn render_mesh(out: &mut String, c: &BgpConfig, mesh: &Mesh) -> fmt::Result {
             .collect();
         if rules.is_empty() {
             writeln!(out, "    import none;")?;
+        } else if s.own_routes_only {
+            // A node may not pass its routes off as another's: the next
+            // hop it sends is its own address.
+            writeln!(
+                out,
+                "    import where net ~ {} && bgp_next_hop = {};",
+                prefix_set(&rules),
+                s.address
+            )?;
         } else {
             writeln!(out, "    import where net ~ {};", prefix_set(&rules))?;
         }
-        if let Some(max) = c.max_prefixes {
+        if let Some(max) = s.max_prefixes {
             writeln!(out, "    import limit {max} action disable;")?;
+        }
+        match (s.add_paths_rx, s.add_paths_tx) {
+            (true, true) => writeln!(out, "    add paths on;")?,
+            (true, false) => writeln!(out, "    add paths rx;")?,
+            (false, true) => writeln!(out, "    add paths tx;")?,
+            (false, false) => {}
         }
         // What this node learned from the fabric, with its own tunnel
         // address as next hop; a reflector's reflected routes keep theirs.
@@ -1207,6 +1244,10 @@ mod tests {
             local_address: local.parse().unwrap(),
             client,
             import: vec![ImportRule::exact(net("203.0.113.0/24"))],
+            own_routes_only: true,
+            max_prefixes: Some(100),
+            add_paths_rx: false,
+            add_paths_tx: client,
         };
         c.mesh = Some(Mesh {
             interface: "wgmesh0".into(),
@@ -1229,15 +1270,22 @@ mod tests {
         assert!(m.contains("multihop;"));
         assert!(!m.contains("rr client"));
         assert!(
-            m.contains("import where net ~ [ 203.0.113.0/24{24,24} ];"),
+            m.contains(
+                "import where net ~ [ 203.0.113.0/24{24,24} ] && bgp_next_hop = 10.244.2.1;"
+            ),
             "{m}"
         );
+        assert!(!m.contains("add paths"), "{m}");
         assert!(m.contains("import limit 100 action disable;"));
         assert!(m.contains("export where source = RTS_BGP;"));
         assert!(m.contains("next hop self ebgp;"));
         assert!(m.contains("preference 90;"));
         assert!(m.contains("igp table wgm_mesh4;"));
-        assert!(block(&text, "protocol bgp mesh_n3_rack_a {").contains("rr client;"));
+        let rr = block(&text, "protocol bgp mesh_n3_rack_a {");
+        assert!(
+            rr.contains("rr client;") && rr.contains("add paths tx;"),
+            "{rr}"
+        );
         // The IPv6 session has no IPv6 grant: it imports nothing.
         let m6 = block(&text, "protocol bgp mesh6_n2 {");
         assert!(
@@ -1273,6 +1321,10 @@ mod tests {
                     local_address: a.parse().unwrap(),
                     client: false,
                     import: Vec::new(),
+                    own_routes_only: true,
+                    max_prefixes: None,
+                    add_paths_rx: false,
+                    add_paths_tx: false,
                 })
                 .collect();
             mesh_protocol_names(&sessions)

@@ -46,6 +46,8 @@ pub enum SpeakerError {
     },
     #[error("--bgp needs {0}")]
     Missing(&'static str),
+    #[error("{0}")]
+    Conflict(String),
     #[error("cannot create {path} for BIRD's config, socket or log: {source}")]
     Dir {
         path: PathBuf,
@@ -128,8 +130,6 @@ pub struct Speaker {
     child: Option<std::process::Child>,
     /// Mesh protocol name -> node, of the config last applied.
     mesh_protocols: BTreeMap<String, String>,
-    /// The sessions as the last apply read them.
-    sessions: Vec<ProtocolStatus>,
 }
 
 /// What [`Speaker::apply`] did.
@@ -149,6 +149,18 @@ impl Speaker {
             return Err(SpeakerError::Missing(
                 "--bgp-local-as (this node's AS number)",
             ));
+        }
+        if settings.mesh.is_some() {
+            if let Some(n) = settings
+                .neighbors
+                .iter()
+                .find(|n| n.remote_as == settings.local_as)
+            {
+                return Err(SpeakerError::Conflict(format!(
+                    "--bgp-neighbor {}={}: an iBGP fabric neighbor (AS {} is this node's, --bgp-local-as) does not work with --bgp-mesh: what it sends is iBGP-learned, which the mesh does not pass on; give the fabric a different AS",
+                    n.address, n.remote_as, settings.local_as
+                )));
+            }
         }
         if settings.neighbors.is_empty() && settings.mesh.is_none() {
             return Err(SpeakerError::Missing(
@@ -195,24 +207,29 @@ impl Speaker {
             password,
             child: None,
             mesh_protocols: BTreeMap::new(),
-            sessions: Vec::new(),
         })
     }
 
-    /// What reads the mesh's routes from BIRD ([`MeshReader::read`], a
-    /// blocking call), with the sessions the last apply saw; `None` without
+    /// The `--bgp-route-reflectors` that name no node `known` accepts (a
+    /// typo leaves every other node without a session).
+    pub fn unknown_reflectors(&self, known: impl Fn(&str) -> bool) -> Vec<String> {
+        self.settings
+            .mesh
+            .iter()
+            .flat_map(|m| m.reflectors.iter())
+            .filter(|r| !known(r))
+            .cloned()
+            .collect()
+    }
+
+    /// What reads the mesh's sessions and routes from BIRD
+    /// ([`MeshReader::read`], a blocking call); `None` without
     /// `--bgp-mesh`.
     pub fn mesh_reader(&self) -> Option<MeshReader> {
         let mesh = self.settings.mesh.as_ref()?;
         Some(MeshReader {
             bird: self.bird.clone(),
             protocols: self.mesh_protocols.clone(),
-            established: self
-                .sessions
-                .iter()
-                .filter(|s| s.is_established())
-                .map(|s| s.name.clone())
-                .collect(),
             reflectors: mesh.reflectors.clone(),
         })
     }
@@ -276,7 +293,14 @@ impl Speaker {
         c.export = export;
         c.import = learn_rules(grants, |nodes| nodes.contains(node));
         if let Some(mesh) = &self.settings.mesh {
-            c.mesh = Some(mesh_config(mesh, node, tunnel, others, grants));
+            c.mesh = Some(mesh_config(
+                mesh,
+                node,
+                tunnel,
+                others,
+                grants,
+                c.max_prefixes,
+            ));
         }
         Ok(c)
     }
@@ -338,7 +362,6 @@ impl Speaker {
             })
             .unwrap_or_default();
         applied.sessions = self.bird.sessions()?;
-        self.sessions = applied.sessions.clone();
         Ok(applied)
     }
 }
@@ -366,15 +389,23 @@ fn learn_rules(
 /// The mesh sessions of `node`: with every other node (full mesh), or, with
 /// route reflectors, a reflector's with every node (the non-reflectors its
 /// clients) and a non-reflector's with the reflectors. One per family both
-/// ends have a tunnel address of. From a reflector every node's `learn`
-/// grants are imported (it carries everyone's routes), from any other node
-/// only its own.
+/// ends have a tunnel address of.
+///
+/// From a non-reflector only its own `learn` grants are imported, with its
+/// own address as next hop, and at most `max_prefixes`. From a reflector
+/// every node's grants, any learner's next hop, and `max_prefixes` for
+/// each node of the mesh (it carries everyone's). A reflector sends every
+/// path of a prefix (ADD-PATH) to its clients and the other reflectors,
+/// which receive them all: without it, of two learners of one prefix only
+/// the reflector's best would reach the clients, and the mesh's word would
+/// then drop the other as a gateway.
 pub fn mesh_config(
     mesh: &MeshSettings,
     node: &str,
     tunnel: &[IpAddr],
     others: &[MeshNode],
     grants: &[&Grant],
+    max_prefixes: Option<u32>,
 ) -> Mesh {
     let reflectors = &mesh.reflectors;
     let full = reflectors.is_empty();
@@ -382,6 +413,7 @@ pub fn mesh_config(
     let every = learn_rules(grants, |_| true);
     let mut others: Vec<&MeshNode> = others.iter().filter(|o| o.name != node).collect();
     others.sort_by(|a, b| a.name.cmp(&b.name));
+    let nodes = u32::try_from(others.len() + 1).unwrap_or(u32::MAX);
     let mut sessions = Vec::new();
     for o in &others {
         let is_reflector = reflectors.contains(&o.name);
@@ -402,6 +434,14 @@ pub fn mesh_config(
                 } else {
                     learn_rules(grants, |nodes| nodes.contains(&o.name))
                 },
+                own_routes_only: !is_reflector,
+                max_prefixes: if is_reflector {
+                    max_prefixes.map(|m| m.saturating_mul(nodes))
+                } else {
+                    max_prefixes
+                },
+                add_paths_rx: is_reflector,
+                add_paths_tx: i_reflect,
             });
         }
     }
@@ -419,8 +459,8 @@ pub fn mesh_config(
 #[derive(Debug, Clone)]
 pub struct MeshReader {
     bird: Bird,
+    /// Mesh protocol -> node, of the config BIRD runs.
     protocols: BTreeMap<String, String>,
-    established: BTreeSet<String>,
     reflectors: BTreeSet<String>,
 }
 
@@ -429,30 +469,45 @@ pub struct MeshReader {
 pub struct MeshView {
     /// Per advertising node.
     pub by_node: BTreeMap<String, Vec<Advertised>>,
-    /// Nodes whose session with this one is established: for them the
-    /// mesh's word replaces their Node's annotation (nothing heard is
-    /// nothing learned).
-    pub covers: BTreeSet<String>,
-    /// A session with a route reflector is established: the mesh's word
-    /// stands for every node.
-    pub covers_all: bool,
+    /// (node, IPv4?) whose session of that family with this one is
+    /// Established: for them the mesh's word replaces their Node's
+    /// annotation in that family (nothing heard is nothing learned).
+    pub covers: BTreeSet<(String, bool)>,
+    /// Families (IPv4?) in which a session with a route reflector is
+    /// Established: there the mesh's word stands for every node.
+    pub covers_all: BTreeSet<bool>,
 }
 
 impl MeshView {
-    pub fn covers(&self, node: &str) -> bool {
-        self.covers_all || self.covers.contains(node)
+    /// Whether the mesh speaks for `node`'s prefixes of a family.
+    pub fn covers(&self, node: &str, v4: bool) -> bool {
+        self.covers_all.contains(&v4) || self.covers.contains(&(node.to_owned(), v4))
     }
 }
 
+/// The family of a mesh protocol, by its name ([`config::MESH6_PREFIX`]).
+fn protocol_is_v4(protocol: &str) -> bool {
+    !protocol.starts_with(config::MESH6_PREFIX)
+}
+
 impl MeshReader {
-    /// `owner(addr)`: the node whose pod CIDR holds a next hop. Blocking
-    /// (`birdc`, bounded).
+    /// `owner(addr)`: the node whose tunnel address a next hop is. Reads
+    /// the sessions' states and the routes now (two `birdc` calls,
+    /// blocking and bounded), so a session that just went down speaks for
+    /// no one.
     pub fn read(&self, own: &str, owner: impl Fn(IpAddr) -> Option<String>) -> Result<MeshView> {
+        let established: BTreeSet<String> = self
+            .bird
+            .sessions()?
+            .into_iter()
+            .filter(ProtocolStatus::is_established)
+            .map(|s| s.name)
+            .collect();
         let routes = self.bird.mesh_routes()?;
         Ok(mesh_view(
             &routes,
             &self.protocols,
-            &self.established,
+            &established,
             &self.reflectors,
             own,
             owner,
@@ -464,8 +519,8 @@ impl MeshReader {
 /// session is the advertisement of the node its next hop belongs to (the
 /// learner, reflected); any other session's is its own node's, with the
 /// next hop's owner as the hop, which the validator requires to be that
-/// node. Routes of sessions not established, of protocols not in the last
-/// config, and whose next hop is this node's own, are left out.
+/// node. Routes of sessions not established, of protocols not in the
+/// config BIRD runs, and whose next hop is this node's own, are left out.
 pub fn mesh_view(
     routes: &[BirdRoute],
     protocols: &BTreeMap<String, String>,
@@ -477,8 +532,11 @@ pub fn mesh_view(
     let mut view = MeshView::default();
     for (proto, node) in protocols {
         if established.contains(proto) {
-            view.covers.insert(node.clone());
-            view.covers_all |= reflectors.contains(node);
+            let v4 = protocol_is_v4(proto);
+            view.covers.insert((node.clone(), v4));
+            if reflectors.contains(node) {
+                view.covers_all.insert(v4);
+            }
         }
     }
     for r in routes {
@@ -587,6 +645,19 @@ mod tests {
     }
 
     #[test]
+    fn an_ibgp_fabric_neighbor_with_the_mesh_is_refused() {
+        let mut s = settings();
+        s.neighbors = vec!["192.0.2.254=64512".parse().unwrap()];
+        assert!(Speaker::new(s.clone()).is_ok());
+        s.mesh = Some(MeshSettings::default());
+        let e = Speaker::new(s).err().unwrap().to_string();
+        assert!(
+            e.contains("--bgp-neighbor 192.0.2.254=64512") && e.contains("--bgp-mesh"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bgp_without_as_or_neighbors_is_refused_by_name() {
         let mut s = settings();
         s.local_as = 0;
@@ -641,7 +712,7 @@ mod tests {
         };
         // Full mesh: a session per node and shared family, importing only
         // what that node may learn.
-        let m = mesh_config(&settings, "n2", &own, &others, &grants);
+        let m = mesh_config(&settings, "n2", &own, &others, &grants, Some(100));
         let peers: Vec<(&str, String, bool)> = m
             .sessions
             .iter()
@@ -662,10 +733,14 @@ mod tests {
             [ImportRule::exact("203.0.113.0/24".parse().unwrap())]
         );
         assert!(m.sessions[3].import.is_empty());
+        assert!(m.sessions.iter().all(|s| s.own_routes_only
+            && s.max_prefixes == Some(100)
+            && !s.add_paths_rx
+            && !s.add_paths_tx));
         assert_eq!(m.next_hops.len(), 4);
         // n2 reflects: every node is its client.
         settings.reflectors = ["n2".to_string(), "n4".to_string()].into();
-        let m = mesh_config(&settings, "n2", &own, &others, &grants);
+        let m = mesh_config(&settings, "n2", &own, &others, &grants, Some(100));
         let clients: Vec<(&str, bool)> = m
             .sessions
             .iter()
@@ -675,12 +750,20 @@ mod tests {
             clients,
             [("n1", true), ("n1", true), ("n3", true), ("n4", false)]
         );
-        // From the other reflector every node's grants are imported.
-        assert_eq!(m.sessions[3].import.len(), 2);
+        // From the other reflector every node's grants are imported, any
+        // learner's next hop, room for every node's routes, every path.
+        let r = &m.sessions[3];
+        assert_eq!(r.import.len(), 2);
+        assert!(!r.own_routes_only && r.add_paths_rx && r.add_paths_tx);
+        assert_eq!(r.max_prefixes, Some(400));
+        // To its clients it sends every path; they send only their own.
+        assert!(m.sessions[0].add_paths_tx && !m.sessions[0].add_paths_rx);
+        assert!(m.sessions[0].own_routes_only);
         // n3 is no reflector: sessions with the reflectors only.
-        let m = mesh_config(&settings, "n3", &own[..1], &others, &grants);
+        let m = mesh_config(&settings, "n3", &own[..1], &others, &grants, Some(100));
         let with: Vec<&str> = m.sessions.iter().map(|s| s.node.as_str()).collect();
         assert_eq!(with, ["n4"]);
+        assert!(m.sessions[0].add_paths_rx && !m.sessions[0].add_paths_tx);
         config::validate(&BgpConfig {
             mesh: Some(m),
             ..BgpConfig::new("192.0.2.1".parse().unwrap(), 64512, 187)
@@ -721,14 +804,15 @@ mod tests {
             ["mesh_n1", "mesh_n3", "mesh_n4"].map(String::from).into();
         let none = BTreeSet::new();
         let v = mesh_view(&routes, &protocols, &established, &none, "n2", owner);
-        assert!(v.covers("n1") && v.covers("n3") && !v.covers("n5") && !v.covers_all);
+        assert!(v.covers("n1", true) && v.covers("n3", true) && !v.covers("n5", true));
+        assert!(!v.covers("n1", false) && v.covers_all.is_empty());
         assert_eq!(v.by_node["n1"].len(), 1);
         assert_eq!(v.by_node["n3"][0].next_hop_node.as_deref(), Some("n1"));
         // Without reflectors, n4's session carries n4's routes: the reflected one is n4's, hop n1.
         assert_eq!(v.by_node["n4"][0].next_hop_node.as_deref(), Some("n1"));
         let reflectors: BTreeSet<String> = ["n4".to_string()].into();
         let v = mesh_view(&routes, &protocols, &established, &reflectors, "n2", owner);
-        assert!(v.covers_all);
+        assert!(v.covers("n5", true) && !v.covers("n5", false));
         let n1: Vec<String> = v.by_node["n1"]
             .iter()
             .map(|a| a.prefix.to_string())
@@ -738,7 +822,7 @@ mod tests {
         // A session that is down covers nothing and brings nothing.
         let only_n1: BTreeSet<String> = ["mesh_n1".to_string()].into();
         let v = mesh_view(&routes, &protocols, &only_n1, &reflectors, "n2", owner);
-        assert!(!v.covers_all && !v.covers("n3"));
+        assert!(v.covers_all.is_empty() && !v.covers("n3", true));
         assert_eq!(v.by_node.keys().collect::<Vec<_>>(), ["n1"]);
     }
 }
