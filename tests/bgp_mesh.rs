@@ -124,23 +124,15 @@ impl Lab {
 
     /// Kernel table `table` in `host`'s namespace: (prefix, gateway).
     fn table(&self, host: &str, table: u32) -> Vec<(IpNet, Option<IpAddr>)> {
-        let ns = self.ns(host);
-        thread::spawn(move || {
-            testkit::netns::enter(&ns).expect("enter namespace");
+        testkit::netns::in_netns(&self.ns(host), move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                TableReader::connect()
-                    .expect("rtnetlink")
-                    .routes(table)
-                    .await
-                    .expect("dump table")
-            })
+                .build()?;
+            // The rtnetlink connection runs on the runtime.
+            rt.block_on(async { TableReader::connect()?.routes(table).await })
+                .map_err(std::io::Error::other)
         })
-        .join()
-        .expect("table thread")
+        .unwrap_or_else(|e| panic!("table {table} in {host}'s namespace: {e}"))
         .into_iter()
         .map(|r| (r.prefix, r.next_hop))
         .collect()
