@@ -814,12 +814,9 @@ impl Agent {
                 .copied()
                 .chain(plan.node_routes.iter().map(IpNet::addr))
                 .collect(),
-            extra_prefixes: self
-                .kept_grants
-                .iter()
-                .map(|g| g.prefix)
-                .chain(self.route_outcome.local_prefixes())
-                .collect(),
+            // Every valid grant's prefix: what this node is a gateway for
+            // (static, or learned inside a grant) is among them.
+            extra_prefixes: self.kept_grants.iter().map(|g| g.prefix).collect(),
         };
         let masq = tokio::task::spawn_blocking(move || ensure_masquerade(&masq)).await?;
         if let Ok(change) = &masq {
@@ -1301,32 +1298,7 @@ impl Agent {
             })
             .await;
             match read {
-                Ok(Ok(view)) => {
-                    let nodes: std::collections::BTreeSet<String> = learned
-                        .keys()
-                        .chain(view.by_node.keys())
-                        .chain(view.covers.iter().map(|(n, _)| n))
-                        .filter(|n| **n != self.cfg.node_name)
-                        .cloned()
-                        .collect();
-                    for n in nodes {
-                        // Per family: the mesh's word where its session of
-                        // that family is up, the annotation elsewhere.
-                        let mut adverts = learned.remove(&n).unwrap_or_default();
-                        adverts.retain(|a| !view.covers(&n, a.prefix.addr().is_ipv4()));
-                        adverts.extend(
-                            view.by_node
-                                .get(&n)
-                                .into_iter()
-                                .flatten()
-                                .filter(|a| view.covers(&n, a.prefix.addr().is_ipv4()))
-                                .cloned(),
-                        );
-                        if !adverts.is_empty() {
-                            learned.insert(n, adverts);
-                        }
-                    }
-                }
+                Ok(Ok(view)) => view.apply_to(&mut learned, &self.cfg.node_name),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot read the BGP mesh's routes; the Nodes' learned-prefixes stand")
                 }
@@ -2167,8 +2139,9 @@ fn state_file(store: &Path) -> PathBuf {
 }
 
 /// A node's tunnel addresses: the pod gateway address of its first pod
-/// CIDR of each family (the address on its WireGuard interface).
-fn tunnel_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
+/// CIDR of each family (the address on its WireGuard interface), where its
+/// iBGP mesh sessions run.
+pub fn tunnel_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
     for gw in cidrs.iter().filter_map(gateway_host) {
         if !out.iter().any(|a| a.is_ipv4() == gw.addr().is_ipv4()) {

@@ -113,15 +113,6 @@ impl Outcome {
         out.dedup();
         out
     }
-
-    /// Prefixes this node is a gateway for (to advertise and masquerade).
-    pub fn local_prefixes(&self) -> Vec<IpNet> {
-        self.prefixes
-            .iter()
-            .filter(|p| p.local_gateway)
-            .map(|p| p.prefix)
-            .collect()
-    }
 }
 
 /// The route sync state an agent keeps across passes.

@@ -145,7 +145,7 @@ fn a_gateway_routes_its_prefix_itself() {
         |_| true,
     );
     assert!(out.prefixes[0].local_gateway);
-    assert_eq!(out.local_prefixes(), [net("192.0.2.0/24")]);
+    assert_eq!(local_prefixes(&out), [net("192.0.2.0/24")]);
     // It leaves through this node's LAN: not a prefix the bypass check guards.
     assert!(out.tunnel_prefixes().is_empty());
     assert!(!out.needs_probing());
@@ -292,5 +292,14 @@ fn tunnel_prefixes_are_those_of_remote_gateways_and_the_held() {
     );
     assert!(!out.prefixes[0].local_gateway);
     assert_eq!(out.tunnel_prefixes(), [net("192.0.2.0/24")]);
-    assert!(out.local_prefixes().is_empty());
+    assert!(local_prefixes(&out).is_empty());
+}
+
+/// Prefixes this node is a gateway for.
+fn local_prefixes(out: &Outcome) -> Vec<IpNet> {
+    out.prefixes
+        .iter()
+        .filter(|p| p.local_gateway)
+        .map(|p| p.prefix)
+        .collect()
 }

@@ -225,12 +225,11 @@ pub fn mesh_protocol_names(sessions: &[MeshSession]) -> Vec<String> {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect()
     };
-    let mut nodes: BTreeSet<&str> = sessions.iter().map(|s| s.node.as_str()).collect();
+    let nodes: BTreeSet<&str> = sessions.iter().map(|s| s.node.as_str()).collect();
     let mut count: std::collections::BTreeMap<String, usize> = Default::default();
-    for n in &nodes {
+    for n in nodes {
         *count.entry(plain(n)).or_default() += 1;
     }
-    nodes.clear();
     sessions
         .iter()
         .map(|s| {

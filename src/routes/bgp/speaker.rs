@@ -472,7 +472,7 @@ pub struct MeshView {
     /// (node, IPv4?) whose session of that family with this one is
     /// Established: for them the mesh's word replaces their Node's
     /// annotation in that family (nothing heard is nothing learned).
-    pub covers: BTreeSet<(String, bool)>,
+    pub sessions_up: BTreeSet<(String, bool)>,
     /// Families (IPv4?) in which a session with a route reflector is
     /// Established: there the mesh's word stands for every node.
     pub covers_all: BTreeSet<bool>,
@@ -481,7 +481,37 @@ pub struct MeshView {
 impl MeshView {
     /// Whether the mesh speaks for `node`'s prefixes of a family.
     pub fn covers(&self, node: &str, v4: bool) -> bool {
-        self.covers_all.contains(&v4) || self.covers.contains(&(node.to_owned(), v4))
+        self.covers_all.contains(&v4) || self.sessions_up.contains(&(node.to_owned(), v4))
+    }
+
+    /// Puts the mesh's word into `learned` (advertisements per node, from
+    /// the Nodes' annotations), per family: where the mesh speaks for a
+    /// node's family, what it heard replaces what the annotation said;
+    /// elsewhere the annotation stands. `own`'s entry is left alone.
+    pub fn apply_to(&self, learned: &mut BTreeMap<String, Vec<Advertised>>, own: &str) {
+        let nodes: BTreeSet<String> = learned
+            .keys()
+            .chain(self.by_node.keys())
+            .chain(self.sessions_up.iter().map(|(n, _)| n))
+            .filter(|n| *n != own)
+            .cloned()
+            .collect();
+        for n in nodes {
+            let covered = |a: &Advertised| self.covers(&n, a.prefix.addr().is_ipv4());
+            let mut adverts = learned.remove(&n).unwrap_or_default();
+            adverts.retain(|a| !covered(a));
+            adverts.extend(
+                self.by_node
+                    .get(&n)
+                    .into_iter()
+                    .flatten()
+                    .filter(|a| covered(a))
+                    .cloned(),
+            );
+            if !adverts.is_empty() {
+                learned.insert(n, adverts);
+            }
+        }
     }
 }
 
@@ -533,7 +563,7 @@ pub fn mesh_view(
     for (proto, node) in protocols {
         if established.contains(proto) {
             let v4 = protocol_is_v4(proto);
-            view.covers.insert((node.clone(), v4));
+            view.sessions_up.insert((node.clone(), v4));
             if reflectors.contains(node) {
                 view.covers_all.insert(v4);
             }
@@ -824,5 +854,30 @@ mod tests {
         let v = mesh_view(&routes, &protocols, &only_n1, &reflectors, "n2", owner);
         assert!(v.covers_all.is_empty() && !v.covers("n3", true));
         assert_eq!(v.by_node.keys().collect::<Vec<_>>(), ["n1"]);
+
+        // Applied to the annotations: n1's IPv4 is the mesh's word, its
+        // IPv6 and n3's (session down) stay as the Nodes say.
+        let advert = |node: &str, prefix: &str| Advertised {
+            prefix: prefix.parse().unwrap(),
+            node: node.into(),
+            next_hop_node: Some(node.into()),
+        };
+        let mut learned: BTreeMap<String, Vec<Advertised>> = [
+            (
+                "n1",
+                vec![advert("n1", "198.18.0.0/24"), advert("n1", "2001:db8::/48")],
+            ),
+            ("n3", vec![advert("n3", "198.18.1.0/24")]),
+            ("n2", vec![advert("n2", "198.18.2.0/24")]),
+        ]
+        .into_iter()
+        .map(|(n, a)| (n.to_string(), a))
+        .collect();
+        v.apply_to(&mut learned, "n2");
+        let prefixes =
+            |n: &str| -> Vec<String> { learned[n].iter().map(|a| a.prefix.to_string()).collect() };
+        assert_eq!(prefixes("n1"), ["2001:db8::/48", "203.0.113.0/24"]);
+        assert_eq!(prefixes("n3"), ["198.18.1.0/24"]);
+        assert_eq!(prefixes("n2"), ["198.18.2.0/24"]);
     }
 }

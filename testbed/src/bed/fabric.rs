@@ -397,7 +397,11 @@ fn run(
 
     // The mesh: n3 hears the prefix from n1 over iBGP inside the tunnel.
     let gw_key = tb.node_public_key(&gw.name);
-    let gw_tunnel = tunnel_address(&gw_cidr)?;
+    let gw_tunnel = gw_cidr
+        .parse()
+        .ok()
+        .and_then(|c| wgmesh::agent::tunnel_addresses(&[c]).into_iter().next())
+        .ok_or_else(|| Error::Other(format!("pod CIDR {gw_cidr:?} has no tunnel address")))?;
     let client_ctl = dir.join(format!("{}.ctl", client.name));
     let mesh_up = step(
         &format!(
@@ -545,15 +549,6 @@ fn status_json(ns: &str, agent_argv: &[String]) -> Result<Value> {
     let out = sys::netns_exec(ns, &args)?;
     serde_json::from_str(&out)
         .map_err(|e| Error::Other(format!("wgmesh status --output json: {e}: {out}")))
-}
-
-/// The pod gateway address of an IPv4 pod CIDR (its first host address):
-/// the node's tunnel address, its iBGP mesh sessions' end.
-fn tunnel_address(cidr: &str) -> Result<std::net::Ipv4Addr> {
-    let net: ipnet::Ipv4Net = cidr
-        .parse()
-        .map_err(|e| Error::Other(format!("pod CIDR {cidr:?}: {e}")))?;
-    Ok(std::net::Ipv4Addr::from(u32::from(net.network()) + 1))
 }
 
 /// The fabric namespace, on the underlay bridge.
