@@ -406,8 +406,9 @@ pub struct AgentArgs {
     /// With --bgp-mesh: nodes that reflect routes (comma-separated Node
     /// names, the same list on every node). Each has a session with every
     /// node; every other node has sessions with them only. Name two, for
-    /// when one is down. A full mesh (no reflectors) suits up to about 50
-    /// nodes (docs/routing.md).
+    /// when one is down. A full mesh (no reflectors) is suggested up to
+    /// about 50 nodes, a rule of thumb, not a measured limit
+    /// (docs/routing.md).
     #[arg(long, env = "WGMESH_BGP_ROUTE_REFLECTORS", value_delimiter = ',')]
     pub bgp_route_reflectors: Vec<String>,
 }
