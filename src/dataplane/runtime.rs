@@ -1,5 +1,5 @@
 //! The I/O edge of the data plane: one thread that owns the TUN device, the UDP
-//! socket and the [`Device`], driven by `poll(2)`.
+//! socket and the [`Device`], driven by `epoll(7)`.
 //!
 //! Why one thread: on a 2-core node the tunnel shares the CPU with the workload,
 //! and a second crypto thread per direction would need a lock around every
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{epoll, Timespec};
 use rustix::net::sockopt;
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -71,6 +71,9 @@ const MAX_DATAGRAM: usize = 65_535;
 /// UDP GRO hands us up to 64 KiB per receive slot.
 const RX_SLOTS: usize = 32;
 const GSO_MAX_SEGMENTS: usize = 64;
+/// TUN reads per wake-up. A read is one TSO super-packet (up to 64 segments)
+/// or one small packet; 64 small packets fill a GSO batch.
+const TUN_READS: usize = 64;
 /// The kernel refuses a UDP GSO send whose total exceeds one maximal UDP
 /// datagram (64 KiB less headers).
 const GSO_MAX_BYTES: usize = 65_000;
@@ -84,6 +87,10 @@ pub struct Runtime {
     udp: Udp,
     device: Device,
     wake: UnixStream,
+    /// The TUN device, the UDP socket and the wake-up stream, registered once
+    /// (level-triggered): a wake-up costs no re-registration, unlike
+    /// `poll(2)`, which queues on and unhooks from all three every call.
+    epoll: rustix::fd::OwnedFd,
     control: Receiver<Control>,
     stop: Arc<AtomicBool>,
     fwmark: u32,
@@ -93,8 +100,8 @@ pub struct Runtime {
     tun_sizes: Vec<usize>,
     tun_out: Vec<Vec<u8>>,
     gro: GROTable,
-    rx: Vec<Vec<u8>>,
-    rx_meta: Vec<RecvMeta>,
+    rx: [Vec<u8>; RX_SLOTS],
+    rx_meta: [RecvMeta; RX_SLOTS],
     gso: Gso,
     control_out: ControlSink,
 }
@@ -145,6 +152,14 @@ impl Runtime {
     ) -> Result<Self, RuntimeError> {
         let tun = open_tun(&opts)?;
         let udp = Udp::bind(0, opts.udp_buffer)?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(io::Error::from)?;
+        for (fd, token) in [
+            (rustix::fd::AsFd::as_fd(&tun), Token::Tun),
+            (rustix::fd::AsFd::as_fd(&udp.socket), Token::Udp),
+            (rustix::fd::AsFd::as_fd(&wake), Token::Wake),
+        ] {
+            watch(&epoll, fd, token)?;
+        }
         let max_segments = udp.state.max_gso_segments().clamp(1, GSO_MAX_SEGMENTS);
         let seg_cap = usize::from(opts.mtu) + DATA_OVERHEAD + 16;
         tracing::info!(
@@ -163,8 +178,8 @@ impl Runtime {
                 .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_DATAGRAM))
                 .collect(),
             gro: GROTable::default(),
-            rx: vec![vec![0u8; MAX_DATAGRAM]; RX_SLOTS],
-            rx_meta: vec![RecvMeta::default(); RX_SLOTS],
+            rx: std::array::from_fn(|_| vec![0u8; MAX_DATAGRAM]),
+            rx_meta: [RecvMeta::default(); RX_SLOTS],
             gso: Gso {
                 buf: vec![0u8; seg_cap * (max_segments + 1) + MAX_DATAGRAM],
                 used: 0,
@@ -181,6 +196,7 @@ impl Runtime {
             udp,
             device: Device::new(Instant::now()),
             wake,
+            epoll,
             control,
             stop,
             fwmark: 0,
@@ -203,35 +219,43 @@ impl Runtime {
                 tv_sec: 1,
                 tv_nsec: 0,
             });
-            let (tun, udp, wake) = {
-                let mut fds = [
-                    PollFd::new(&self.tun, PollFlags::IN),
-                    PollFd::new(&self.udp.socket, PollFlags::IN),
-                    PollFd::new(&self.wake, PollFlags::IN),
-                ];
-                match rustix::event::poll(&mut fds, Some(&timeout)) {
-                    Ok(_) => {}
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(e) => return Err(io::Error::from(e).into()),
-                }
-                (fds[0].revents(), fds[1].revents(), fds[2].revents())
+            let mut events = [epoll::Event {
+                flags: epoll::EventFlags::empty(),
+                data: epoll::EventData::new_u64(0),
+            }; 3];
+            let n = match epoll::wait(&self.epoll, &mut events[..], Some(&timeout)) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
             };
-            // A deleted TUN device (`ip link del`) leaves our fd detached: poll
-            // reports POLLERR at once and every read fails with EBADFD, so
+            let (mut tun, mut udp, mut wake) = (None, false, false);
+            for event in &events[..n] {
+                let flags = event.flags;
+                match Token::from_u64(event.data.u64()) {
+                    Some(Token::Tun) => tun = Some(flags),
+                    Some(Token::Udp) => udp = true,
+                    Some(Token::Wake) => wake = true,
+                    None => {}
+                }
+            }
+            // A deleted TUN device (`ip link del`) leaves our fd detached: epoll
+            // reports EPOLLERR at once and every read fails with EBADFD, so
             // without this check the loop would spin. The device cannot come
             // back on this fd; exiting lets the supervisor start a fresh one.
-            // (Only the TUN's error bits are fatal: POLLERR on the UDP socket is
-            // a queued ICMP error that the next receive consumes.)
-            if tun.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
-                return Err(self.tun_gone(poll_flags(tun)));
+            // (Only the TUN's error bits are fatal: EPOLLERR on the UDP socket
+            // is a queued ICMP error that the next receive consumes.)
+            if let Some(flags) = tun {
+                if flags.intersects(epoll::EventFlags::ERR | epoll::EventFlags::HUP) {
+                    return Err(self.tun_gone(event_flags(flags)));
+                }
             }
-            if !wake.is_empty() {
+            if wake {
                 self.drain_control();
             }
-            if !udp.is_empty() {
+            if udp {
                 self.udp_batches()?;
             }
-            if !tun.is_empty() {
+            if tun.is_some() {
                 self.tun_batches()?;
             }
             if Instant::now() >= next_tick {
@@ -252,10 +276,14 @@ impl Runtime {
         Ok(())
     }
 
-    /// TUN → encrypt → UDP. A few batches per wake-up, then yield to the other
-    /// direction so neither starves.
+    /// TUN → encrypt → UDP. Up to [`TUN_READS`] reads per wake-up, then yield
+    /// to the other direction so neither starves. Encrypted datagrams gather
+    /// in one GSO batch across the reads (a small packet is one read of its
+    /// own, so a send per read would be a syscall per packet); the batch goes
+    /// out when it is full, when the next datagram cannot join it, or when the
+    /// TUN has nothing more to read.
     fn tun_batches(&mut self) -> Result<(), RuntimeError> {
-        for _ in 0..8 {
+        for _ in 0..TUN_READS {
             let n = match self.tun.recv_multiple(
                 &mut self.tun_in,
                 &mut self.tun_segments,
@@ -265,7 +293,10 @@ impl Runtime {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if tun_is_dead(&e) => return Err(self.tun_gone(e.to_string())),
+                Err(e) if tun_is_dead(&e) => {
+                    self.flush_gso();
+                    return Err(self.tun_gone(e.to_string()));
+                }
                 Err(e) => {
                     // A malformed offload packet must not kill the device.
                     tracing::debug!(error = %e, "TUN read dropped");
@@ -293,30 +324,35 @@ impl Runtime {
                     TunOutcome::Queued | TunOutcome::Dropped(_) => {}
                 }
             }
-            if let Some(flush) = self.gso.take() {
-                send_gso(
-                    &self.udp,
-                    &self.gso.buf[..flush.len],
-                    flush.dst,
-                    flush.segment,
-                );
-                self.gso.finish_flush(flush.len);
-            }
+            // Handshakes first: a packet queued behind one waits for it.
             self.flush_control();
         }
+        self.flush_gso();
         Ok(())
+    }
+
+    /// Sends the pending GSO batch, if any.
+    fn flush_gso(&mut self) {
+        if let Some(flush) = self.gso.take() {
+            send_gso(
+                &self.udp,
+                &self.gso.buf[..flush.len],
+                flush.dst,
+                flush.segment,
+            );
+            self.gso.finish_flush(flush.len);
+        }
     }
 
     /// UDP → decrypt → TUN, coalescing TCP segments into GRO writes.
     fn udp_batches(&mut self) -> Result<(), RuntimeError> {
         for _ in 0..8 {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                self.rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            let msgs = match self.udp.state.recv(
+            let received = self.udp.state.recv(
                 UdpSockRef::from(&self.udp.socket),
-                &mut slices,
+                &mut self.rx.each_mut().map(|b| IoSliceMut::new(b)),
                 &mut self.rx_meta,
-            ) {
+            );
+            let msgs = match received {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -325,7 +361,6 @@ impl Runtime {
                     break;
                 }
             };
-            drop(slices);
             // One clock read per batch: the time a handshake in it completed.
             let now = SystemTime::now();
             let mut k = 0;
@@ -342,8 +377,9 @@ impl Runtime {
                         write_tun(&self.tun, &mut self.gro, &mut self.tun_out[..k]);
                         k = 0;
                     }
+                    // Sized, not cleared: decryption overwrites what it
+                    // keeps, so only growth past the last packet is zeroed.
                     let out = &mut self.tun_out[k];
-                    out.clear();
                     out.resize(TUN_OFFSET + datagram.len(), 0);
                     if let UdpOutcome::Tunnel { len } = self.device.on_datagram(
                         now,
@@ -361,6 +397,13 @@ impl Runtime {
                 write_tun(&self.tun, &mut self.gro, &mut self.tun_out[..k]);
             }
             self.flush_control();
+            // Fewer messages than slots: the socket's queue ran dry, so a
+            // further receive would only return EAGAIN (one syscall per wake-up
+            // saved; anything arriving meanwhile wakes epoll again, it is
+            // level-triggered).
+            if msgs < RX_SLOTS.min(quinn_udp::BATCH_SIZE) {
+                break;
+            }
         }
         Ok(())
     }
@@ -458,7 +501,15 @@ impl Runtime {
     fn apply(&mut self, req: SetRequest) -> i32 {
         if let Some(port) = req.listen_port {
             if port != self.udp.port || port == 0 {
-                match Udp::bind(port, self.opts.udp_buffer) {
+                let bound = Udp::bind(port, self.opts.udp_buffer).and_then(|udp| {
+                    watch(
+                        &self.epoll,
+                        rustix::fd::AsFd::as_fd(&udp.socket),
+                        Token::Udp,
+                    )?;
+                    Ok(udp)
+                });
+                match bound {
                     Ok(udp) => {
                         if self.fwmark != 0 {
                             let _ = set_mark(&udp.socket, self.fwmark);
@@ -738,19 +789,50 @@ fn tun_is_dead(e: &io::Error) -> bool {
     )
 }
 
-/// The error bits of a poll result, for the exit message.
-fn poll_flags(revents: PollFlags) -> String {
+/// The error bits of an epoll event, for the exit message.
+fn event_flags(flags: epoll::EventFlags) -> String {
     let names = [
-        (PollFlags::ERR, "POLLERR"),
-        (PollFlags::HUP, "POLLHUP"),
-        (PollFlags::NVAL, "POLLNVAL"),
+        (epoll::EventFlags::ERR, "EPOLLERR"),
+        (epoll::EventFlags::HUP, "EPOLLHUP"),
     ];
     let set: Vec<&str> = names
         .iter()
-        .filter(|(bit, _)| revents.contains(*bit))
+        .filter(|(bit, _)| flags.contains(*bit))
         .map(|(_, name)| *name)
         .collect();
-    format!("poll reported {} on it", set.join("|"))
+    format!("epoll reported {} on it", set.join("|"))
+}
+
+/// Which of the data thread's descriptors an epoll event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Tun = 0,
+    Udp = 1,
+    Wake = 2,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Self> {
+        [Self::Tun, Self::Udp, Self::Wake]
+            .into_iter()
+            .find(|t| *t as u64 == v)
+    }
+}
+
+/// Registers `fd` for input, level-triggered: what a batch leaves unread
+/// wakes the next `epoll_wait` at once.
+fn watch(
+    epoll: &rustix::fd::OwnedFd,
+    fd: rustix::fd::BorrowedFd<'_>,
+    token: Token,
+) -> io::Result<()> {
+    epoll::add(
+        epoll,
+        fd,
+        epoll::EventData::new_u64(token as u64),
+        epoll::EventFlags::IN,
+    )
+    .map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -775,11 +857,11 @@ mod tests {
     fn the_exit_message_names_the_interface_and_the_cause() {
         let e = RuntimeError::TunGone {
             interface: "wgmesh0".into(),
-            detail: poll_flags(PollFlags::ERR | PollFlags::HUP),
+            detail: event_flags(epoll::EventFlags::ERR | epoll::EventFlags::HUP),
         };
         assert_eq!(
             e.to_string(),
-            "TUN device wgmesh0 went away; exiting so the supervisor restarts the data plane (poll reported POLLERR|POLLHUP on it)"
+            "TUN device wgmesh0 went away; exiting so the supervisor restarts the data plane (epoll reported EPOLLERR|EPOLLHUP on it)"
         );
     }
 }
