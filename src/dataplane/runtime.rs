@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use rustix::event::{epoll, Timespec};
@@ -91,6 +91,8 @@ pub struct Runtime {
     /// (level-triggered): a wake-up costs no re-registration, unlike
     /// `poll(2)`, which queues on and unhooks from all three every call.
     epoll: rustix::fd::OwnedFd,
+    /// A timerfd firing every [`TICK`]: the device's timers.
+    timer: rustix::fd::OwnedFd,
     control: Receiver<Control>,
     stop: Arc<AtomicBool>,
     fwmark: u32,
@@ -153,7 +155,13 @@ impl Runtime {
         let tun = open_tun(&opts)?;
         let udp = Udp::bind(0, opts.udp_buffer)?;
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(io::Error::from)?;
+        let timer = rustix::time::timerfd_create(
+            rustix::time::TimerfdClockId::Monotonic,
+            rustix::time::TimerfdFlags::CLOEXEC | rustix::time::TimerfdFlags::NONBLOCK,
+        )
+        .map_err(io::Error::from)?;
         for (fd, token) in [
+            (rustix::fd::AsFd::as_fd(&timer), Token::Timer),
             (rustix::fd::AsFd::as_fd(&tun), Token::Tun),
             (rustix::fd::AsFd::as_fd(&udp.socket), Token::Udp),
             (rustix::fd::AsFd::as_fd(&wake), Token::Wake),
@@ -197,6 +205,7 @@ impl Runtime {
             device: Device::new(Instant::now()),
             wake,
             epoll,
+            timer,
             control,
             stop,
             fwmark: 0,
@@ -208,33 +217,36 @@ impl Runtime {
     pub fn run(&mut self) -> Result<(), RuntimeError> {
         self.tun.set_nonblocking(true)?;
         self.wake.set_nonblocking(true)?;
-        let mut next_tick = Instant::now() + TICK;
+        // The device's clock: a periodic timer in the epoll set, so a wait
+        // arms no timeout and the loop reads no clock per wake-up.
+        let tick = Timespec::try_from(TICK).map_err(|_| io::Error::other("TICK out of range"))?;
+        rustix::time::timerfd_settime(
+            &self.timer,
+            rustix::time::TimerfdTimerFlags::empty(),
+            &rustix::time::Itimerspec {
+                it_interval: tick,
+                it_value: tick,
+            },
+        )
+        .map_err(io::Error::from)?;
         while !self.stop.load(Ordering::Relaxed) {
-            let timeout = Timespec::try_from(
-                next_tick
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_secs(1)),
-            )
-            .unwrap_or(Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            });
             let mut events = [epoll::Event {
                 flags: epoll::EventFlags::empty(),
                 data: epoll::EventData::new_u64(0),
-            }; 3];
-            let n = match epoll::wait(&self.epoll, &mut events[..], Some(&timeout)) {
+            }; 4];
+            let n = match epoll::wait(&self.epoll, &mut events[..], None) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(io::Error::from(e).into()),
             };
-            let (mut tun, mut udp, mut wake) = (None, false, false);
+            let (mut tun, mut udp, mut wake, mut timer) = (None, false, false, false);
             for event in &events[..n] {
                 let flags = event.flags;
                 match Token::from_u64(event.data.u64()) {
                     Some(Token::Tun) => tun = Some(flags),
                     Some(Token::Udp) => udp = true,
                     Some(Token::Wake) => wake = true,
+                    Some(Token::Timer) => timer = true,
                     None => {}
                 }
             }
@@ -258,10 +270,13 @@ impl Runtime {
             if tun.is_some() {
                 self.tun_batches()?;
             }
-            if Instant::now() >= next_tick {
+            if timer {
+                // The expiry count; missed ticks are not replayed (a tick
+                // acts on the time it is given, not on how many passed).
+                let mut expirations = [0u8; 8];
+                let _ = rustix::io::read(&self.timer, &mut expirations);
                 self.device.tick(Instant::now(), &mut self.control_out);
                 self.flush_control();
-                next_tick = Instant::now() + TICK;
             }
         }
         let c = self.device.counters();
@@ -809,11 +824,12 @@ enum Token {
     Tun = 0,
     Udp = 1,
     Wake = 2,
+    Timer = 3,
 }
 
 impl Token {
     fn from_u64(v: u64) -> Option<Self> {
-        [Self::Tun, Self::Udp, Self::Wake]
+        [Self::Tun, Self::Udp, Self::Wake, Self::Timer]
             .into_iter()
             .find(|t| *t as u64 == v)
     }
