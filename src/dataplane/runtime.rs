@@ -327,13 +327,7 @@ impl Runtime {
                 {
                     TunOutcome::Send { dst, len } => {
                         if let Some(flush) = self.gso.push(dst, len) {
-                            send_gso(
-                                &self.udp,
-                                &self.gso.buf[..flush.len],
-                                flush.dst,
-                                flush.segment,
-                            );
-                            self.gso.finish_flush(flush.len);
+                            self.send_batch(flush);
                         }
                     }
                     TunOutcome::Queued | TunOutcome::Dropped(_) => {}
@@ -349,14 +343,19 @@ impl Runtime {
     /// Sends the pending GSO batch, if any.
     fn flush_gso(&mut self) {
         if let Some(flush) = self.gso.take() {
-            send_gso(
-                &self.udp,
-                &self.gso.buf[..flush.len],
-                flush.dst,
-                flush.segment,
-            );
-            self.gso.finish_flush(flush.len);
+            self.send_batch(flush);
         }
+    }
+
+    /// Sends one GSO batch and starts the next with what did not fit it.
+    fn send_batch(&mut self, flush: Flush) {
+        send_gso(
+            &self.udp,
+            &self.gso.buf[..flush.len],
+            flush.dst,
+            flush.segment,
+        );
+        self.gso.finish_flush(flush.len);
     }
 
     /// UDP → decrypt → TUN, coalescing TCP segments into GRO writes.
