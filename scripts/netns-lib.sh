@@ -431,9 +431,11 @@ nl_guard_start() {
     NL_GUARD_PID=$!
 }
 
-# nl_cpu_seconds PID: user+system CPU time of the whole process (all threads).
+# nl_cpu_seconds PID: user+system CPU time of the whole process (all threads);
+# prints nothing, and succeeds, when the process is gone (callers under set -e
+# report a dead daemon themselves).
 nl_cpu_seconds() {
-    awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || true
 }
 
 # nl_max_rss_mb PID: peak resident set size (VmHWM) in MiB.

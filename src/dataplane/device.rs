@@ -795,6 +795,13 @@ impl Device {
         let outcome = match step {
             Step::Drop(why) => return self.drop_udp(why),
             Step::Tunnel(inner_src, len) => {
+                // boringtun cuts the packet at its IP length field: a field
+                // shorter than the header (0, say) leaves no packet, and a
+                // TUN write batch holding one fails as a whole.
+                let header = if inner_src.is_ipv4() { 20 } else { 40 };
+                if len < header {
+                    return self.drop_udp(Drop::Malformed);
+                }
                 // Cryptokey routing on receive: the inner source must be one
                 // of the sender's allowed IPs.
                 if self.routes.lookup(inner_src) != Some(&slot) {

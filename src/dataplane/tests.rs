@@ -216,6 +216,30 @@ fn cryptokey_routing_drops_unroutable_and_spoofed_packets() {
 }
 
 #[test]
+fn an_inner_packet_shorter_than_its_header_is_dropped_not_written() {
+    let (mut a, mut b) = pair();
+    let ok = ipv4_packet([10, 0, 1, 5].into(), [10, 0, 2, 7].into(), b"ok");
+    send(&mut a, &ok);
+    pump(&mut a, &mut b);
+    assert_eq!(b.wire.tun.len(), 1);
+    // An authenticated peer's packet whose IPv4 total length says 0:
+    // boringtun would hand over an empty packet, which must not reach a TUN
+    // write (a batch holding it fails as a whole).
+    for claimed in [0u16, 19] {
+        let mut short = ipv4_packet([10, 0, 1, 5].into(), [10, 0, 2, 7].into(), b"short");
+        short[2..4].copy_from_slice(&claimed.to_be_bytes());
+        send(&mut a, &short);
+        pump(&mut a, &mut b);
+    }
+    assert_eq!(b.wire.tun.len(), 1, "a headerless packet reached the TUN");
+    assert_eq!(b.dev.counters().drops.get(&Drop::Malformed), Some(&2));
+    // The session survives: the next good packet goes through.
+    send(&mut a, &ok);
+    pump(&mut a, &mut b);
+    assert_eq!(b.wire.tun.len(), 2);
+}
+
+#[test]
 fn longest_prefix_picks_the_peer() {
     let (mut a, _b) = pair();
     let other = PrivateKey::generate().public_key();
