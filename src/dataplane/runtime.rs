@@ -93,9 +93,9 @@ pub struct Runtime {
     udp: Udp,
     device: Device,
     wake: UnixStream,
-    /// The TUN device, the UDP socket and the wake-up stream, registered once
-    /// (level-triggered): a wake-up costs no re-registration, unlike
-    /// `poll(2)`, which queues on and unhooks from all three every call.
+    /// The TUN device, the UDP socket, the wake-up stream and the timer,
+    /// registered once (level-triggered): a wake-up costs no re-registration,
+    /// unlike `poll(2)`, which queued on and unhooked from every fd each call.
     epoll: rustix::fd::OwnedFd,
     /// A timerfd firing every [`TICK`]: the device's timers.
     timer: rustix::fd::OwnedFd,
@@ -174,7 +174,7 @@ impl Runtime {
         ] {
             watch(&epoll, fd, token)?;
         }
-        let max_segments = udp.state.max_gso_segments().clamp(1, GSO_MAX_SEGMENTS);
+        let max_segments = udp.gso_segments();
         let seg_cap = usize::from(opts.mtu) + DATA_OVERHEAD + 16;
         tracing::info!(
             interface = %opts.interface,
@@ -370,7 +370,7 @@ impl Runtime {
             // reports the send as done: that batch was refused, so it goes out
             // again one datagram at a time, and every later batch is a single
             // datagram.
-            let allowed = self.udp.state.max_gso_segments().clamp(1, GSO_MAX_SEGMENTS);
+            let allowed = self.udp.gso_segments();
             if allowed < self.gso.max_segments {
                 tracing::warn!(
                     segments = allowed,
@@ -560,7 +560,7 @@ impl Runtime {
                 }
                 // The new socket's own offload limit (no batch is pending:
                 // control requests run between batches).
-                self.gso.max_segments = udp.state.max_gso_segments().clamp(1, GSO_MAX_SEGMENTS);
+                self.gso.max_segments = udp.gso_segments();
                 if self.fwmark != 0 {
                     let _ = set_mark(&udp.socket, self.fwmark);
                 }
@@ -756,6 +756,11 @@ impl Udp {
             port,
             v6,
         })
+    }
+
+    /// Datagrams one GSO send may carry on this socket now (1: no GSO).
+    fn gso_segments(&self) -> usize {
+        self.state.max_gso_segments().clamp(1, GSO_MAX_SEGMENTS)
     }
 
     fn target(&self, dst: SocketAddr) -> SocketAddr {
